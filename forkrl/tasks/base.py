@@ -1,0 +1,40 @@
+"""The Task protocol: problems with gold answers, a verifier, and (optionally) demonstrations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+
+Split = Literal["train", "heldout"]
+
+
+class TaskError(ValueError):
+    """A user-facing problem with task data: the message says what, where and what to do."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. ``prompt`` is the question text before any chat template is applied."""
+
+    id: str
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+
+    def problems(self, split: Split) -> Sequence[Problem]:
+        """All problems of a split. Train and held-out never share a problem."""
+        ...
+
+    def score(self, problem: Problem, completion: str) -> float:
+        """Reward of a completion in [0, 1] (1 = correct). May raise or return None: the caller
+        treats that row as unscorable, never as 0."""
+        ...
+
+    def demonstrations(self, split: Split) -> Sequence[tuple[Problem, str]]:
+        """(problem, completion) pairs for SFT. Raises TaskError when the task has none."""
+        ...
