@@ -129,6 +129,9 @@ class ArithmeticTask:
     def score(self, problem: Problem, completion: str) -> float:
         return float(extract_answer(completion) == problem.answer)
 
+    def has_answer(self, completion: str) -> bool:
+        return extract_answer(completion) is not None
+
     def strategy(self, completion: str) -> str:
         """Canonical solution strategy of a completion (its first word), for diversity metrics."""
         head = completion.strip().split(" ", 1)[0]
@@ -139,5 +142,6 @@ class ArithmeticTask:
         out = []
         for p in self._splits[split]:
             strategy = rng.choices(STRATEGIES, weights=self.strategy_weights)[0]
-            out.append((p, demonstration(p.meta["a"], p.meta["b"], strategy, rng, self.wrong_turn_rate)))
+            # The leading space makes the first completion token the strategy word, as sampled after "=".
+            out.append((p, " " + demonstration(p.meta["a"], p.meta["b"], strategy, rng, self.wrong_turn_rate)))
         return out

@@ -1,0 +1,296 @@
+"""One validated config tree, loaded from YAML, never mutated, saved resolved into every run.
+
+Every section forbids unknown keys. ``load_config`` turns pydantic's errors into messages that name the
+key path, the YAML line, and the allowed keys or values, and raises ``ConfigError``; the CLI prints it
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Pos = Annotated[int, Field(ge=1)]
+NonNeg = Annotated[int, Field(ge=0)]
+Prob = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A config a user wrote is wrong; the message lists every problem with its key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinySpec(Strict):
+    """A tiny Llama/Qwen2-style model built locally, with a BPE tokenizer trained on the task's text."""
+
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: Pos = 128
+    num_layers: Pos = 4
+    num_heads: Pos = 4
+    num_kv_heads: Pos = 2
+    intermediate_size: Pos = 384
+    max_positions: Pos = 256
+    vocab_size: Annotated[int, Field(ge=260, le=65536)] = 320
+    seed: int = 0
+
+
+class LoraCfg(Strict):
+    enabled: bool = False
+    r: Pos = 8
+    alpha: float = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelCfg(Strict):
+    path: str | None = None  # a local directory written by save_pretrained, or a hub id
+    tokenizer: str | None = None  # defaults to path
+    tiny: TinySpec | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    trust_remote_code: bool = False
+    lora: LoraCfg = LoraCfg()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path (a local model directory or hub id) "
+                             "or model.tiny (the built-in tiny model spec)")
+        return self
+
+
+class FormatCfg(Strict):
+    style: Literal["plain", "chat"] = "plain"  # real instruct models need "chat"
+    template: str = "{prompt}"
+    system_prompt: str | None = None
+
+
+class ArithmeticCfg(Strict):
+    type: Literal["arithmetic"]
+    digits: Annotated[int, Field(ge=1, le=9)] = 2
+    train_size: Pos = 3000
+    heldout_size: Pos = 200
+    strategy_weights: tuple[float, float, float] = (0.3, 0.2, 0.5)
+    wrong_turn_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    seed: int = 0
+    format: FormatCfg = FormatCfg()
+
+
+class ReasoningGymCfg(Strict):
+    type: Literal["reasoning_gym"]
+    name: str
+    config: dict[str, Any] = {}
+    size: Pos = 1000
+    heldout_size: Pos = 200
+    seed: int = 0
+    format: FormatCfg = FormatCfg()
+
+
+class JsonlCfg(Strict):
+    type: Literal["jsonl"]
+    train_path: str
+    heldout_path: str
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    completion_field: str | None = "completion"
+    id_field: str | None = None
+    verifier: Literal["exact", "numeric", "math_verify"] = "exact"
+    answer_pattern: str | None = None
+    format: FormatCfg = FormatCfg()
+
+
+TaskCfg = Annotated[Union[ArithmeticCfg, ReasoningGymCfg, JsonlCfg], Field(discriminator="type")]
+
+
+class SamplingCfg(Strict):
+    temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    top_p: Prob = 1.0
+    top_k: NonNeg = 0  # 0 = off
+    max_new_tokens: Pos = 64
+    batch_size: Pos = 256  # rows per generate call
+
+
+class OptimCfg(Strict):
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: NonNeg = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
+
+
+Reduction = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
+
+
+class SftCfg(Strict):
+    steps: Pos = 500
+    batch_size: Pos = 64  # sequences per optimizer step
+    micro_batch_size: Pos = 64
+    reduction: Reduction = "token_mean"
+    t_max: Pos | None = None  # for seq_mean_token_sum_norm; default: the longest demonstration
+    optim: OptimCfg = OptimCfg(lr=3e-3, warmup_steps=30, schedule="linear")
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"sft.micro_batch_size ({self.micro_batch_size}) must divide "
+                             f"sft.batch_size ({self.batch_size})")
+        return self
+
+
+class RewardCfg(Strict):
+    name: Literal["correct", "format", "random"]
+    weight: float = 1.0
+
+
+class KlCfg(Strict):
+    estimator: Literal["k1", "k3"] = "k3"
+    beta: Annotated[float, Field(ge=0.0)] = 0.0  # 0: no reference model is loaded
+    where: Literal["loss", "reward"] = "loss"
+
+
+class GrpoCfg(Strict):
+    steps: Pos = 100
+    prompts_per_step: Pos = 16  # B
+    group_size: Pos = 8  # G
+    micro_batch_size: Pos = 64  # rows per forward/backward
+    advantage: Literal["grpo", "grpo_batch_std", "dr_grpo", "rloo"] = "grpo"
+    adv_eps: Annotated[float, Field(ge=0.0)] = 1e-4
+    objective: Literal["ppo_clip", "gspo"] = "ppo_clip"
+    clip: bool = True  # False: plain ratio * A (the Spurious Rewards control)
+    eps_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    eps_high: Annotated[float, Field(gt=0.0)] = 0.28
+    dual_clip: Annotated[float, Field(gt=1.0)] | None = None
+    kl: KlCfg = KlCfg()
+    entropy_coef: Annotated[float, Field(ge=0.0)] = 0.0
+    reduction: Reduction = "token_mean"
+    t_max: Pos | None = None  # for seq_mean_token_sum_norm; default sampling.max_new_tokens
+    inner_iterations: Pos = 1  # μ: optimizer steps per batch, on stored old log-probs
+    filter_zero_variance: bool = False
+    rewards: list[RewardCfg] = [RewardCfg(name="correct")]
+    optim: OptimCfg = OptimCfg(lr=1e-4)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.rows_per_step % self.micro_batch_size:
+            raise ValueError(f"grpo.micro_batch_size ({self.micro_batch_size}) must divide the rows per step, "
+                             f"grpo.prompts_per_step × grpo.group_size = {self.rows_per_step}")
+        if not self.rewards:
+            raise ValueError("grpo.rewards is empty: give at least one, e.g. [{name: correct}]")
+        return self
+
+
+class EvalCfg(Strict):
+    every: NonNeg = 0  # held-out pass@1 every K optimizer steps (0: only at the end of a stage)
+    num_problems: Pos = 200
+    samples_per_problem: Pos = 4
+    temperature: Annotated[float, Field(ge=0.0)] | None = None  # None: sampling.temperature; 0: greedy
+
+
+class CheckpointCfg(Strict):
+    every: NonNeg = 0  # optimizer steps between checkpoints (0: only at the end of a stage)
+    keep_last: Pos = 2
+
+
+class RunCfg(Strict):
+    seed: int = 0
+    stages: list[Literal["sft", "grpo"]] = Field(min_length=1)
+    model: ModelCfg
+    task: TaskCfg
+    sampling: SamplingCfg = SamplingCfg()
+    sft: SftCfg = SftCfg()
+    grpo: GrpoCfg = GrpoCfg()
+    eval: EvalCfg = EvalCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    log_every: Pos = 1
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading and error messages
+def _node_line(root: yaml.Node | None, loc: tuple) -> int | None:
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == key]
+            if not match:
+                return line
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:  # a union branch name or similar that has no node in the YAML
+            continue
+    return line
+
+
+def _section(loc: tuple) -> type[BaseModel] | None:
+    """The model class at ``loc`` (for listing allowed keys of an unknown key's parent)."""
+    cls: Any = RunCfg
+    for key in loc:
+        if key in _TASK_TYPES:  # pydantic puts the union branch's tag in the location
+            cls = _TASK_TYPES[key]
+            continue
+        if isinstance(key, int):
+            continue
+        field = cls.model_fields.get(key) if cls is not None else None
+        if field is None:
+            return None
+        cands = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        cls = cands[0] if len(cands) == 1 else None
+    return cls
+
+
+_TASK_TYPES = {"arithmetic": ArithmeticCfg, "reasoning_gym": ReasoningGymCfg, "jsonl": JsonlCfg}
+
+
+def _describe(err: dict, root: yaml.Node | None) -> str:
+    loc = tuple(err["loc"])
+    shown = [k for k in loc if k not in _TASK_TYPES]
+    path = ".".join(str(k) for k in shown) or "(top level)"
+    line = _node_line(root, tuple(shown))
+    where = f"{path}" + (f" (line {line})" if line else "")
+    if err["type"] == "extra_forbidden":
+        parent = _section(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+        return f"{where}: unknown key; allowed keys here: {allowed}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    got = err.get("input")
+    got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{where}: {msg}{got_txt}"
+
+
+def parse_config(data: Any, *, source: str = "<config>", text: str | None = None) -> RunCfg:
+    root = yaml.compose(text) if text else None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of keys to values, got {type(data).__name__}")
+    try:
+        return RunCfg.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err, root) for err in e.errors()]
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> RunCfg:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return parse_config(data, source=str(path), text=text)

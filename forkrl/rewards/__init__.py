@@ -1,0 +1,69 @@
+"""Rewards: a registry of per-row reward functions and their weighted composition.
+
+A reward function is ``fn(task, problem, completion, rng) -> float | None``. A call that raises, or
+returns None, NaN or inf, makes that row *unscorable*: ``Scored.valid_N`` is False, the row is left out
+of its group's baseline and gets advantage 0, and the failure is counted (with its first message) in the
+step's metrics. It is never a silent 0 (METHODS §2).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..types import Rollouts, Scored
+
+
+def correct(task, problem, completion, rng):
+    """The task's verifier: 1.0 for a correct answer, 0.0 for a wrong or missing one."""
+    return task.score(problem, completion)
+
+
+def format_ok(task, problem, completion, rng):
+    """1.0 when the task can find an answer in the completion at all (it need not be right)."""
+    if not hasattr(task, "has_answer"):
+        raise ValueError(f"task {task.name!r} has no notion of answer format; remove the 'format' reward")
+    return float(task.has_answer(completion))
+
+
+def bernoulli(task, problem, completion, rng):
+    """Random Bernoulli(0.5) reward, the Spurious Rewards control (arXiv 2506.10947)."""
+    return float(rng.random() < 0.5)
+
+
+@dataclass(frozen=True)
+class RewardFailures:
+    count: int
+    first_message: str | None
+
+
+def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, components: list[tuple[str, float]],
+                   *, seed: int) -> tuple[Scored, RewardFailures]:
+    """Weighted sum of reward ``components`` [(name, weight)] for every row; failures mark rows invalid."""
+    rng = random.Random(seed)
+    N = len(texts)
+    values = {name: torch.full((N,), float("nan")) for name, _ in components}
+    failures, first = 0, None
+    for r, (text, pi) in enumerate(zip(texts, rollouts.problem_N.tolist())):
+        for name, _ in components:
+            try:
+                v = REWARDS[name](task, problems[pi], text, rng)
+                if v is None or not math.isfinite(float(v)):
+                    raise ValueError(f"reward {name!r} returned {v!r}")
+                values[name][r] = float(v)
+            except Exception as e:  # noqa: BLE001 - any reward failure is a per-row outcome, not a crash
+                failures += 1
+                first = first or f"row {r}, reward {name!r}: {type(e).__name__}: {e}"
+    valid_N = torch.ones(N, dtype=torch.bool)
+    reward_N = torch.zeros(N)
+    for name, weight in components:
+        valid_N &= ~values[name].isnan()
+        reward_N += weight * torch.nan_to_num(values[name], nan=0.0)
+    reward_N = torch.where(valid_N, reward_N, torch.zeros_like(reward_N))
+    return Scored(rollouts, reward_N, valid_N, values), RewardFailures(failures, first)
+
+
+REWARDS = {"correct": correct, "format": format_ok, "random": bernoulli}

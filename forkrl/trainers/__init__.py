@@ -1,0 +1,1 @@
+"""Thin training loops (SFT, GRPO) composing samplers, rewards and the pure math of ``forkrl.algos``."""

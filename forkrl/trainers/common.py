@@ -1,0 +1,208 @@
+"""Orchestration shared by the trainers: forward passes, micro-batches, optimizers, metrics, evaluation.
+
+No RL math here (that is ``forkrl.algos``); these are the plumbing pieces every loop needs once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..algos.logprobs import entropy_from_logits, token_logprobs
+from ..config import OptimCfg
+from ..types import Role, Rollouts
+
+
+def completion_logprobs(model, batch: Rollouts, *, temperature: float = 1.0, entropy: str = "none"):
+    """Per-token log π(y_t | y_<t) of ``batch`` under ``model``, aligned to targets ``input_ids[:, 1:]``.
+
+    Returns (logp_NT, H_NT, mask_NT) with T = L - 1. ``entropy``: "none" (H_NT is zeros), "metric"
+    (detached), or "grad" (differentiable, for an entropy bonus). Only positions from the first
+    completion target on are pushed through the LM head (``logits_to_keep``): prompts cost no logits.
+    """
+    mask_NT = batch.role_NL[:, 1:] == Role.COMPLETION
+    start = int(mask_NT.any(0).nonzero()[0]) if mask_NT.any() else 0
+    device = next(model.parameters()).device
+    ids = batch.input_ids_NL.to(device)
+    out = model(input_ids=ids, attention_mask=batch.attention_mask_NL.to(device),
+                logits_to_keep=ids.shape[1] - start)
+    logits_NTV = out.logits[:, :-1]  # position start + j predicts token start + j + 1
+    logp = token_logprobs(logits_NTV, ids[:, start + 1 :], temperature=temperature)
+    pad = torch.zeros(ids.shape[0], start, dtype=logp.dtype, device=device)
+    logp_NT = torch.cat([pad, logp], dim=1)
+    if entropy == "none":
+        H_NT = torch.zeros_like(logp_NT)
+    else:
+        src = logits_NTV if entropy == "grad" else logits_NTV.detach()
+        H_NT = torch.cat([pad, entropy_from_logits(src, temperature=temperature)], dim=1)
+    return logp_NT, H_NT, mask_NT.to(device)
+
+
+def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Examples of optimizer step ``step``: consecutive slices of per-epoch seeded permutations.
+
+    A pure function of (step, seed): the data cursor is the step, so resume needs no extra state."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = perm[offset : offset + batch_size - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return out
+
+
+def micro_slices(n_rows: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n_rows)) for s in range(0, n_rows, size)]
+
+
+def make_optimizer(params, cfg: OptimCfg, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        frac = min(1.0, step / max(1, total_steps))
+        decay = {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.schedule]
+        return warm * max(decay, 0.0)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_and_step(model, opt, sched, grad_clip: float | None) -> float:
+    """Optimizer step; returns the gradient norm *before* clipping (the signature metric of METHODS §1)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class MetricsLog:
+    """Appends one JSON line per step to ``metrics.jsonl``; a progress bar on a TTY, log lines otherwise."""
+
+    KEYS = ("loss", "reward_mean", "pass_at_1", "entropy", "kl", "grad_norm")
+
+    def __init__(self, path: Path, *, stage: str, total: int, start: int = 0, log_every: int = 1):
+        self.path, self.stage, self.total, self.log_every = path, stage, total, log_every
+        self.t0, self.start = time.time(), start
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.flush()
+        shown = {k: metrics[k] for k in self.KEYS if k in metrics and metrics[k] is not None}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            self.bar.update(1)
+        elif step % self.log_every == 0 or step == self.total:
+            done = step - self.start
+            eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+            vals = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            print(f"[{self.stage}] step {step}/{self.total} {vals} eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    pass_at_1: float
+    per_strategy: dict[str, list[float]]  # strategy -> [share of samples, accuracy]
+    seconds: float
+
+
+def evaluate(sampler, task, problems, prompt_ids, params, samples: int) -> EvalResult:
+    """Held-out pass@1: the mean score over ``samples`` completions of each problem (unbiased for k=1)."""
+    t0 = time.time()
+    rollouts = sampler.sample(prompt_ids, samples, params)
+    texts = decode_completions(sampler.tokenizer, rollouts)
+    scores, strat = [], {}
+    for text, pi in zip(texts, rollouts.problem_N.tolist()):
+        s = task.score(problems[pi], text)
+        s = 0.0 if s is None or s != s else float(s)
+        scores.append(s)
+        if hasattr(task, "strategy"):
+            strat.setdefault(task.strategy(text), []).append(s)
+    per = {k: [len(v) / len(scores), sum(v) / len(v)] for k, v in sorted(strat.items())}
+    return EvalResult(sum(scores) / max(len(scores), 1), per, time.time() - t0)
+
+
+def decode_completions(tokenizer, rollouts: Rollouts) -> list[str]:
+    mask = rollouts.completion_mask_NL
+    return [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+            for ids, m in zip(rollouts.input_ids_NL, mask)]
+
+
+# ---------------------------------------------------------------- stage plumbing (pipeline.StageContext)
+def sampling_params(cfg, *, for_eval: bool = False):
+    from ..sampling import SamplingParams
+
+    s = cfg.sampling
+    temp = cfg.eval.temperature if (for_eval and cfg.eval.temperature is not None) else s.temperature
+    return SamplingParams(temperature=temp, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+
+
+def heldout_eval(ctx, sampler) -> EvalResult:
+    problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
+    ids = [ctx.encode_prompt(p.prompt) for p in problems]
+    return evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
+                    ctx.cfg.eval.samples_per_problem)
+
+
+def resume_state(ctx, opt, sched) -> int:
+    """Restore optimizer, scheduler and RNG from ``ctx.resume_from``; drop metrics past that step.
+
+    Returns the first step to run (0 for a fresh stage)."""
+    from .. import checkpoint
+
+    if ctx.resume_from is None:
+        _truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, 0)
+        return 0
+    state = checkpoint.load_trainer_state(ctx.resume_from, opt, sched)
+    _truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, state["step"])
+    return state["step"]
+
+
+def _truncate_metrics(path: Path, stage: str, keep_through: int) -> None:
+    """Keep other stages' lines and this stage's lines up to ``keep_through``: no duplicate steps."""
+    if not path.exists():
+        return
+    from ..checkpoint import atomic_write_text
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+        if row.get("stage") != stage or row.get("step", 0) <= keep_through:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
+    from .. import checkpoint
+
+    every = ctx.cfg.checkpoint.every
+    if (every and step % every == 0) or step == total:
+        checkpoint.save(ctx.stage_dir / "checkpoints", step, ctx.model, opt, sched, {},
+                        keep_last=ctx.cfg.checkpoint.keep_last)
+
+
+def want_eval(ctx, step: int, total: int) -> bool:
+    every = ctx.cfg.eval.every
+    return bool(every and step % every == 0) and step != total

@@ -1,0 +1,189 @@
+"""GRPO-family trainer (METHODS §2): sample → score → advantages → filter → loss → update → stats.
+
+The math is in ``forkrl.algos`` (pure functions); this module composes it. Choices the papers leave
+open, made here and named in the config:
+
+* old log-probs: with μ = 1 the ratio's denominator is the current log-prob detached (exactly the
+  on-policy gradient, no extra forward); with μ > 1, or a KL penalty in the reward, they are recomputed
+  by one no-grad forward before the first update and reused for all μ iterations.
+* each of the μ inner iterations is one optimizer step over the whole batch (micro-batched).
+* KL in the reward subtracts β · Σ_t kl_t (per row, detached) before advantages are computed.
+* a reference model is loaded only when β > 0; under LoRA it is the adapter-disabled base.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from ..algos.advantages import get_advantage
+from ..algos.filters import zero_variance_groups
+from ..algos.kl import get_kl
+from ..algos.objectives import get_objective
+from ..algos.reductions import reduce_loss, step_totals
+from ..models import load_model
+from ..rewards import score_rollouts
+from ..sampling import HFSampler
+from ..types import Rollouts
+from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, decode_completions,
+                     heldout_eval, make_optimizer, maybe_checkpoint, micro_slices, resume_state,
+                     sampling_params, want_eval)
+
+
+def _fit(t_NT: torch.Tensor, like_NT: torch.Tensor) -> torch.Tensor:
+    """Trim a full-batch [N, T] tensor to a micro-batch's width (select() drops trailing padding)."""
+    return t_NT[:, : like_NT.shape[1]].to(like_NT.device)
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batch: Rollouts, *, temperature: float, micro_batch_size: int, adapter_off: bool):
+    """log-probs of ``batch`` under a frozen model (reference or old policy), micro-batched."""
+    ctx = model.disable_adapter() if adapter_off else nullcontext()
+    out = torch.zeros(batch.num_rows, batch.input_ids_NL.shape[1] - 1)
+    with ctx:
+        for sl in micro_slices(batch.num_rows, micro_batch_size):
+            logp, _, _ = completion_logprobs(model, batch.select(torch.arange(batch.num_rows)[sl]),
+                                             temperature=temperature)
+            out[sl, : logp.shape[1]] = logp.float().cpu()
+    return out
+
+
+def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, *, temperature: float,
+                  t_max: int) -> dict[str, torch.Tensor]:
+    """Accumulate one optimizer step's gradient over micro-batches; returns summed statistics.
+
+    The denominator (tokens or sequences of the whole step) is fixed before the loop (METHODS §1)."""
+    total_tokens, total_seqs = step_totals(batch.completion_mask_NL)
+    objective, kl_fn = get_objective(cfg.objective), get_kl(cfg.kl.estimator)
+    eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in
+            ("loss", "entropy", "kl", "clip_low", "clip_high", "logp_mismatch")}
+    for sl in micro_slices(batch.num_rows, cfg.micro_batch_size):
+        idx = torch.arange(batch.num_rows)[sl]
+        mb = batch.select(idx)
+        logp, H, mask = completion_logprobs(model, mb, temperature=temperature,
+                                            entropy="grad" if cfg.entropy_coef > 0 else "metric")
+        old = logp.detach() if old_logp_NT is None else _fit(old_logp_NT[idx], logp)
+        loss_NT, clip_low, clip_high = objective(logp, old, adv_N[idx].to(logp.device), mask,
+                                                 eps_low=eps_low, eps_high=eps_high, dual_clip=cfg.dual_clip)
+        kl_NT = kl_fn(logp, _fit(ref_logp_NT[idx], logp)) if ref_logp_NT is not None else torch.zeros_like(logp)
+        if cfg.kl.beta > 0 and cfg.kl.where == "loss":
+            loss_NT = loss_NT + cfg.kl.beta * kl_NT
+        if cfg.entropy_coef > 0:
+            loss_NT = loss_NT - cfg.entropy_coef * H
+        loss = reduce_loss(loss_NT, mask, cfg.reduction, total_tokens=total_tokens, total_seqs=total_seqs,
+                           t_max=t_max)
+        loss.backward()
+        m = mask.double()
+        sampler_logp = mb.sampler_logp_NL[:, 1:].to(logp.device)
+        for key, val in (("entropy", H), ("kl", kl_NT), ("clip_low", clip_low), ("clip_high", clip_high),
+                         ("logp_mismatch", (logp.detach() - sampler_logp).abs())):
+            sums[key] += (val.detach().double() * m).sum().cpu()
+        sums["loss"] += loss.detach().double().cpu()
+    sums["tokens"] = torch.tensor(float(total_tokens), dtype=torch.float64)
+    return sums
+
+
+def train_grpo(ctx) -> dict:
+    cfg, run_cfg = ctx.cfg.grpo, ctx.cfg
+    problems = list(ctx.task.problems("train"))
+    lora = run_cfg.model.lora.enabled
+    ref_model = None
+    if cfg.kl.beta > 0 and not lora:
+        ref_model = load_model(str(ctx.init_path), dtype=next(ctx.model.parameters()).dtype).to(ctx.device).eval()
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg.optim, cfg.steps * cfg.inner_iterations)
+    start = resume_state(ctx, opt, sched)
+    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=run_cfg.sampling.batch_size)
+    log = MetricsLog(ctx.run_dir / "metrics.jsonl", stage=ctx.stage_dir.name, total=cfg.steps, start=start,
+                     log_every=run_cfg.log_every)
+    prompt_cache: dict[int, list[int]] = {}
+    for step in range(start + 1, cfg.steps + 1):
+        torch.manual_seed(run_cfg.seed * 1_000_003 + step)  # each step's sampling is a function of (seed, step)
+        pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)
+        step_problems = [problems[i] for i in pick]
+        prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
+        metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step)
+        if want_eval(ctx, step, cfg.steps):
+            metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
+        log.write(step, metrics)
+        maybe_checkpoint(ctx, step, cfg.steps, opt, sched)
+    log.close()
+    final = heldout_eval(ctx, sampler)
+    return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": cfg.steps}
+
+
+def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step: int) -> dict:
+    """One GRPO step, top to bottom."""
+    cfg, run_cfg = ctx.cfg.grpo, ctx.cfg
+    temperature = run_cfg.sampling.temperature
+    t_max = cfg.t_max or run_cfg.sampling.max_new_tokens
+    lora = run_cfg.model.lora.enabled
+    t0 = time.time()
+    rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg))
+    sample_s = time.time() - t0
+    texts = decode_completions(ctx.tokenizer, rollouts)
+    scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
+                                      [(r.name, r.weight) for r in cfg.rewards], seed=run_cfg.seed * 7919 + step)
+    t1 = time.time()
+    frozen = dict(temperature=temperature, micro_batch_size=cfg.micro_batch_size)
+    ref_logp = None
+    if cfg.kl.beta > 0:
+        ref_logp = frozen_logprobs(ref_model or ctx.model, rollouts, adapter_off=ref_model is None and lora, **frozen)
+    need_old = cfg.inner_iterations > 1 or (cfg.kl.beta > 0 and cfg.kl.where == "reward")
+    old_logp = frozen_logprobs(ctx.model, rollouts, adapter_off=False, **frozen) if need_old else None
+    reward_N = scored.reward_N
+    if cfg.kl.beta > 0 and cfg.kl.where == "reward":
+        kl_N = (get_kl(cfg.kl.estimator)(old_logp, ref_logp) * rollouts.completion_mask_NL[:, 1:]).sum(1)
+        reward_N = reward_N - cfg.kl.beta * kl_N
+    adv_N = get_advantage(cfg.advantage)(reward_N, rollouts.group_N, scored.valid_N, eps=cfg.adv_eps)
+    zero_var = ~zero_variance_groups(reward_N, rollouts.group_N, scored.valid_N)
+    keep_N = ~zero_var if cfg.filter_zero_variance else torch.ones_like(zero_var)
+    stats = {}
+    if keep_N.any():
+        batch = rollouts.select(keep_N)
+        sub = lambda t: None if t is None else t[keep_N]  # noqa: E731
+        for _ in range(cfg.inner_iterations):
+            stats = policy_update(ctx.model, batch, adv_N[keep_N], sub(old_logp), sub(ref_logp), cfg,
+                                  temperature=temperature, t_max=t_max)
+            stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
+    train_s = time.time() - t1
+    return step_metrics(scored, reward_N, adv_N, zero_var, keep_N, stats, failures, cfg,
+                        sample_s=sample_s, train_s=train_s, lr=sched.get_last_lr()[0])
+
+
+def step_metrics(scored, reward_N, adv_N, zero_var_N, keep_N, stats, failures, cfg, *, sample_s, train_s, lr):
+    r = scored.rollouts
+    valid = scored.valid_N
+    lens = r.completion_len_N.float()
+    groups = r.group_N.unique()
+    zero_groups = r.group_N[zero_var_N].unique()
+    tokens = float(stats.get("tokens", 0.0)) or 1.0
+    per_tok = lambda k: float(stats[k]) / tokens if k in stats else None  # noqa: E731
+    out = {
+        "reward_mean": float(reward_N[valid].mean()) if valid.any() else None,
+        "reward_std": float(reward_N[valid].std()) if valid.sum() > 1 else None,
+        **{f"reward/{k}": float(v[~v.isnan()].mean()) if (~v.isnan()).any() else None
+           for k, v in scored.components.items()},
+        "unscorable_rows": int((~valid).sum()), "unscorable_first_error": failures.first_message,
+        "zero_variance_group_frac": len(zero_groups) / max(len(groups), 1),
+        "rows_trained": int(keep_N.sum()),
+        "adv_mean": float(adv_N[valid].mean()) if valid.any() else None,
+        "adv_std": float(adv_N[valid].std()) if valid.sum() > 1 else None,
+        "adv_abs_max": float(adv_N.abs().max()),
+        "loss": float(stats["loss"]) if stats else None,
+        "entropy": per_tok("entropy"), "kl": per_tok("kl") if cfg.kl.beta > 0 else None,
+        "clip_frac_low": per_tok("clip_low"), "clip_frac_high": per_tok("clip_high"),
+        "logp_mismatch": per_tok("logp_mismatch"),
+        "grad_norm": stats.get("grad_norm"), "lr": lr,
+        "completion_len_mean": float(lens.mean()), "completion_len_min": int(lens.min()),
+        "completion_len_max": int(lens.max()), "truncation_rate": float(r.truncated_N.float().mean()),
+        "sample_s": sample_s, "train_s": train_s,
+        "sample_tokens_per_s": float(lens.sum()) / max(sample_s, 1e-9),
+        "train_tokens_per_s": float(stats.get("tokens", 0.0)) * cfg.inner_iterations / max(train_s, 1e-9),
+        "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
+        "micro_batches": len(micro_slices(int(keep_N.sum()), cfg.micro_batch_size)),
+    }
+    return out
