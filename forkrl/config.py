@@ -75,7 +75,7 @@ class ArithmeticCfg(Strict):
     digits: Annotated[int, Field(ge=1, le=9)] = 2
     train_size: Pos = 3000
     heldout_size: Pos = 200
-    strategy_weights: tuple[float, float, float] = (0.3, 0.2, 0.5)
+    strategy_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.1, 0.5)  # col, split, direct, guess
     wrong_turn_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     seed: int = 0
     format: FormatCfg = FormatCfg()
@@ -133,6 +133,7 @@ class SftCfg(Strict):
     micro_batch_size: Pos = 64
     reduction: Reduction = "token_mean"
     t_max: Pos | None = None  # for seq_mean_token_sum_norm; default: the longest demonstration
+    eval_every: NonNeg = 0  # held-out pass@1 every K optimizer steps (0: only at the end of the stage)
     optim: OptimCfg = OptimCfg(lr=3e-3, warmup_steps=30, schedule="linear")
 
     @model_validator(mode="after")
@@ -173,6 +174,7 @@ class GrpoCfg(Strict):
     inner_iterations: Pos = 1  # μ: optimizer steps per batch, on stored old log-probs
     filter_zero_variance: bool = False
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
+    eval_every: NonNeg = 0  # held-out pass@1 every K steps (0: only at the end of the stage)
     optim: OptimCfg = OptimCfg(lr=1e-4)
 
     @property
@@ -190,7 +192,6 @@ class GrpoCfg(Strict):
 
 
 class EvalCfg(Strict):
-    every: NonNeg = 0  # held-out pass@1 every K optimizer steps (0: only at the end of a stage)
     num_problems: Pos = 200
     samples_per_problem: Pos = 4
     temperature: Annotated[float, Field(ge=0.0)] | None = None  # None: sampling.temperature; 0: greedy

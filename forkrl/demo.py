@@ -25,7 +25,8 @@ def demo_config(*, fast: bool = False, stages=("sft", "grpo")):
     data["stages"] = list(stages)
     if fast:  # a smoke test of the whole path, not a result
         data["sft"]["steps"], data["grpo"]["steps"] = 20, 3
-        data["task"]["train_size"], data["eval"] = 300, {"every": 0, "num_problems": 20, "samples_per_problem": 2}
+        data["task"]["train_size"], data["eval"] = 300, {"num_problems": 20, "samples_per_problem": 2}
+        data["grpo"]["eval_every"] = 0
     return parse_config(data, source="forkrl/configs/demo.yaml")
 
 

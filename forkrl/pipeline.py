@@ -125,8 +125,11 @@ def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[str, Path]]:
     return [(s, run_dir / (s if names.count(s) == 1 else f"{i}-{s}")) for i, s in enumerate(names)]
 
 
-def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | None = None) -> dict:
-    """Run every stage of ``cfg`` into ``run_dir``; returns the summary written to summary.json."""
+def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | None = None, task=None) -> dict:
+    """Run every stage of ``cfg`` into ``run_dir``; returns the summary written to summary.json.
+
+    ``init_path`` overrides the starting model; ``task`` (any object following the Task protocol)
+    overrides the config's task section, for tasks written in Python."""
     from .trainers.grpo import train_grpo
     from .trainers.sft import train_sft
 
@@ -139,7 +142,7 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(saved, cfg.to_yaml())
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task)
+    task = task if task is not None else build_task(cfg.task)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
     init = init_path or base_model_path(cfg, task)

@@ -4,17 +4,20 @@ Why this task. The literature's regime (METHODS §3) is a base model that *can* 
 some paths and fails along others, with the choice made at a few high-entropy "fork" tokens. The
 demonstrations here reproduce that on purpose:
 
-* three solution strategies, chosen at the completion's first token (the fork):
+* four solution strategies, chosen at the completion's first token (the fork):
     ``col``    right-to-left columns with explicit carries: long, but every step is a one-digit sum;
     ``split``  place-value decomposition, then two multi-digit recombinations: medium length, the
                recombinations carry, so a tiny model errs there more often;
     ``direct`` the answer at once: short, and hard for a small transformer (carries look ahead);
+    ``guess``  a sloppy shortcut (round each operand to tens, add): a wrong turn at the strategy level,
+               right only when the rounding errors cancel. It stands for the low-quality share of real
+               SFT data, and keeps the SFT'd base's pass@1 in the middle however long SFT runs;
 * wrong turns: in a ``col`` column the demonstration sometimes writes a wrong digit sum, then
   ``no`` and the right one (a recovered mistake, the kind of token RL learns to avoid or use).
 
 A tiny model SFT'd on these demonstrations picks strategies in proportion to the mix, so its pass@1
-sits between the reliable and the unreliable strategy's accuracy; RL raises it mostly by re-ranking the
-strategy token, which is already in the base's top-3. Difficulty is ``digits`` (operand length).
+sits between the reliable and the unreliable strategies' accuracy; RL raises it mostly by re-ranking the
+strategy token, which is already in the base's top-4. Difficulty is ``digits`` (operand length).
 
 Splits: a problem's split is a hash of its *unordered* operands, so ``a+b`` and ``b+a`` always share a
 split and train and held-out can never overlap.
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from .base import Problem, Split, TaskError
 
-STRATEGIES = ("col", "split", "direct")
+STRATEGIES = ("col", "split", "direct", "guess")
 _ANSWER_RE = re.compile(r"ans (-?\d+)")
 
 
@@ -79,6 +82,9 @@ def demonstration(a: int, b: int, strategy: str, rng: random.Random, wrong_turn_
         return _split(a, b)
     if strategy == "direct":
         return f"direct ans {a + b}"
+    if strategy == "guess":
+        ra, rb = round(a, -1), round(b, -1)
+        return f"guess {ra}+{rb}={ra + rb} ; ans {ra + rb}"
     raise TaskError(f"unknown arithmetic strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
 
 
@@ -96,12 +102,15 @@ class ArithmeticTask:
     train_size: int = 4000
     heldout_size: int = 200
     heldout_percent: int = 10
-    strategy_weights: tuple[float, float, float] = (0.3, 0.2, 0.5)  # col, split, direct
+    strategy_weights: tuple[float, ...] = (0.2, 0.2, 0.1, 0.5)  # col, split, direct, guess
     wrong_turn_rate: float = 0.1
     seed: int = 0
     name: str = "arithmetic"
 
     def __post_init__(self) -> None:
+        if len(self.strategy_weights) != len(STRATEGIES) or min(self.strategy_weights) < 0 or not sum(self.strategy_weights):
+            raise TaskError(f"task.strategy_weights must be {len(STRATEGIES)} non-negative numbers, not all 0, "
+                            f"for the strategies {', '.join(STRATEGIES)}; got {list(self.strategy_weights)}")
         self._splits = {"train": self._generate("train", self.train_size),
                         "heldout": self._generate("heldout", self.heldout_size)}
 

@@ -203,6 +203,5 @@ def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
                         keep_last=ctx.cfg.checkpoint.keep_last)
 
 
-def want_eval(ctx, step: int, total: int) -> bool:
-    every = ctx.cfg.eval.every
+def want_eval(every: int, step: int, total: int) -> bool:
     return bool(every and step % every == 0) and step != total

@@ -106,7 +106,7 @@ def train_grpo(ctx) -> dict:
         step_problems = [problems[i] for i in pick]
         prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
         metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step)
-        if want_eval(ctx, step, cfg.steps):
+        if want_eval(cfg.eval_every, step, cfg.steps):
             metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
         log.write(step, metrics)
         maybe_checkpoint(ctx, step, cfg.steps, opt, sched)

@@ -78,7 +78,7 @@ def train_sft(ctx) -> dict:
                    "tokens": tokens, "train_s": dt, "train_tokens_per_s": tokens / dt,
                    "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
                    "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size))}
-        if want_eval(ctx, step, cfg.steps):
+        if want_eval(cfg.eval_every, step, cfg.steps):
             metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
         log.write(step, metrics)
         maybe_checkpoint(ctx, step, cfg.steps, opt, sched)

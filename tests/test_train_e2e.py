@@ -1,0 +1,120 @@
+"""End to end: GRPO raises reward on a tiny task; `forkrl train` runs a two-stage config whose final
+model reloads through from_pretrained; resume equals an uninterrupted run; bad configs exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from forkrl.config import parse_config
+from forkrl.pipeline import run
+from forkrl.tasks.arithmetic import ArithmeticTask
+
+from conftest import tiny_cfg_dict
+
+
+class SplitStrategyTask(ArithmeticTask):
+    """Reward 1 when the completion opens with the `split` strategy: a fork-token choice the SFT'd
+    model makes ~20% of the time, which GRPO must learn to make more often."""
+
+    def score(self, problem, completion):
+        return float(self.strategy(completion) == "split")
+
+
+def test_grpo_raises_reward_on_a_tiny_task(tmp_path):
+    data = tiny_cfg_dict(**{"stages": ["sft", "grpo"], "sft.steps": 60, "sft.batch_size": 32,
+                            "sft.micro_batch_size": 32, "sft.optim": {"lr": 1e-2, "warmup_steps": 5},
+                            "sampling.max_new_tokens": 3, "grpo.steps": 14, "grpo.prompts_per_step": 8,
+                            "grpo.group_size": 8, "grpo.micro_batch_size": 64, "grpo.optim": {"lr": 3e-3}})
+    cfg = parse_config(data)
+    task = SplitStrategyTask(digits=2, train_size=200, heldout_size=20)
+    run(cfg, tmp_path / "run", task=task)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward_mean"] for r in rows if r["stage"] == "grpo"]
+    assert len(rewards) == 14
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert 0.02 < first < 0.6, f"the SFT'd model should pick `split` sometimes, not never/always: {first}"
+    assert last > first + 0.2, f"reward did not rise: first steps {rewards[:3]}, last steps {rewards[-3:]}"
+
+
+def test_two_stage_train_cli_and_reload(tmp_path):
+    cfg_path = tmp_path / "run.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(tiny_cfg_dict(stages=["sft", "grpo"])))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "forkrl.cli", "train", str(cfg_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "config.yaml").exists() and (out / "summary.json").exists()
+    final = out / "grpo" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.config.model_type == "qwen2" and tok.eos_token_id is not None
+    assert any(p.suffix == ".safetensors" for p in final.iterdir())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("sft", 1), ("sft", 2), ("sft", 3), ("grpo", 1), ("grpo", 2)]
+    grpo_row = rows[-1]
+    for key in ("reward_mean", "reward_std", "reward/correct", "zero_variance_group_frac", "adv_std", "entropy",
+                "clip_frac_low", "clip_frac_high", "grad_norm", "completion_len_mean", "truncation_rate",
+                "sample_s", "train_s", "sample_tokens_per_s", "train_tokens_per_s", "unscorable_rows"):
+        assert key in grpo_row, key
+    # GRPO started from the SFT stage's weights: where every advantage was 0 it did not move them at all
+    sft_final = AutoModelForCausalLM.from_pretrained(out / "sft" / "final")
+    moved = not torch.equal(sft_final.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert moved == any(r["adv_abs_max"] > 0 for r in rows if r["stage"] == "grpo")
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"grpo.eps_hgh": 0.3}, "grpo.eps_hgh"),
+    ({"grpo.group_size": -2}, "grpo.group_size"),
+    ({"grpo.reduction": "mean"}, "token_mean"),
+    ({"sampling.temperature": "hot"}, "sampling.temperature"),
+    ({"grpo.micro_batch_size": 5}, "grpo.micro_batch_size"),
+])
+def test_bad_config_exits_2_with_key_path_and_no_traceback(tmp_path, bad, needle):
+    import yaml
+
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_cfg_dict(**bad)))
+    proc = subprocess.run([sys.executable, "-m", "forkrl.cli", "train", str(cfg_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _strip_times(rows):
+    drop = {"time", "sample_s", "train_s", "sample_tokens_per_s", "train_tokens_per_s"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.steps": 4, "checkpoint.every": 2}))
+    run(cfg, tmp_path / "a")
+
+    import forkrl.trainers.grpo as grpo
+
+    real = grpo.maybe_checkpoint
+
+    def crash_after_step_3(ctx, step, *args, **kw):
+        real(ctx, step, *args, **kw)
+        if step == 3:
+            raise KeyboardInterrupt  # a kill after step 3 ran but before it was checkpointed
+
+    monkeypatch.setattr(grpo, "maybe_checkpoint", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "b")
+    monkeypatch.setattr(grpo, "maybe_checkpoint", real)
+    run(cfg, tmp_path / "b", resume=True)
+
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]  # step 3 redone once, not duplicated
+    assert _strip_times(rows[0]) == _strip_times(rows[1])
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "grpo" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "grpo" / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -1,0 +1,110 @@
+"""Trainer plumbing on a real tiny model: the SFT/GRPO gradient does not depend on the micro-batch
+split, unscorable rewards get advantage 0 and are counted, LoRA's reference is the adapter-off base."""
+
+import math
+
+import pytest
+import torch
+
+from forkrl.algos.advantages import grpo as grpo_adv
+from forkrl.config import GrpoCfg
+from forkrl.models import load_model, load_tokenizer
+from forkrl.rewards import score_rollouts
+from forkrl.sampling import HFSampler, SamplingParams
+from forkrl.tasks.arithmetic import ArithmeticTask
+from forkrl.trainers.common import completion_logprobs
+from forkrl.trainers.grpo import frozen_logprobs, policy_update
+from forkrl.trainers.sft import pack, sft_step
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.fixture()
+def model64(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype=torch.float64), load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm",
+                                       "seq_mean_token_sum"])
+def test_sft_gradient_independent_of_micro_batches(model64, reduction):
+    model, tok = model64
+    eos = tok.eos_token_id
+    # completion lengths from 2 to 40 tokens: a 20x spread inside one batch
+    examples = [(tok("12+3=").input_ids, tok(" " + "7" * n).input_ids + [eos]) for n in (1, 39, 3, 20, 2, 30)]
+    batch = pack(examples, tok.pad_token_id)
+    grads = []
+    for mbs in (6, 2, 1):
+        model.zero_grad()
+        sft_step(model, batch, reduction=reduction, t_max=48, micro_batch_size=mbs)
+        grads.append(_grads(model))
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], rtol=1e-10, atol=1e-14)
+
+
+def test_grpo_gradient_independent_of_micro_batches(model64):
+    model, tok = model64
+    sampler = HFSampler(model, tok)
+    torch.manual_seed(0)
+    r = sampler.sample([tok("12+34=").input_ids, tok("5+5=").input_ids], 4, SamplingParams(max_new_tokens=10))
+    adv_N = torch.linspace(-1.5, 1.5, r.num_rows, dtype=torch.float64)
+    old = frozen_logprobs(model, r, temperature=1.0, micro_batch_size=8, adapter_off=False).double() - 0.05
+    grads = []
+    for mbs in (8, 4, 1):
+        cfg = GrpoCfg(prompts_per_step=2, group_size=4, micro_batch_size=mbs, entropy_coef=0.01, dual_clip=3.0)
+        model.zero_grad()
+        policy_update(model, r, adv_N, old, None, cfg, temperature=1.0, t_max=10)
+        grads.append(_grads(model))
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], rtol=1e-10, atol=1e-14)
+
+
+class FlakyTask(ArithmeticTask):
+    def score(self, problem, completion):
+        i = int(problem.id.split("-")[1])
+        if i == 0:
+            raise RuntimeError("verifier crashed")
+        if i == 1:
+            return None
+        if i == 2:
+            return float("nan")
+        return 1.0 if len(completion) % 2 else 0.0
+
+
+def test_unscorable_rows_are_excluded_and_counted(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    task = FlakyTask(digits=2, train_size=50, heldout_size=10)
+    problems = task.problems("train")[:4]
+    torch.manual_seed(0)
+    r = HFSampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3, SamplingParams(max_new_tokens=6))
+    texts = ["ab", "abc", "a"] * 4  # rows of problem 3: rewards 0, 1, 1
+    scored, failures = score_rollouts(r, texts, problems, task, [("correct", 1.0)], seed=0)
+    assert scored.valid_N.tolist() == [False] * 9 + [True] * 3
+    assert failures.count == 9 and "verifier crashed" in failures.first_message
+    assert torch.isnan(scored.components["correct"][:9]).all()
+    adv = grpo_adv(scored.reward_N, r.group_N, scored.valid_N)
+    assert (adv[:9] == 0).all()
+    # problem 3's rewards (0, 1, 1): mean 2/3, unbiased std sqrt(1/3)
+    expected = torch.tensor([-2 / 3, 1 / 3, 1 / 3]) / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(adv[9:], expected, rtol=1e-5)
+
+
+def test_lora_reference_is_adapter_disabled_base(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    r = HFSampler(base, tok).sample([tok("12+34=").input_ids], 4, SamplingParams(max_new_tokens=6))
+    with torch.no_grad():
+        base_logp, _, mask = completion_logprobs(base, r)
+    model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():  # move the adapter away from its zero init so the policy differs from the base
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ref = frozen_logprobs(model, r, temperature=1.0, micro_batch_size=4, adapter_off=True)
+    pol = frozen_logprobs(model, r, temperature=1.0, micro_batch_size=4, adapter_off=False)
+    assert torch.allclose(ref[mask], base_logp[mask], atol=1e-5)
+    assert (pol[mask] - base_logp[mask]).abs().max() > 1e-3
