@@ -2,6 +2,7 @@
 model reloads through from_pretrained; resume equals an uninterrupted run; bad configs exit 2."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -118,3 +119,42 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "grpo" / "final").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "grpo" / "final").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("over", [
+    {"grpo.objective": "gspo", "grpo.advantage": "dr_grpo", "grpo.reduction": "seq_mean_token_mean"},
+    {"grpo.advantage": "rloo", "grpo.inner_iterations": 2, "grpo.dual_clip": 3.0,
+     "grpo.reduction": "seq_mean_token_sum_norm"},
+    {"grpo.kl": {"estimator": "k1", "beta": 0.1, "where": "reward"}, "grpo.entropy_coef": 0.01,
+     "grpo.reduction": "seq_mean_token_sum"},
+    {"grpo.kl": {"estimator": "k3", "beta": 0.1}, "grpo.clip": False, "grpo.filter_zero_variance": True,
+     "grpo.rewards": [{"name": "correct"}, {"name": "format", "weight": 0.5}, {"name": "random", "weight": 0.1}]},
+    {"stages": ["sft", "grpo"], "model.lora": {"enabled": True, "r": 4}, "grpo.kl": {"beta": 0.05}},
+])
+def test_grpo_options_run_and_log_finite_metrics(tmp_path, over):
+    cfg = parse_config(tiny_cfg_dict(**over))
+    summary = run(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grpo_rows = [r for r in rows if r["stage"] == "grpo"]
+    assert len(grpo_rows) == cfg.grpo.steps
+    for r in grpo_rows:
+        assert all(v is None or isinstance(v, str) or v == v for v in r.values())  # no NaN
+        if cfg.grpo.kl.beta > 0 and r["rows_trained"]:
+            assert r["kl"] is not None and r["kl"] > -1e-6
+    final = Path(summary["final_model"])
+    AutoModelForCausalLM.from_pretrained(final)  # merged weights load without peft
+    assert (final / "adapter").is_dir() == cfg.model.lora.enabled
+
+
+def test_reasoning_gym_and_jsonl_tasks_train(tmp_path):
+    rg = tiny_cfg_dict(**{"task": {"type": "reasoning_gym", "name": "chain_sum", "size": 40, "heldout_size": 8},
+                          "model.tiny.max_positions": 1024, "grpo.steps": 1})
+    run(parse_config(rg), tmp_path / "rg")
+    lines = [json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a), "completion": f" ans {2 * a}"}) for a in range(30)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(lines[24:]) + "\n")
+    js = tiny_cfg_dict(**{"task": {"type": "jsonl", "train_path": str(tmp_path / "train.jsonl"),
+                                   "heldout_path": str(tmp_path / "held.jsonl"), "verifier": "numeric"},
+                          "stages": ["sft", "grpo"], "grpo.steps": 1})
+    summary = run(parse_config(js), tmp_path / "js")
+    assert set(summary["stages"]) == {"sft", "grpo"}

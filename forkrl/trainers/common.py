@@ -159,8 +159,10 @@ def sampling_params(cfg, *, for_eval: bool = False):
 def heldout_eval(ctx, sampler) -> EvalResult:
     problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
     ids = [ctx.encode_prompt(p.prompt) for p in problems]
-    return evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
-                    ctx.cfg.eval.samples_per_problem)
+    with torch.random.fork_rng():  # the same samples for every evaluation; training's RNG untouched
+        torch.manual_seed(ctx.cfg.seed + 20_251)
+        return evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
+                        ctx.cfg.eval.samples_per_problem)
 
 
 def resume_state(ctx, opt, sched) -> int:
