@@ -98,19 +98,19 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = parse_config(tiny_cfg_dict(**{"grpo.steps": 4, "checkpoint.every": 2}))
     run(cfg, tmp_path / "a")
 
-    import forkrl.trainers.grpo as grpo
+    import forkrl.trainers.common as common
 
-    real = grpo.maybe_checkpoint
+    real = common.maybe_checkpoint
 
     def crash_after_step_3(ctx, step, *args, **kw):
         real(ctx, step, *args, **kw)
         if step == 3:
             raise KeyboardInterrupt  # a kill after step 3 ran but before it was checkpointed
 
-    monkeypatch.setattr(grpo, "maybe_checkpoint", crash_after_step_3)
+    monkeypatch.setattr(common, "maybe_checkpoint", crash_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "b")
-    monkeypatch.setattr(grpo, "maybe_checkpoint", real)
+    monkeypatch.setattr(common, "maybe_checkpoint", real)
     run(cfg, tmp_path / "b", resume=True)
 
     rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]

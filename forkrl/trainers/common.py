@@ -207,3 +207,17 @@ def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
 
 def want_eval(every: int, step: int, total: int) -> bool:
     return bool(every and step % every == 0) and step != total
+
+
+def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict, opt, sched) -> None:
+    """Held-out pass@1 when due, the metrics line, and a checkpoint when due."""
+    if want_eval(stage_cfg.eval_every, step, stage_cfg.steps):
+        metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
+    log.write(step, metrics)
+    maybe_checkpoint(ctx, step, stage_cfg.steps, opt, sched)
+
+
+def finish_stage(ctx, sampler, log: MetricsLog, steps: int) -> dict:
+    log.close()
+    final = heldout_eval(ctx, sampler)
+    return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": steps}

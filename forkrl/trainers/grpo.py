@@ -28,8 +28,7 @@ from ..rewards import score_rollouts
 from ..sampling import HFSampler
 from ..types import Rollouts
 from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, decode_completions,
-                     heldout_eval, make_optimizer, maybe_checkpoint, micro_slices, resume_state,
-                     sampling_params, want_eval)
+                     end_step, finish_stage, make_optimizer, micro_slices, resume_state, sampling_params)
 
 
 def _fit(t_NT: torch.Tensor, like_NT: torch.Tensor) -> torch.Tensor:
@@ -106,13 +105,8 @@ def train_grpo(ctx) -> dict:
         step_problems = [problems[i] for i in pick]
         prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
         metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step)
-        if want_eval(cfg.eval_every, step, cfg.steps):
-            metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
-        log.write(step, metrics)
-        maybe_checkpoint(ctx, step, cfg.steps, opt, sched)
-    log.close()
-    final = heldout_eval(ctx, sampler)
-    return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": cfg.steps}
+        end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
+    return finish_stage(ctx, sampler, log, cfg.steps)
 
 
 def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step: int) -> dict:

@@ -15,8 +15,8 @@ from ..algos.reductions import reduce_loss, step_totals
 from ..sampling import HFSampler
 from ..tasks.base import TaskError
 from ..types import Role, Rollouts
-from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, heldout_eval, make_optimizer,
-                     maybe_checkpoint, micro_slices, resume_state, want_eval)
+from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, end_step, finish_stage,
+                     make_optimizer, micro_slices, resume_state)
 
 
 def pack(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Rollouts:
@@ -78,10 +78,5 @@ def train_sft(ctx) -> dict:
                    "tokens": tokens, "train_s": dt, "train_tokens_per_s": tokens / dt,
                    "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
                    "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size))}
-        if want_eval(cfg.eval_every, step, cfg.steps):
-            metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
-        log.write(step, metrics)
-        maybe_checkpoint(ctx, step, cfg.steps, opt, sched)
-    log.close()
-    final = heldout_eval(ctx, sampler)
-    return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": cfg.steps}
+        end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
+    return finish_stage(ctx, sampler, log, cfg.steps)
