@@ -33,7 +33,9 @@ def demo_config(*, fast: bool = False, stages=("sft", "grpo")):
 def cached_base(fast: bool) -> tuple[Path, float, bool]:
     """The SFT'd demo base: (path, SFT wall seconds when it was built, whether it came from the cache)."""
     cfg = demo_config(fast=fast, stages=("sft",))
-    key = models.spec_hash(cfg.model_dump(mode="json"), [])
+    # The key covers the config and the code that makes the base, so an upgrade never reuses a stale one.
+    code = [resources.files("forkrl").joinpath(f).read_text() for f in ("tasks/arithmetic.py", "trainers/sft.py")]
+    key = models.spec_hash(cfg.model_dump(mode="json"), code)
     cached = models.cache_dir() / f"demo-base-{key}"
     final = cached / "sft" / "final"
     if (final / "DONE").exists():

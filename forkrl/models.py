@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -60,10 +61,13 @@ def build_tiny(out_dir: Path, texts: list[str], *, arch: str, vocab_size: int, s
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir) if not out_dir.exists() else None
+    if out_dir.exists():  # another process built the same spec first; theirs is as good as ours
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out_dir)
     return out_dir
 
 

@@ -158,3 +158,17 @@ def test_reasoning_gym_and_jsonl_tasks_train(tmp_path):
                           "stages": ["sft", "grpo"], "grpo.steps": 1})
     summary = run(parse_config(js), tmp_path / "js")
     assert set(summary["stages"]) == {"sft", "grpo"}
+
+
+def test_demo_fast_writes_summary(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "forkrl.cli", "demo", "--out", str(tmp_path), "--fast"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert 0.0 <= s["base"]["pass_at_1"] <= 1.0 and 0.0 <= s["grpo"]["pass_at_1"] <= 1.0
+    assert s["stages"]["sft"]["wall_s"] > 0 and s["stages"]["grpo"]["wall_s"] > 0
+    assert "GRPO gain" in proc.stdout
+    # the second run takes the SFT'd base from the cache
+    again = subprocess.run([sys.executable, "-m", "forkrl.cli", "demo", "--out", str(tmp_path / "2"), "--fast"],
+                           capture_output=True, text=True, timeout=300)
+    assert json.loads((tmp_path / "2" / "summary.json").read_text())["stages"]["sft"]["cached"] is True
