@@ -130,6 +130,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     {"grpo.kl": {"estimator": "k3", "beta": 0.1}, "grpo.clip": False, "grpo.filter_zero_variance": True,
      "grpo.rewards": [{"name": "correct"}, {"name": "format", "weight": 0.5}, {"name": "random", "weight": 0.1}]},
     {"stages": ["sft", "grpo"], "model.lora": {"enabled": True, "r": 4}, "grpo.kl": {"beta": 0.05}},
+    {"stages": ["sft", "grpo"], "model.tiny.arch": "llama", "sft.reduction": "seq_mean_token_sum_norm"},
 ])
 def test_grpo_options_run_and_log_finite_metrics(tmp_path, over):
     cfg = parse_config(tiny_cfg_dict(**over))

@@ -1,5 +1,5 @@
-"""Samplers turn prompts into ``Rollouts``. ``hf.HFSampler`` runs Hugging Face ``generate`` (CPU or GPU);
-a vLLM sampler for GPU machines is imported lazily so CPU installs never need vLLM."""
+"""Samplers turn prompts into ``Rollouts``. ``hf.HFSampler`` runs Hugging Face ``generate`` (CPU or GPU).
+A vLLM sampler belongs here too, imported lazily, so that CPU installs never need vLLM."""
 
 from .hf import HFSampler, SamplingParams
 

@@ -138,9 +138,10 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, st
     stats = {}
     if keep_N.any():
         batch = rollouts.select(keep_N)
-        sub = lambda t: None if t is None else t[keep_N]  # noqa: E731
+        old_kept = old_logp[keep_N] if old_logp is not None else None
+        ref_kept = ref_logp[keep_N] if ref_logp is not None else None
         for _ in range(cfg.inner_iterations):
-            stats = policy_update(ctx.model, batch, adv_N[keep_N], sub(old_logp), sub(ref_logp), cfg,
+            stats = policy_update(ctx.model, batch, adv_N[keep_N], old_kept, ref_kept, cfg,
                                   temperature=temperature, t_max=t_max)
             stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
     train_s = time.time() - t1
