@@ -150,9 +150,19 @@ class RewardCfg(Strict):
 
 
 class KlCfg(Strict):
-    estimator: Literal["k1", "k3"] = "k3"
+    estimator: Literal["none", "k1", "k3"] = "k3"
     beta: Annotated[float, Field(ge=0.0)] = 0.0  # 0: no reference model is loaded
     where: Literal["loss", "reward"] = "loss"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.estimator == "none" and self.beta > 0:
+            raise ValueError("grpo.kl.beta > 0 needs grpo.kl.estimator k1 or k3 (or set beta: 0)")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.beta > 0 and self.estimator != "none"
 
 
 class GrpoCfg(Strict):

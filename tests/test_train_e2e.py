@@ -173,3 +173,20 @@ def test_demo_fast_writes_summary(tmp_path):
     again = subprocess.run([sys.executable, "-m", "forkrl.cli", "demo", "--out", str(tmp_path / "2"), "--fast"],
                            capture_output=True, text=True, timeout=300)
     assert json.loads((tmp_path / "2" / "summary.json").read_text())["stages"]["sft"]["cached"] is True
+
+
+@pytest.mark.parametrize("kl, loads", [({"beta": 0.0}, 1), ({"estimator": "none"}, 1), ({"beta": 0.1}, 2),
+                                       ({"beta": 0.1, "estimator": "k1", "where": "reward"}, 2)])
+def test_reference_model_loaded_only_when_beta_positive(tmp_path, monkeypatch, kl, loads):
+    import forkrl.models as models
+
+    calls = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    import forkrl.pipeline as pipeline
+    import forkrl.trainers.grpo as grpo
+
+    monkeypatch.setattr(pipeline.models, "load_model", models.load_model)
+    monkeypatch.setattr(grpo, "load_model", models.load_model)
+    run(parse_config(tiny_cfg_dict(**{"grpo.kl": kl, "grpo.steps": 1})), tmp_path / "r")
+    assert len(calls) == loads  # the policy, plus the reference only when β > 0

@@ -55,7 +55,8 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
 
     The denominator (tokens or sequences of the whole step) is fixed before the loop (METHODS §1)."""
     total_tokens, total_seqs = step_totals(batch.completion_mask_NL)
-    objective, kl_fn = get_objective(cfg.objective), get_kl(cfg.kl.estimator)
+    objective = get_objective(cfg.objective)
+    kl_fn = get_kl(cfg.kl.estimator) if cfg.kl.active else None
     eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
     sums = {k: torch.zeros((), dtype=torch.float64) for k in
             ("loss", "entropy", "kl", "clip_low", "clip_high", "logp_mismatch")}
@@ -67,8 +68,8 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
         old = logp.detach() if old_logp_NT is None else _fit(old_logp_NT[idx], logp)
         loss_NT, clip_low, clip_high = objective(logp, old, adv_N[idx].to(logp.device), mask,
                                                  eps_low=eps_low, eps_high=eps_high, dual_clip=cfg.dual_clip)
-        kl_NT = kl_fn(logp, _fit(ref_logp_NT[idx], logp)) if ref_logp_NT is not None else torch.zeros_like(logp)
-        if cfg.kl.beta > 0 and cfg.kl.where == "loss":
+        kl_NT = kl_fn(logp, _fit(ref_logp_NT[idx], logp)) if kl_fn is not None else torch.zeros_like(logp)
+        if cfg.kl.active and cfg.kl.where == "loss":
             loss_NT = loss_NT + cfg.kl.beta * kl_NT
         if cfg.entropy_coef > 0:
             loss_NT = loss_NT - cfg.entropy_coef * H
@@ -90,7 +91,7 @@ def train_grpo(ctx) -> dict:
     problems = list(ctx.task.problems("train"))
     lora = run_cfg.model.lora.enabled
     ref_model = None
-    if cfg.kl.beta > 0 and not lora:
+    if cfg.kl.active and not lora:
         ref_model = load_model(str(ctx.init_path), dtype=next(ctx.model.parameters()).dtype).to(ctx.device).eval()
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps * cfg.inner_iterations)
@@ -124,12 +125,12 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, st
     t1 = time.time()
     frozen = dict(temperature=temperature, micro_batch_size=cfg.micro_batch_size)
     ref_logp = None
-    if cfg.kl.beta > 0:
+    if cfg.kl.active:
         ref_logp = frozen_logprobs(ref_model or ctx.model, rollouts, adapter_off=ref_model is None and lora, **frozen)
-    need_old = cfg.inner_iterations > 1 or (cfg.kl.beta > 0 and cfg.kl.where == "reward")
+    need_old = cfg.inner_iterations > 1 or (cfg.kl.active and cfg.kl.where == "reward")
     old_logp = frozen_logprobs(ctx.model, rollouts, adapter_off=False, **frozen) if need_old else None
     reward_N = scored.reward_N
-    if cfg.kl.beta > 0 and cfg.kl.where == "reward":
+    if cfg.kl.active and cfg.kl.where == "reward":
         kl_N = (get_kl(cfg.kl.estimator)(old_logp, ref_logp) * rollouts.completion_mask_NL[:, 1:]).sum(1)
         reward_N = reward_N - cfg.kl.beta * kl_N
     adv_N = get_advantage(cfg.advantage)(reward_N, rollouts.group_N, scored.valid_N, eps=cfg.adv_eps)
@@ -169,7 +170,7 @@ def step_metrics(scored, reward_N, adv_N, zero_var_N, keep_N, stats, failures, c
         "adv_std": float(adv_N[valid].std()) if valid.sum() > 1 else None,
         "adv_abs_max": float(adv_N.abs().max()),
         "loss": float(stats["loss"]) if stats else None,
-        "entropy": per_tok("entropy"), "kl": per_tok("kl") if cfg.kl.beta > 0 else None,
+        "entropy": per_tok("entropy"), "kl": per_tok("kl") if cfg.kl.active else None,
         "clip_frac_low": per_tok("clip_low"), "clip_frac_high": per_tok("clip_high"),
         "logp_mismatch": per_tok("logp_mismatch"),
         "grad_norm": stats.get("grad_norm"), "lr": lr,
