@@ -24,14 +24,21 @@ def correct(task, problem, completion, rng):
 
 def format_ok(task, problem, completion, rng):
     """1.0 when the task can find an answer in the completion at all (it need not be right)."""
-    if not hasattr(task, "has_answer"):
-        raise ValueError(f"task {task.name!r} has no notion of answer format; remove the 'format' reward")
     return float(task.has_answer(completion))
 
 
 def bernoulli(task, problem, completion, rng):
     """Random Bernoulli(0.5) reward, the Spurious Rewards control (arXiv 2506.10947)."""
     return float(rng.random() < 0.5)
+
+
+def check_rewards(task, names: list[str]) -> None:
+    """Fail before training, not on every row, when a reward cannot apply to the task."""
+    from ..config import ConfigError
+
+    if "format" in names and not hasattr(task, "has_answer"):
+        raise ConfigError(f"grpo.rewards: the 'format' reward needs a task that can tell whether a completion "
+                          f"has an answer, and task {task.name!r} cannot; remove it or use 'correct'")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import string
 from typing import Any, Literal
 
+from .base import TaskError
+
 Style = Literal["plain", "chat"]
 
 
@@ -23,17 +25,17 @@ def _template_fields(template: str) -> set[str]:
     try:
         return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
-        raise ValueError(f"task.format.template={template!r} is not a valid format string ({e}). "
+        raise TaskError(f"task.format.template={template!r} is not a valid format string ({e}). "
                          f"Write literal braces as '{{{{' and '}}}}'.") from e
 
 
 def _fill(problem_prompt: str, template: str) -> str:
     fields = _template_fields(template)
     if "prompt" not in fields:
-        raise ValueError(f"task.format.template={template!r} has no '{{prompt}}' placeholder, so the question "
+        raise TaskError(f"task.format.template={template!r} has no '{{prompt}}' placeholder, so the question "
                          f"would be dropped. Include '{{prompt}}' where the question goes.")
     if fields - {"prompt"}:
-        raise ValueError(f"task.format.template={template!r} has placeholders other than '{{prompt}}': "
+        raise TaskError(f"task.format.template={template!r} has placeholders other than '{{prompt}}': "
                          f"{', '.join(sorted(fields - {'prompt'}))}. Write literal braces as '{{{{' and '}}}}'.")
     return template.format(prompt=problem_prompt)
 
@@ -41,7 +43,7 @@ def _fill(problem_prompt: str, template: str) -> str:
 def _chat(problem_prompt: str, tokenizer: Any, system_prompt: str | None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"the tokenizer {name!r} has no chat template, so task.format.style: chat cannot be "
+        raise TaskError(f"the tokenizer {name!r} has no chat template, so task.format.style: chat cannot be "
                          f"applied. Set task.format.style: plain (base and built-in tiny models), or use an "
                          f"instruct model's tokenizer.")
     messages = [{"role": "user", "content": problem_prompt}]
@@ -51,7 +53,7 @@ def _chat(problem_prompt: str, tokenizer: Any, system_prompt: str | None) -> str
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja2 raises TemplateError from inside the template, e.g. "System role not supported"
         if system_prompt and "system" in str(e).lower():
-            raise ValueError(f"this tokenizer's chat template rejects a system message ({e}). Leave the system "
+            raise TaskError(f"this tokenizer's chat template rejects a system message ({e}). Leave the system "
                              f"prompt out, or write its text into task.format.template.") from e
         raise
 
@@ -68,7 +70,7 @@ def format_prompt(
     models (no chat template) use ``style="plain"``. ``template`` wraps the question in both styles (in
     ``chat`` it becomes the user message)."""
     if style not in ("plain", "chat"):
-        raise ValueError(f"task.format.style={style!r} is not a style; valid: plain, chat.")
+        raise TaskError(f"task.format.style={style!r} is not a style; valid: plain, chat.")
     text = _fill(problem_prompt, template)
     if style == "chat":
         return _chat(text, tokenizer, system_prompt)

@@ -24,7 +24,7 @@ from ..algos.kl import get_kl
 from ..algos.objectives import get_objective
 from ..algos.reductions import reduce_loss, step_totals
 from ..models import load_model
-from ..rewards import score_rollouts
+from ..rewards import check_rewards, score_rollouts
 from ..sampling import HFSampler
 from ..types import Rollouts
 from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, decode_completions,
@@ -89,6 +89,7 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
 def train_grpo(ctx) -> dict:
     cfg, run_cfg = ctx.cfg.grpo, ctx.cfg
     problems = list(ctx.task.problems("train"))
+    check_rewards(ctx.task, [r.name for r in cfg.rewards])
     lora = run_cfg.model.lora.enabled
     ref_model = None
     if cfg.kl.active and not lora:
@@ -134,7 +135,8 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, st
         kl_N = (get_kl(cfg.kl.estimator)(old_logp, ref_logp) * rollouts.completion_mask_NL[:, 1:]).sum(1)
         reward_N = reward_N - cfg.kl.beta * kl_N
     adv_N = get_advantage(cfg.advantage)(reward_N, rollouts.group_N, scored.valid_N, eps=cfg.adv_eps)
-    zero_var = ~zero_variance_groups(reward_N, rollouts.group_N, scored.valid_N)
+    # Zero variance is judged on the task reward: a KL-in-reward term would make every group look informative.
+    zero_var = ~zero_variance_groups(scored.reward_N, rollouts.group_N, scored.valid_N)
     keep_N = ~zero_var if cfg.filter_zero_variance else torch.ones_like(zero_var)
     stats = {}
     if keep_N.any():
@@ -146,12 +148,13 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, st
                                   temperature=temperature, t_max=t_max)
             stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
     train_s = time.time() - t1
-    return step_metrics(scored, reward_N, adv_N, zero_var, keep_N, stats, failures, cfg,
+    return step_metrics(scored, adv_N, zero_var, keep_N, stats, failures, cfg,
                         sample_s=sample_s, train_s=train_s, lr=sched.get_last_lr()[0])
 
 
-def step_metrics(scored, reward_N, adv_N, zero_var_N, keep_N, stats, failures, cfg, *, sample_s, train_s, lr):
-    r = scored.rollouts
+def step_metrics(scored, adv_N, zero_var_N, keep_N, stats, failures, cfg, *, sample_s, train_s, lr):
+    """The step's metrics line; rewards are the task's (before any KL-in-reward penalty)."""
+    r, reward_N = scored.rollouts, scored.reward_N
     valid = scored.valid_N
     lens = r.completion_len_N.float()
     groups = r.group_N.unique()
