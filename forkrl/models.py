@@ -85,7 +85,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "forkrl"
 
 
-def _check_source(path: str) -> None:
+def check_source(path: str) -> None:
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
@@ -101,7 +101,7 @@ def _check_source(path: str) -> None:
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    _check_source(path)
+    check_source(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -115,7 +115,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def load_model(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    _check_source(path)
+    check_source(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)

@@ -139,13 +139,14 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if saved.exists() and saved.read_text() != cfg.to_yaml():
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
+    task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
+    init = init_path or base_model_path(cfg, task)
+    models.check_source(str(init))
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(saved, cfg.to_yaml())
     torch.manual_seed(cfg.seed)
-    task = task if task is not None else build_task(cfg.task)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
-    init = init_path or base_model_path(cfg, task)
     trainers = {"sft": train_sft, "grpo": train_grpo}
     for name, stage_dir in stage_dirs(cfg, run_dir):
         if (stage_dir / "final" / "DONE").exists():

@@ -75,6 +75,9 @@ def test_two_stage_train_cli_and_reload(tmp_path):
     ({"grpo.reduction": "mean"}, "token_mean"),
     ({"sampling.temperature": "hot"}, "sampling.temperature"),
     ({"grpo.micro_batch_size": 5}, "grpo.micro_batch_size"),
+    ({"model": {"path": "/no/such/model"}}, "model.path '/no/such/model' does not exist"),
+    ({"model": {"path": "someorg/some-model"}}, "HF_HUB_OFFLINE=1 forbids the hub"),
+    ({"task": {"type": "jsonl", "train_path": "/no/train.jsonl", "heldout_path": "/no/h.jsonl"}}, "/no/train.jsonl"),
 ])
 def test_bad_config_exits_2_with_key_path_and_no_traceback(tmp_path, bad, needle):
     import yaml
