@@ -34,7 +34,8 @@ def cached_base(fast: bool) -> tuple[Path, float, bool]:
     """The SFT'd demo base: (path, SFT wall seconds when it was built, whether it came from the cache)."""
     cfg = demo_config(fast=fast, stages=("sft",))
     # The key covers the config and the code that makes the base, so an upgrade never reuses a stale one.
-    code = [resources.files("forkrl").joinpath(f).read_text() for f in ("tasks/arithmetic.py", "trainers/sft.py")]
+    sources = ("tasks/arithmetic.py", "trainers/sft.py", "trainers/common.py", "sampling/hf.py")
+    code = [resources.files("forkrl").joinpath(f).read_text() for f in sources]
     key = models.spec_hash(cfg.model_dump(mode="json"), code)
     cached = models.cache_dir() / f"demo-base-{key}"
     final = cached / "sft" / "final"

@@ -64,3 +64,66 @@ def test_greedy_is_deterministic(tiny_model_dir):
     b = sampler.sample(prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=5))
     assert torch.equal(a.input_ids_NL, b.input_ids_NL)
     assert torch.equal(a.input_ids_NL[0], a.input_ids_NL[1])
+
+
+def test_row_samples_depend_only_on_their_seed(tiny_model_dir):
+    from forkrl.sampling.hf import HFSampler as S
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = [tok("12+34=").input_ids, tok("56+78=").input_ids, tok("90+12=").input_ids]
+    seeds = list(range(100, 109))
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8)
+    whole = S(model, tok, batch_size=64).sample(prompts, 3, params, seeds=seeds)
+    chunked = S(model, tok, batch_size=2).sample(prompts, 3, params, seeds=seeds)
+    assert torch.equal(whole.input_ids_NL, chunked.input_ids_NL)
+    # the last prompt alone, with its rows' seeds, gives the same rows as inside the full batch
+    alone = S(model, tok).sample(prompts[2:], 3, params, seeds=seeds[6:])
+    assert torch.equal(alone.input_ids_NL, whole.input_ids_NL[6:, : alone.input_ids_NL.shape[1]])
+    other = S(model, tok).sample(prompts, 3, params, seeds=[s + 1 for s in seeds])
+    assert not torch.equal(other.input_ids_NL, whole.input_ids_NL)
+
+
+def test_truncation_hand_derived():
+    from forkrl.sampling.hf import _truncate
+
+    p = torch.tensor([[0.0625, 0.5, 0.1875, 0.25]])  # exact in binary floating point
+    # top-p 0.75: sorted 0.5, 0.25 | 0.1875, 0.0625 -> mass before 0.1875 is 0.75, not < 0.75: keep two
+    assert _truncate(p, 0, 0.75).tolist() == [[0.0, 0.5, 0.0, 0.25]]
+    assert _truncate(p, 0, 0.76).tolist() == [[0.0, 0.5, 0.1875, 0.25]]
+    assert _truncate(p, 3, 1.0).tolist() == [[0.0, 0.5, 0.1875, 0.25]]
+    assert _truncate(p, 1, 1.0).tolist() == [[0.0, 0.5, 0.0, 0.0]]
+    assert _truncate(p, 0, 0.1).tolist() == [[0.0, 0.5, 0.0, 0.0]]  # always at least one token
+
+
+def test_sampling_frequencies_follow_the_tempered_policy(tiny_model_dir):
+    """First-token frequencies over many rows match softmax(logits / T) within sampling error."""
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompt = tok("12+34=").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    T = 0.5
+    probs = torch.softmax(logits / T, -1)
+    r = HFSampler(model, tok, batch_size=512).sample([prompt], 2000, SamplingParams(temperature=T, max_new_tokens=1),
+                                                     seeds=list(range(2000)))
+    first = r.input_ids_NL[:, len(prompt)]
+    top = probs.topk(3).indices
+    for t in top:
+        freq = (first == t).float().mean()
+        se = (probs[t] * (1 - probs[t]) / 2000).sqrt()
+        assert abs(freq - probs[t]) < 5 * se + 1e-3, (int(t), float(freq), float(probs[t]))
+
+
+def test_counter_rng_is_splitmix64():
+    """The vectorised int64 generator equals SplitMix64 written with Python's unbounded ints."""
+    from forkrl.sampling.hf import _uniform
+
+    def reference(seed, step):
+        x = (seed + step * 0x9E3779B97F4A7C15) % 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        return ((x ^ (x >> 31)) >> 11) * 2.0**-53
+
+    seeds = [0, 1, 123456789, 2**62, 2**63 - 1]
+    for step in (1, 2, 1000):
+        got = _uniform(torch.tensor(seeds, dtype=torch.int64), step).tolist()
+        assert got == [reference(s, step) for s in seeds]

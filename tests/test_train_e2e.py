@@ -144,7 +144,9 @@ def test_grpo_options_run_and_log_finite_metrics(tmp_path, over):
     for r in grpo_rows:
         assert all(v is None or isinstance(v, str) or v == v for v in r.values())  # no NaN
         if cfg.grpo.kl.beta > 0 and r["rows_trained"]:
-            assert r["kl"] is not None and r["kl"] > -1e-6
+            assert r["kl"] is not None
+            if cfg.grpo.kl.estimator == "k3":  # k3 is non-negative per token; k1 only in expectation
+                assert r["kl"] > -1e-6
     final = Path(summary["final_model"])
     AutoModelForCausalLM.from_pretrained(final)  # merged weights load without peft
     assert (final / "adapter").is_dir() == cfg.model.lora.enabled

@@ -1,9 +1,8 @@
 """Batched sampling with Hugging Face ``generate`` (KV cache), returning typed ``Rollouts``.
 
-Sampler log-probs are recorded inside ``generate`` by a logits processor that transformers runs
-*before* its temperature / top-k / top-p warpers, so each is log_softmax(raw_logits / T) at the sampled
-token: the tempered, untruncated policy the trainer recomputes. One [rows, V] buffer is held at a time,
-never the whole [rows, steps, V] score history.
+Each row is drawn from its own seeded generator (see ``_RowSampler``), and its sampler log-probs,
+log_softmax(logits / T) at the drawn token before top-k/top-p truncation, are recorded during
+``generate``: the tempered policy the trainer recomputes.
 """
 
 from __future__ import annotations
@@ -28,23 +27,82 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-class _LogprobRecorder(LogitsProcessor):
-    """At step t, gathers step t-1's tempered log-prob of the token that was sampled there."""
+class _RowSampler(LogitsProcessor):
+    """Samples every row from its own seeded random stream, and records sampler log-probs.
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature if temperature > 0 else 1.0
+    transformers runs custom processors before its own warpers; generate is called with
+    ``do_sample=False``, so this processor does temperature, top-k, top-p and the draw itself and hands
+    back a one-hot score that greedy decoding then takes. Why: a row's sample depends only on its seed,
+    not on which other rows share its batch or its rank, so rollouts are the same however a step is
+    split across micro-batches, sampler chunks or processes, and a resumed run replays them exactly.
+
+    At step t it also gathers step t-1's tempered log-prob, log_softmax(logits / T), of the token drawn
+    there (before truncation: what the trainer recomputes). One [rows, V] buffer is held at a time.
+    """
+
+    def __init__(self, params: SamplingParams, seeds: list[int]):
+        self.params = params
+        self.temperature = params.temperature if not params.greedy else 1.0
+        self.seeds_B = torch.tensor(seeds, dtype=torch.int64)
+        self.step = 0
         self.prev_logp_BV: torch.Tensor | None = None
         self.logp: list[torch.Tensor] = []
 
     def gather_last(self, token_B: torch.Tensor) -> None:
         if self.prev_logp_BV is not None:
-            self.logp.append(self.prev_logp_BV.gather(1, token_B[:, None]).squeeze(1))
+            self.logp.append(self.prev_logp_BV.gather(1, token_B[:, None].to(self.prev_logp_BV.device)).squeeze(1))
 
     def __call__(self, input_ids, scores):
         if self.prev_logp_BV is not None:
             self.gather_last(input_ids[:, -1])
-        self.prev_logp_BV = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
+        logits = scores.float() / self.temperature
+        self.prev_logp_BV = torch.log_softmax(logits, dim=-1)
+        if self.params.greedy:
+            return scores
+        probs = _truncate(self.prev_logp_BV.exp(), self.params.top_k, self.params.top_p).double()
+        self.step += 1
+        u_B = _uniform(self.seeds_B, self.step).to(probs.device)
+        cdf = probs.cumsum(1)
+        token = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token, 0.0)
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _uniform(seeds_B: torch.Tensor, step: int) -> torch.Tensor:
+    """A uniform [0, 1) float64 per row from (seed, step): SplitMix64 (Steele et al. 2014) on int64 tensors,
+    whose multiplications wrap mod 2^64. Counter-based, so one vectorised call serves every row."""
+    x = seeds_B + _signed(step * _GOLDEN % (1 << 64))
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    x = x ^ _srl(x, 31)
+    return _srl(x, 11).double() * 2.0**-53
+
+
+def _truncate(probs_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Zero all but the top-k tokens, then all but the smallest set with mass >= top_p (at least one)."""
+    if top_k and top_k < probs_BV.shape[1]:
+        kth = probs_BV.topk(top_k, dim=1).values[:, -1:]
+        probs_BV = torch.where(probs_BV >= kth, probs_BV, torch.zeros_like(probs_BV))
+    if top_p < 1.0:
+        sorted_p, order = probs_BV.sort(dim=1, descending=True)
+        mass_before = sorted_p.cumsum(1) - sorted_p
+        keep_sorted = mass_before < top_p * sorted_p.sum(1, keepdim=True)
+        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        probs_BV = torch.where(keep, probs_BV, torch.zeros_like(probs_BV))
+    return probs_BV
 
 
 class HFSampler:
@@ -54,14 +112,21 @@ class HFSampler:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams) -> Rollouts:
+    def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
+               *, seeds: list[int] | None = None) -> Rollouts:
+        """``seeds``: one per row (prompt-major, ``len(prompt_ids) * group_size``); by default drawn
+        from torch's global generator, so ``torch.manual_seed`` still fixes the result."""
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
-        chunks = [self._generate([p for p, _ in rows[s : s + self.batch_size]], params)
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
+        if len(seeds) != len(rows):
+            raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows")
+        chunks = [self._generate([p for p, _ in rows[s : s + self.batch_size]], params, seeds[s : s + self.batch_size])
                   for s in range(0, len(rows), self.batch_size)]
         problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
         return _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams):
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -70,19 +135,17 @@ class HFSampler:
             ids[r, width - len(p) :] = torch.tensor(p)
             attn[r, width - len(p) :] = 1
         device = next(self.model.parameters()).device
-        recorder = _LogprobRecorder(params.temperature)
-        gen = GenerationConfig(
-            do_sample=not params.greedy, temperature=params.temperature if not params.greedy else None,
-            top_k=params.top_k if not params.greedy else None, top_p=params.top_p if not params.greedy else None,
-            max_new_tokens=params.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
+        sampler = _RowSampler(params, seeds)
+        gen = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
+                               eos_token_id=eos_id, use_cache=True)
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen,
-                                  logits_processor=LogitsProcessorList([recorder]))
+                                  logits_processor=LogitsProcessorList([sampler]))
         self.model.train(was_training)
         new = out[:, width:].cpu()
-        recorder.gather_last(new[:, -1].to(device))
-        logp = torch.stack(recorder.logp, dim=1).cpu() if recorder.logp else torch.zeros(len(prompts), 0)
+        sampler.gather_last(new[:, -1])
+        logp = torch.stack(sampler.logp, dim=1).cpu() if sampler.logp else torch.zeros(len(prompts), 0)
         return prompts, new, logp, eos_id
 
 

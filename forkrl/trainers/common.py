@@ -58,6 +58,15 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
     return out
 
 
+def row_seeds(namespace: str, problem_ids: list[int], group_size: int) -> list[int]:
+    """One sampling seed per row, a pure function of (namespace, problem, sample index): a row's sample
+    does not depend on how the step is batched, sharded across ranks, or resumed."""
+    import hashlib
+
+    return [int.from_bytes(hashlib.sha256(f"{namespace}:{p}:{j}".encode()).digest()[:8], "big") >> 1
+            for p in problem_ids for j in range(group_size)]
+
+
 def micro_slices(n_rows: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n_rows)) for s in range(0, n_rows, size)]
 
@@ -125,10 +134,11 @@ class EvalResult:
     seconds: float
 
 
-def evaluate(sampler, task, problems, prompt_ids, params, samples: int) -> EvalResult:
+def evaluate(sampler, task, problems, prompt_ids, params, samples: int, *, seed: int = 0) -> EvalResult:
     """Held-out pass@1: the mean score over ``samples`` completions of each problem (unbiased for k=1)."""
     t0 = time.time()
-    rollouts = sampler.sample(prompt_ids, samples, params)
+    seeds = row_seeds(f"eval:{seed}", list(range(len(problems))), samples)
+    rollouts = sampler.sample(prompt_ids, samples, params, seeds=seeds)
     texts = decode_completions(sampler.tokenizer, rollouts)
     scores, strat = [], {}
     for text, pi in zip(texts, rollouts.problem_N.tolist()):
@@ -159,10 +169,8 @@ def sampling_params(cfg, *, for_eval: bool = False):
 def heldout_eval(ctx, sampler) -> EvalResult:
     problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
     ids = [ctx.encode_prompt(p.prompt) for p in problems]
-    with torch.random.fork_rng():  # the same samples for every evaluation; training's RNG untouched
-        torch.manual_seed(ctx.cfg.seed + 20_251)
-        return evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
-                        ctx.cfg.eval.samples_per_problem)
+    return evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
+                    ctx.cfg.eval.samples_per_problem, seed=ctx.cfg.seed)
 
 
 def resume_state(ctx, opt, sched) -> int:

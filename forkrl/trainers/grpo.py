@@ -28,7 +28,8 @@ from ..rewards import check_rewards, score_rollouts
 from ..sampling import HFSampler
 from ..types import Rollouts
 from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, decode_completions,
-                     end_step, finish_stage, make_optimizer, micro_slices, resume_state, sampling_params)
+                     end_step, finish_stage, make_optimizer, micro_slices, resume_state, row_seeds,
+                     sampling_params)
 
 
 def _fit(t_NT: torch.Tensor, like_NT: torch.Tensor) -> torch.Tensor:
@@ -102,23 +103,23 @@ def train_grpo(ctx) -> dict:
                      log_every=run_cfg.log_every)
     prompt_cache: dict[int, list[int]] = {}
     for step in range(start + 1, cfg.steps + 1):
-        torch.manual_seed(run_cfg.seed * 1_000_003 + step)  # each step's sampling is a function of (seed, step)
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)
         step_problems = [problems[i] for i in pick]
         prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
-        metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step)
+        seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
+        metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step)
         end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
     return finish_stage(ctx, sampler, log, cfg.steps)
 
 
-def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, step: int) -> dict:
+def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step: int) -> dict:
     """One GRPO step, top to bottom."""
     cfg, run_cfg = ctx.cfg.grpo, ctx.cfg
     temperature = run_cfg.sampling.temperature
     t_max = cfg.t_max or run_cfg.sampling.max_new_tokens
     lora = run_cfg.model.lora.enabled
     t0 = time.time()
-    rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg))
+    rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
     sample_s = time.time() - t0
     texts = decode_completions(ctx.tokenizer, rollouts)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
