@@ -25,10 +25,23 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config)
     summary = run(cfg, Path(args.out), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     for name, s in summary["stages"].items():
         print(f"{name}: held-out pass@1 {s['pass_at_1']:.3f}  wall {s['wall_s']:.1f}s")
     print(f"final model: {summary['final_model']}")
     return 0
+
+
+def cmd_check(args) -> int:
+    from .check import check_config
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    inject = args.inject or cfg.debug.inject
+    rows, text = check_config(cfg, world=args.world_size, inject=inject)
+    print(text)
+    return 0 if all(r.passed for r in rows) else 1
 
 
 def cmd_demo(args) -> int:
@@ -46,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory (created; must not hold another run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(fn=cmd_train)
+    c = sub.add_parser("check", help="prove this config's gradient does not depend on micro-batches or ranks")
+    c.add_argument("config", help="path to the YAML config")
+    c.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "2")),
+                   help="data-parallel processes to check (default: $WORLD_SIZE, else 2)")
+    c.add_argument("--inject", choices=["first_microbatch_only", "mean_of_means"],
+                   help="reproduce a historical accumulation bug: the check must then FAIL")
+    c.set_defaults(fn=cmd_check)
     d = sub.add_parser("demo", help="tiny base → SFT → GRPO on a procedural task, on a laptop CPU in minutes")
     d.add_argument("--out", required=True, help="directory for the demo's runs, summary.json and table")
     d.add_argument("--fast", action="store_true", help="a much shorter demo (smoke test; numbers not meaningful)")

@@ -212,6 +212,11 @@ class CheckpointCfg(Strict):
     keep_last: Pos = 2
 
 
+class DebugCfg(Strict):
+    # Fault injection of the two historical accumulation bugs (METHODS §1), for `forkrl check` and tests.
+    inject: Literal["none", "first_microbatch_only", "mean_of_means"] = "none"
+
+
 class RunCfg(Strict):
     seed: int = 0
     stages: list[Literal["sft", "grpo"]] = Field(min_length=1)
@@ -222,6 +227,7 @@ class RunCfg(Strict):
     grpo: GrpoCfg = GrpoCfg()
     eval: EvalCfg = EvalCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
+    debug: DebugCfg = DebugCfg()
     log_every: Pos = 1
 
     def to_yaml(self) -> str:

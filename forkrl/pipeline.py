@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, models
+from .distributed import Dist, setup
 from .config import ConfigError, RunCfg
 from .tasks import build_task
 from .tasks.formatting import format_prompt
@@ -40,6 +41,7 @@ class StageContext:
     task: object
     device: torch.device
     resume_from: Path | None
+    dist: Dist
 
     def encode_prompt(self, prompt: str) -> list[int]:
         fmt = self.cfg.task.format
@@ -104,19 +106,22 @@ def load_stage_model(cfg: RunCfg, init_path: Path, resume_from: Path | None):
 
 
 def save_final(ctx: StageContext) -> Path:
-    """Write the stage's model (merged when LoRA) + tokenizer to ``final/`` atomically, with a DONE mark."""
+    """Write the stage's model (merged when LoRA) + tokenizer to ``final/`` atomically, with a DONE mark.
+    Rank 0 writes; every rank waits until it is there, since the next stage starts from it."""
     final = ctx.stage_dir / "final"
-    tmp = ctx.stage_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = ctx.model
-    if ctx.cfg.model.lora.enabled:
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    ctx.tokenizer.save_pretrained(tmp)
-    (tmp / "DONE").write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if ctx.dist.is_main:
+        tmp = ctx.stage_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = ctx.model
+        if ctx.cfg.model.lora.enabled:
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(tmp)
+        (tmp / "DONE").write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    ctx.dist.barrier()
     return final
 
 
@@ -134,16 +139,22 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     from .trainers.sft import train_sft
 
     run_dir = Path(run_dir)
+    dist = setup()
     saved = run_dir / "config.yaml"
     if saved.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if saved.exists() and saved.read_text() != cfg.to_yaml():
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
     task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
+    if dist.is_main:
+        init = init_path or base_model_path(cfg, task)
+    dist.barrier()  # the tiny base is built once, by rank 0
     init = init_path or base_model_path(cfg, task)
     models.check_source(str(init))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(saved, cfg.to_yaml())
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(saved, cfg.to_yaml())
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
@@ -154,12 +165,14 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
             continue
         resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
         model, tokenizer, device = load_stage_model(cfg, init, resume_from)
-        ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from)
+        ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from, dist)
         t0 = time.time()
         result = trainers[name](ctx)
         init = save_final(ctx)
         summary["stages"][stage_dir.name] = {"wall_s": round(time.time() - t0, 2), **result}
-        checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
+        if dist.is_main:
+            checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     summary["final_model"] = str(init)
-    checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    if dist.is_main:
+        checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     return summary

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from forkrl.algos.advantages import grpo as grpo_adv
+from forkrl.algos.reductions import step_totals
 from forkrl.config import GrpoCfg
 from forkrl.models import load_model, load_tokenizer
 from forkrl.rewards import score_rollouts
@@ -37,7 +38,8 @@ def test_sft_gradient_independent_of_micro_batches(model64, reduction):
     grads = []
     for mbs in (6, 2, 1):
         model.zero_grad()
-        sft_step(model, batch, reduction=reduction, t_max=48, micro_batch_size=mbs)
+        sft_step(model, batch, reduction=reduction, t_max=48, micro_batch_size=mbs,
+                 totals=step_totals(batch.completion_mask_NL))
         grads.append(_grads(model))
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], rtol=1e-10, atol=1e-14)
@@ -54,7 +56,8 @@ def test_grpo_gradient_independent_of_micro_batches(model64):
     for mbs in (8, 4, 1):
         cfg = GrpoCfg(prompts_per_step=2, group_size=4, micro_batch_size=mbs, entropy_coef=0.01, dual_clip=3.0)
         model.zero_grad()
-        policy_update(model, r, adv_N, old, None, cfg, temperature=1.0, t_max=10)
+        policy_update(model, r, adv_N, old, None, cfg, temperature=1.0, t_max=10,
+                      totals=step_totals(r.completion_mask_NL))
         grads.append(_grads(model))
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], rtol=1e-10, atol=1e-14)
@@ -79,7 +82,7 @@ def test_unscorable_rows_are_excluded_and_counted(tiny_model_dir):
     torch.manual_seed(0)
     r = HFSampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3, SamplingParams(max_new_tokens=6))
     texts = ["ab", "abc", "a"] * 4  # rows of problem 3: rewards 0, 1, 1
-    scored, failures = score_rollouts(r, texts, problems, task, [("correct", 1.0)], seed=0)
+    scored, failures = score_rollouts(r, texts, problems, task, [("correct", 1.0)], seeds=list(range(12)))
     assert scored.valid_N.tolist() == [False] * 9 + [True] * 3
     assert failures.count == 9 and "verifier crashed" in failures.first_message
     assert torch.isnan(scored.components["correct"][:9]).all()

@@ -48,13 +48,15 @@ class RewardFailures:
 
 
 def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, components: list[tuple[str, float]],
-                   *, seed: int) -> tuple[Scored, RewardFailures]:
-    """Weighted sum of reward ``components`` [(name, weight)] for every row; failures mark rows invalid."""
-    rng = random.Random(seed)
+                   *, seeds: list[int]) -> tuple[Scored, RewardFailures]:
+    """Weighted sum of reward ``components`` [(name, weight)] for every row; failures mark rows invalid.
+
+    ``seeds`` (one per row) feed the random rewards, so a row's reward never depends on its batch."""
     N = len(texts)
     values = {name: torch.full((N,), float("nan")) for name, _ in components}
     failures, first = 0, None
     for r, (text, pi) in enumerate(zip(texts, rollouts.problem_N.tolist())):
+        rng = random.Random(seeds[r])
         for name, _ in components:
             try:
                 v = REWARDS[name](task, problems[pi], text, rng)

@@ -67,6 +67,34 @@ def row_seeds(namespace: str, problem_ids: list[int], group_size: int) -> list[i
             for p in problem_ids for j in range(group_size)]
 
 
+INJECTIONS = ("none", "first_microbatch_only", "mean_of_means")
+
+
+def global_totals(mask_NT: torch.Tensor, dist) -> tuple[int, int]:
+    """(tokens, sequences) of the whole optimizer step across every rank: the fixed denominator."""
+    local = torch.tensor([float(mask_NT.sum()), float(mask_NT.shape[0])], dtype=torch.float64)
+    tokens, seqs = dist.all_reduce_sum(local).tolist()
+    return int(tokens), int(seqs)
+
+
+def micro_denominators(inject: str, totals: tuple[int, int], mb_mask_NT: torch.Tensor, n_micro: int,
+                       world_size: int) -> tuple[int, int, float]:
+    """(tokens, sequences, scale) a micro-batch divides by. Correct: the step's global totals, scale 1.
+
+    ``mean_of_means`` is the historical bug kept as a fault injection (METHODS §1): each micro-batch
+    divides by its own counts and accumulation averages the K micro-batch means (and DDP the W ranks),
+    so tokens in short-response micro-batches weigh more. (With sequence-count reductions and equal-sized
+    micro-batches the local counts equal the global share, so only ``token_mean`` shows it then.)"""
+    if inject == "mean_of_means":
+        return int(mb_mask_NT.sum()), int(mb_mask_NT.shape[0]), 1.0 / (n_micro * world_size)
+    return totals[0], totals[1], 1.0
+
+
+def skip_micro_batch(inject: str, index: int) -> bool:
+    """``first_microbatch_only``: the optimizer-offload bug that kept only micro-batch 0's gradient."""
+    return inject == "first_microbatch_only" and index > 0
+
+
 def micro_slices(n_rows: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n_rows)) for s in range(0, n_rows, size)]
 
@@ -98,16 +126,19 @@ class MetricsLog:
 
     KEYS = ("loss", "reward_mean", "pass_at_1", "entropy", "kl", "grad_norm")
 
-    def __init__(self, path: Path, *, stage: str, total: int, start: int = 0, log_every: int = 1):
+    def __init__(self, path: Path, *, stage: str, total: int, start: int = 0, log_every: int = 1,
+                 enabled: bool = True):
         self.path, self.stage, self.total, self.log_every = path, stage, total, log_every
-        self.t0, self.start = time.time(), start
+        self.t0, self.start, self.enabled = time.time(), start, enabled
         self.bar = None
-        if sys.stderr.isatty():
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:  # only rank 0 writes files
+            return
         row = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(row, allow_nan=True) + "\n")
@@ -179,11 +210,9 @@ def resume_state(ctx, opt, sched) -> int:
     Returns the first step to run (0 for a fresh stage)."""
     from .. import checkpoint
 
-    if ctx.resume_from is None:
-        _truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, 0)
-        return 0
-    state = checkpoint.load_trainer_state(ctx.resume_from, opt, sched)
-    _truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, state["step"])
+    state = checkpoint.load_trainer_state(ctx.resume_from, opt, sched) if ctx.resume_from else {"step": 0}
+    if ctx.dist.is_main:
+        _truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, state["step"])
     return state["step"]
 
 
@@ -209,8 +238,10 @@ def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
 
     every = ctx.cfg.checkpoint.every
     if (every and step % every == 0) or step == total:
-        checkpoint.save(ctx.stage_dir / "checkpoints", step, ctx.model, opt, sched, {},
-                        keep_last=ctx.cfg.checkpoint.keep_last)
+        if ctx.dist.is_main:  # ranks hold identical weights and optimizer state: one copy is the checkpoint
+            checkpoint.save(ctx.stage_dir / "checkpoints", step, ctx.model, opt, sched, {},
+                            keep_last=ctx.cfg.checkpoint.keep_last)
+        ctx.dist.barrier()
 
 
 def want_eval(every: int, step: int, total: int) -> bool:
@@ -219,13 +250,21 @@ def want_eval(every: int, step: int, total: int) -> bool:
 
 def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict, opt, sched) -> None:
     """Held-out pass@1 when due, the metrics line, and a checkpoint when due."""
-    if want_eval(stage_cfg.eval_every, step, stage_cfg.steps):
+    if want_eval(stage_cfg.eval_every, step, stage_cfg.steps) and ctx.dist.is_main:
         metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
     log.write(step, metrics)
     maybe_checkpoint(ctx, step, stage_cfg.steps, opt, sched)
 
 
 def finish_stage(ctx, sampler, log: MetricsLog, steps: int) -> dict:
+    """Held-out evaluation on rank 0 (the others wait at the next barrier)."""
     log.close()
+    if not ctx.dist.is_main:
+        return {"steps": steps}
     final = heldout_eval(ctx, sampler)
     return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": steps}
+
+
+def stage_log(ctx, total: int, start: int) -> MetricsLog:
+    return MetricsLog(ctx.run_dir / "metrics.jsonl", stage=ctx.stage_dir.name, total=total, start=start,
+                      log_every=ctx.cfg.log_every, enabled=ctx.dist.is_main)

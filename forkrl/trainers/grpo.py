@@ -22,14 +22,14 @@ from ..algos.advantages import get_advantage
 from ..algos.filters import zero_variance_groups
 from ..algos.kl import get_kl
 from ..algos.objectives import get_objective
-from ..algos.reductions import reduce_loss, step_totals
+from ..algos.reductions import reduce_loss
 from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
 from ..sampling import HFSampler
 from ..types import Rollouts
-from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, decode_completions,
-                     end_step, finish_stage, make_optimizer, micro_slices, resume_state, row_seeds,
-                     sampling_params)
+from .common import (batch_indices, clip_and_step, completion_logprobs, decode_completions, end_step,
+                     finish_stage, global_totals, make_optimizer, micro_denominators, micro_slices, resume_state,
+                     row_seeds, sampling_params, skip_micro_batch, stage_log)
 
 
 def _fit(t_NT: torch.Tensor, like_NT: torch.Tensor) -> torch.Tensor:
@@ -51,17 +51,20 @@ def frozen_logprobs(model, batch: Rollouts, *, temperature: float, micro_batch_s
 
 
 def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, *, temperature: float,
-                  t_max: int) -> dict[str, torch.Tensor]:
-    """Accumulate one optimizer step's gradient over micro-batches; returns summed statistics.
+                  t_max: int, totals: tuple[int, int], inject: str = "none",
+                  world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Accumulate this rank's gradient of one optimizer step over micro-batches; returns summed statistics.
 
-    The denominator (tokens or sequences of the whole step) is fixed before the loop (METHODS §1)."""
-    total_tokens, total_seqs = step_totals(batch.completion_mask_NL)
+    ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop (METHODS §1)."""
     objective = get_objective(cfg.objective)
     kl_fn = get_kl(cfg.kl.estimator) if cfg.kl.active else None
     eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
     sums = {k: torch.zeros((), dtype=torch.float64) for k in
             ("loss", "entropy", "kl", "clip_low", "clip_high", "logp_mismatch")}
-    for sl in micro_slices(batch.num_rows, cfg.micro_batch_size):
+    slices = micro_slices(batch.num_rows, cfg.micro_batch_size)
+    for i, sl in enumerate(slices):
+        if skip_micro_batch(inject, i):
+            continue
         idx = torch.arange(batch.num_rows)[sl]
         mb = batch.select(idx)
         logp, H, mask = completion_logprobs(model, mb, temperature=temperature,
@@ -74,8 +77,8 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
             loss_NT = loss_NT + cfg.kl.beta * kl_NT
         if cfg.entropy_coef > 0:
             loss_NT = loss_NT - cfg.entropy_coef * H
-        loss = reduce_loss(loss_NT, mask, cfg.reduction, total_tokens=total_tokens, total_seqs=total_seqs,
-                           t_max=t_max)
+        tokens, seqs, scale = micro_denominators(inject, totals, mask, len(slices), world_size)
+        loss = scale * reduce_loss(loss_NT, mask, cfg.reduction, total_tokens=tokens, total_seqs=seqs, t_max=t_max)
         loss.backward()
         m = mask.double()
         sampler_logp = mb.sampler_logp_NL[:, 1:].to(logp.device)
@@ -83,12 +86,11 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
                          ("logp_mismatch", (logp.detach() - sampler_logp).abs())):
             sums[key] += (val.detach().double() * m).sum().cpu()
         sums["loss"] += loss.detach().double().cpu()
-    sums["tokens"] = torch.tensor(float(total_tokens), dtype=torch.float64)
     return sums
 
 
 def train_grpo(ctx) -> dict:
-    cfg, run_cfg = ctx.cfg.grpo, ctx.cfg
+    cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     problems = list(ctx.task.problems("train"))
     check_rewards(ctx.task, [r.name for r in cfg.rewards])
     lora = run_cfg.model.lora.enabled
@@ -99,11 +101,11 @@ def train_grpo(ctx) -> dict:
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps * cfg.inner_iterations)
     start = resume_state(ctx, opt, sched)
     sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=run_cfg.sampling.batch_size)
-    log = MetricsLog(ctx.run_dir / "metrics.jsonl", stage=ctx.stage_dir.name, total=cfg.steps, start=start,
-                     log_every=run_cfg.log_every)
+    log = stage_log(ctx, cfg.steps, start)
+    shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
     prompt_cache: dict[int, list[int]] = {}
     for step in range(start + 1, cfg.steps + 1):
-        pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)
+        pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
         prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
@@ -113,77 +115,97 @@ def train_grpo(ctx) -> dict:
 
 
 def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step: int) -> dict:
-    """One GRPO step, top to bottom."""
-    cfg, run_cfg = ctx.cfg.grpo, ctx.cfg
+    """One GRPO step, top to bottom, on this rank's shard of the step's prompts."""
+    cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     temperature = run_cfg.sampling.temperature
-    t_max = cfg.t_max or run_cfg.sampling.max_new_tokens
-    lora = run_cfg.model.lora.enabled
     t0 = time.time()
     rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
     sample_s = time.time() - t0
     texts = decode_completions(ctx.tokenizer, rollouts)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
-                                      [(r.name, r.weight) for r in cfg.rewards], seed=run_cfg.seed * 7919 + step)
+                                      [(r.name, r.weight) for r in cfg.rewards], seeds=seeds)
     t1 = time.time()
-    frozen = dict(temperature=temperature, micro_batch_size=cfg.micro_batch_size)
-    ref_logp = None
-    if cfg.kl.active:
-        ref_logp = frozen_logprobs(ref_model or ctx.model, rollouts, adapter_off=ref_model is None and lora, **frozen)
-    need_old = cfg.inner_iterations > 1 or (cfg.kl.active and cfg.kl.where == "reward")
-    old_logp = frozen_logprobs(ctx.model, rollouts, adapter_off=False, **frozen) if need_old else None
+    old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
     if cfg.kl.active and cfg.kl.where == "reward":
         kl_N = (get_kl(cfg.kl.estimator)(old_logp, ref_logp) * rollouts.completion_mask_NL[:, 1:]).sum(1)
         reward_N = reward_N - cfg.kl.beta * kl_N
-    adv_N = get_advantage(cfg.advantage)(reward_N, rollouts.group_N, scored.valid_N, eps=cfg.adv_eps)
+    # Advantages over the whole step (every rank's rows): exact for batch-level statistics too.
+    group_N = rollouts.group_N + dist.rank * len(step_problems)
+    adv_all = get_advantage(cfg.advantage)(dist.all_gather(reward_N), dist.all_gather(group_N),
+                                           dist.all_gather(scored.valid_N), eps=cfg.adv_eps)
+    adv_N = adv_all[dist.shard(len(adv_all), "rows per step")]
     # Zero variance is judged on the task reward: a KL-in-reward term would make every group look informative.
     zero_var = ~zero_variance_groups(scored.reward_N, rollouts.group_N, scored.valid_N)
     keep_N = ~zero_var if cfg.filter_zero_variance else torch.ones_like(zero_var)
+    batch = rollouts.select(keep_N)
+    totals = global_totals(batch.completion_mask_NL, dist)
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
     stats = {}
-    if keep_N.any():
-        batch = rollouts.select(keep_N)
-        old_kept = old_logp[keep_N] if old_logp is not None else None
-        ref_kept = ref_logp[keep_N] if ref_logp is not None else None
-        for _ in range(cfg.inner_iterations):
-            stats = policy_update(ctx.model, batch, adv_N[keep_N], old_kept, ref_kept, cfg,
-                                  temperature=temperature, t_max=t_max)
-            stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
+    for _ in range(cfg.inner_iterations if totals[1] else 0):
+        stats = policy_update(ctx.model, batch, adv_N[keep_N], _rows(old_logp, keep_N), _rows(ref_logp, keep_N), cfg,
+                              temperature=temperature, t_max=cfg.t_max or run_cfg.sampling.max_new_tokens,
+                              totals=totals, inject=run_cfg.debug.inject, world_size=dist.world_size)
+        dist.sum_gradients(params)
+        stats = {k: dist.all_reduce_sum(v) for k, v in stats.items()}
+        stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
+    stats["tokens"] = totals[0]
     train_s = time.time() - t1
-    return step_metrics(scored, adv_N, zero_var, keep_N, stats, failures, cfg,
+    gathered = {k: dist.all_gather(v) for k, v in (
+        ("reward", scored.reward_N), ("valid", scored.valid_N), ("adv", adv_N), ("keep", keep_N),
+        ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N), ("zero_var", zero_var),
+        ("group", group_N), *((f"reward/{k}", v) for k, v in scored.components.items()))}
+    return step_metrics(gathered, stats, failures, cfg, dist.world_size,
                         sample_s=sample_s, train_s=train_s, lr=sched.get_last_lr()[0])
 
 
-def step_metrics(scored, adv_N, zero_var_N, keep_N, stats, failures, cfg, *, sample_s, train_s, lr):
-    """The step's metrics line; rewards are the task's (before any KL-in-reward penalty)."""
-    r, reward_N = scored.rollouts, scored.reward_N
-    valid = scored.valid_N
-    lens = r.completion_len_N.float()
-    groups = r.group_N.unique()
-    zero_groups = r.group_N[zero_var_N].unique()
-    tokens = float(stats.get("tokens", 0.0)) or 1.0
+def _rows(t_NT: torch.Tensor | None, keep_N: torch.Tensor) -> torch.Tensor | None:
+    return t_NT[keep_N] if t_NT is not None else None
+
+
+def frozen_passes(ctx, ref_model, rollouts: Rollouts):
+    """(old log-probs or None, reference log-probs or None), each one no-grad forward when needed."""
+    cfg = ctx.cfg.grpo
+    frozen = dict(temperature=ctx.cfg.sampling.temperature, micro_batch_size=cfg.micro_batch_size)
+    ref_logp = None
+    if cfg.kl.active:
+        adapter_off = ref_model is None and ctx.cfg.model.lora.enabled
+        ref_logp = frozen_logprobs(ref_model or ctx.model, rollouts, adapter_off=adapter_off, **frozen)
+    need_old = cfg.inner_iterations > 1 or (cfg.kl.active and cfg.kl.where == "reward")
+    old_logp = frozen_logprobs(ctx.model, rollouts, adapter_off=False, **frozen) if need_old else None
+    return old_logp, ref_logp
+
+
+def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample_s, train_s, lr) -> dict:
+    """The step's metrics line from every rank's rows ``g``; rewards are the task's (before KL shaping)."""
+    valid, reward_N, adv_N = g["valid"], g["reward"], g["adv"]
+    lens = g["len"].float()
+    tokens = float(stats["tokens"]) or 1.0
     per_tok = lambda k: float(stats[k]) / tokens if k in stats else None  # noqa: E731
-    out = {
+    sample_tokens = float(lens.sum())
+    return {
         "reward_mean": float(reward_N[valid].mean()) if valid.any() else None,
         "reward_std": float(reward_N[valid].std()) if valid.sum() > 1 else None,
-        **{f"reward/{k}": float(v[~v.isnan()].mean()) if (~v.isnan()).any() else None
-           for k, v in scored.components.items()},
+        **{k: float(v[~v.isnan()].mean()) if (~v.isnan()).any() else None
+           for k, v in g.items() if k.startswith("reward/")},
         "unscorable_rows": int((~valid).sum()), "unscorable_first_error": failures.first_message,
-        "zero_variance_group_frac": len(zero_groups) / max(len(groups), 1),
-        "rows_trained": int(keep_N.sum()),
+        "zero_variance_group_frac": len(g["group"][g["zero_var"]].unique()) / max(len(g["group"].unique()), 1),
+        "rows_trained": int(g["keep"].sum()),
         "adv_mean": float(adv_N[valid].mean()) if valid.any() else None,
         "adv_std": float(adv_N[valid].std()) if valid.sum() > 1 else None,
         "adv_abs_max": float(adv_N.abs().max()),
-        "loss": float(stats["loss"]) if stats else None,
+        "loss": float(stats["loss"]) if "loss" in stats else None,
         "entropy": per_tok("entropy"), "kl": per_tok("kl") if cfg.kl.active else None,
         "clip_frac_low": per_tok("clip_low"), "clip_frac_high": per_tok("clip_high"),
         "logp_mismatch": per_tok("logp_mismatch"),
         "grad_norm": stats.get("grad_norm"), "lr": lr,
         "completion_len_mean": float(lens.mean()), "completion_len_min": int(lens.min()),
-        "completion_len_max": int(lens.max()), "truncation_rate": float(r.truncated_N.float().mean()),
+        "completion_len_max": int(lens.max()), "truncation_rate": float(g["truncated"].float().mean()),
         "sample_s": sample_s, "train_s": train_s,
-        "sample_tokens_per_s": float(lens.sum()) / max(sample_s, 1e-9),
-        "train_tokens_per_s": float(stats.get("tokens", 0.0)) * cfg.inner_iterations / max(train_s, 1e-9),
+        "sample_tokens_per_s": sample_tokens / max(sample_s, 1e-9),
+        "train_tokens_per_s": float(stats["tokens"]) * cfg.inner_iterations / max(train_s, 1e-9),
         "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
-        "micro_batches": len(micro_slices(int(keep_N.sum()), cfg.micro_batch_size)),
+        "denominator_value": stats["tokens"] if cfg.reduction == "token_mean" else int(g["keep"].sum()),
+        "micro_batches": len(micro_slices(int(g["keep"].sum()) // world_size, cfg.micro_batch_size)),
+        "world_size": world_size,
     }
-    return out

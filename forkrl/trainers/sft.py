@@ -11,12 +11,12 @@ import time
 
 import torch
 
-from ..algos.reductions import reduce_loss, step_totals
+from ..algos.reductions import reduce_loss
 from ..sampling import HFSampler
 from ..tasks.base import TaskError
 from ..types import Role, Rollouts
-from .common import (MetricsLog, batch_indices, clip_and_step, completion_logprobs, end_step, finish_stage,
-                     make_optimizer, micro_slices, resume_state)
+from .common import (batch_indices, clip_and_step, completion_logprobs, end_step, finish_stage, global_totals,
+                     make_optimizer, micro_denominators, micro_slices, resume_state, skip_micro_batch, stage_log)
 
 
 def pack(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Rollouts:
@@ -42,41 +42,50 @@ def encode_demonstrations(ctx) -> list[tuple[list[int], list[int]]]:
             for p, c in demos]
 
 
-def sft_step(model, batch: Rollouts, *, reduction: str, t_max: int, micro_batch_size: int) -> torch.Tensor:
-    """Accumulate the gradient of one optimizer step; returns the step's loss (detached)."""
-    total_tokens, total_seqs = step_totals(batch.completion_mask_NL)
-    loss_sum = torch.zeros(())
-    for sl in micro_slices(batch.num_rows, micro_batch_size):
-        logp_NT, _, mask_NT = completion_logprobs(model, batch.select(torch.arange(batch.num_rows)[sl]))
-        loss = reduce_loss(-logp_NT, mask_NT, reduction, total_tokens=total_tokens, total_seqs=total_seqs,
-                           t_max=t_max)
+def sft_step(model, batch: Rollouts, *, reduction: str, t_max: int, micro_batch_size: int,
+             totals: tuple[int, int], inject: str = "none", world_size: int = 1) -> torch.Tensor:
+    """Accumulate this rank's gradient of one optimizer step; returns its share of the loss (detached).
+
+    ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop."""
+    slices = micro_slices(batch.num_rows, micro_batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i, sl in enumerate(slices):
+        if skip_micro_batch(inject, i):
+            continue
+        mb = batch.select(torch.arange(batch.num_rows)[sl])
+        logp_NT, _, mask_NT = completion_logprobs(model, mb)
+        tokens, seqs, scale = micro_denominators(inject, totals, mask_NT, len(slices), world_size)
+        loss = scale * reduce_loss(-logp_NT, mask_NT, reduction, total_tokens=tokens, total_seqs=seqs, t_max=t_max)
         loss.backward()
-        loss_sum += loss.detach().cpu()
+        loss_sum += loss.detach().double().cpu()
     return loss_sum
 
 
 def train_sft(ctx) -> dict:
-    cfg = ctx.cfg.sft
+    cfg, dist = ctx.cfg.sft, ctx.dist
     examples = encode_demonstrations(ctx)
     t_max = cfg.t_max or max(len(c) for _, c in examples)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
     start = resume_state(ctx, opt, sched)
     sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size)
-    log = MetricsLog(ctx.run_dir / "metrics.jsonl", stage=ctx.stage_dir.name, total=cfg.steps, start=start,
-                     log_every=ctx.cfg.log_every)
+    log = stage_log(ctx, cfg.steps, start)
+    shard = dist.shard(cfg.batch_size, "sft.batch_size")
     ctx.model.train()
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.time()
-        batch = pack([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step - 1, ctx.cfg.seed)],
-                     ctx.tokenizer.pad_token_id)
-        loss = sft_step(ctx.model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size)
+        rows = batch_indices(len(examples), cfg.batch_size, step - 1, ctx.cfg.seed)[shard]
+        batch = pack([examples[i] for i in rows], ctx.tokenizer.pad_token_id)
+        totals = global_totals(batch.completion_mask_NL, dist)
+        loss = sft_step(ctx.model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size,
+                        totals=totals, inject=ctx.cfg.debug.inject, world_size=dist.world_size)
+        dist.sum_gradients(params)
         grad_norm = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
-        tokens = int(batch.completion_mask_NL.sum())
         dt = time.time() - t0
-        metrics = {"loss": float(loss), "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-                   "tokens": tokens, "train_s": dt, "train_tokens_per_s": tokens / dt,
+        metrics = {"loss": float(dist.all_reduce_sum(loss)), "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+                   "tokens": totals[0], "train_s": dt, "train_tokens_per_s": totals[0] / dt,
                    "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
-                   "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size))}
+                   "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size)),
+                   "world_size": dist.world_size}
         end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
     return finish_stage(ctx, sampler, log, cfg.steps)

@@ -1,0 +1,195 @@
+"""`forkrl check`: prove that a configuration's gradient does not depend on how a step is split.
+
+For the user's trainer(s), reduction, micro-batch size, accumulation steps and world size, the harness
+computes one optimizer step's parameter gradient in float64 on a synthetic batch whose completion
+lengths vary 20x, as one batch on one process (the reference), and then as K micro-batches, as
+W ranks x K micro-batches, with the rows permuted and with extra padding. Ranks are simulated in one
+process with exactly the arithmetic of a real run: each rank divides by the step's all-reduced totals
+and the rank gradients are summed (the all-reduce); tests/test_distributed.py runs the same on real
+torchrun processes. A fault injection (``--inject``) reproduces a historical bug so the table can be
+seen to fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .algos.reductions import step_totals
+from .config import RunCfg
+from .types import Role, Rollouts
+
+TOLERANCE = 1e-8  # float64 runs agree to ~1e-13; either bug moves the gradient by >1e-3
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    trainer: str
+    split: str
+    rel_error: float
+    grad_norm_ratio: float  # this split's gradient norm / the reference's
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_error < TOLERANCE
+
+
+def synthetic_batch(vocab: int, n_rows: int, *, prompt_len: int = 4, t_max: int = 40, seed: int = 0) -> Rollouts:
+    """Rows with completion lengths spread from 2 to ``t_max`` (20x), right-padded, fixed by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.linspace(2, t_max, n_rows).round().long()[torch.randperm(n_rows, generator=g)]
+    width = prompt_len + int(lens.max())
+    ids = torch.randint(2, min(vocab, 1000), (n_rows, width), generator=g)
+    role = torch.full((n_rows, width), int(Role.PAD), dtype=torch.int8)
+    role[:, :prompt_len] = Role.PROMPT
+    for r, n in enumerate(lens.tolist()):
+        role[r, prompt_len : prompt_len + n] = Role.COMPLETION
+    ids = torch.where(role == Role.PAD, torch.zeros_like(ids), ids)
+    zeros = torch.zeros(n_rows, dtype=torch.long)
+    return Rollouts(ids, role, torch.zeros(n_rows, width), torch.arange(n_rows) // 2, zeros, zeros.bool())
+
+
+def _pad(batch: Rollouts, extra: int) -> Rollouts:
+    n = batch.num_rows
+    return Rollouts(torch.cat([batch.input_ids_NL, torch.zeros(n, extra, dtype=torch.long)], 1),
+                    torch.cat([batch.role_NL, torch.zeros(n, extra, dtype=torch.int8)], 1),
+                    torch.cat([batch.sampler_logp_NL, torch.zeros(n, extra)], 1),
+                    batch.group_N, batch.problem_N, batch.truncated_N)
+
+
+def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, totals, inject: str, world: int,
+                   adv_N, old_NT, ref_NT) -> torch.Tensor:
+    from .trainers.grpo import policy_update
+    from .trainers.sft import sft_step
+
+    model.zero_grad(set_to_none=True)
+    if trainer == "sft":
+        sft_step(model, batch, reduction=cfg.sft.reduction, t_max=cfg.sft.t_max or 40, micro_batch_size=micro,
+                 totals=totals, inject=inject, world_size=world)
+    else:
+        gcfg = cfg.grpo.model_copy(update={"micro_batch_size": micro})
+        policy_update(model, batch, adv_N, old_NT, ref_NT, gcfg, temperature=cfg.sampling.temperature,
+                      t_max=cfg.grpo.t_max or 40, totals=totals, inject=inject, world_size=world)
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in model.parameters() if p.requires_grad])
+
+
+def step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, *, micro: int, world: int, inject: str,
+                  adv_N, old_NT, ref_NT) -> torch.Tensor:
+    """The optimizer step's gradient with ``world`` simulated ranks of contiguous row shards."""
+    totals = step_totals(batch.completion_mask_NL)  # what the all-reduce of the rank counts gives
+    per_rank = batch.num_rows // world
+    total = None
+    for r in range(world):
+        idx = torch.arange(r * per_rank, (r + 1) * per_rank)
+        shard = batch.select(idx)
+        t = shard.input_ids_NL.shape[1] - 1
+        g = _rank_gradient(model, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=world,
+                           adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t])
+        total = g if total is None else total + g
+    return total
+
+
+def run_checks(model, cfg: RunCfg, *, trainers: list[str], micro: int, accum: int, world: int,
+               inject: str) -> list[CheckRow]:
+    model = model.double()
+    n = world * accum * micro
+    batch = synthetic_batch(model.config.vocab_size, n, seed=cfg.seed)
+    g = torch.Generator().manual_seed(1)
+    adv_N = torch.randn(n, generator=g, dtype=torch.float64)
+    T = batch.input_ids_NL.shape[1] - 1
+    old_NT = -2.0 + 0.1 * torch.randn(n, T, generator=g, dtype=torch.float64)  # ratios away from 1: clipping active
+    ref_NT = -2.0 + 0.1 * torch.randn(n, T, generator=g, dtype=torch.float64) if cfg.grpo.kl.active else None
+    perm = torch.randperm(n, generator=g)
+    rows = []
+    for trainer in trainers:
+        common = dict(adv_N=adv_N, old_NT=old_NT, ref_NT=ref_NT)
+        ref = step_gradient(model, batch, trainer, cfg, micro=n, world=1, inject="none", **common)
+        splits = {
+            f"1 process x {n // micro} micro-batches of {micro}": (batch, dict(micro=micro, world=1), common),
+            f"{world} ranks x {accum} micro-batches of {micro}": (batch, dict(micro=micro, world=world), common),
+            "rows permuted": (batch.select(perm), dict(micro=micro, world=world),
+                              dict(adv_N=adv_N[perm], old_NT=old_NT[perm], ref_NT=None if ref_NT is None else ref_NT[perm])),
+            "extra padding": (_pad(batch, 7), dict(micro=micro, world=world),
+                              dict(adv_N=adv_N, old_NT=torch.cat([old_NT, torch.zeros(n, 7, dtype=torch.float64)], 1),
+                                   ref_NT=None if ref_NT is None else torch.cat([ref_NT, torch.zeros(n, 7, dtype=torch.float64)], 1))),
+        }
+        for name, (b, split, extra) in splits.items():
+            got = step_gradient(model, b, trainer, cfg, inject=inject, **split, **extra)
+            err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+            rows.append(CheckRow(trainer, name, err, float(got.norm() / ref.norm())))
+    return rows
+
+
+def table(rows: list[CheckRow], cfg: RunCfg, inject: str) -> str:
+    head = ("trainer", "reduction", "split", "max rel. grad error", "grad-norm ratio", "result")
+    body = [(r.trainer, cfg.sft.reduction if r.trainer == "sft" else cfg.grpo.reduction, r.split,
+             f"{r.rel_error:.2e}", f"{r.grad_norm_ratio:.4f}", "PASS" if r.passed else "FAIL") for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *body]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    note = f"fault injected: {inject}; " if inject != "none" else ""
+    lines.append(f"{note}reference: the whole step as one batch on one process, float64; PASS below {TOLERANCE:g}")
+    return "\n".join(lines)
+
+
+def check_model(cfg: RunCfg):
+    """The user's model if small (<= 20M parameters), else a tiny model of the same architecture family."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import check_source, load_model
+    from .pipeline import base_model_path
+    from .tasks import build_task
+
+    if cfg.model.tiny is not None:
+        return load_model(str(base_model_path(cfg, build_task(cfg.task))), dtype=torch.float64)
+    check_source(cfg.model.path)
+    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    size = config.vocab_size * config.hidden_size + 12 * config.num_hidden_layers * config.hidden_size**2
+    if size <= 20_000_000:
+        return load_model(cfg.model.path, dtype=torch.float64, trust_remote_code=cfg.model.trust_remote_code)
+    for key, value in {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "num_key_value_heads": 1, "head_dim": 32, "vocab_size": min(config.vocab_size, 1024)}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code).double()
+
+
+def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow], str]:
+    """Run the harness on ``cfg``'s stages with its micro-batch size and accumulation steps."""
+    rows: list[CheckRow] = []
+    model = check_model(cfg)
+    if cfg.model.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.model.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules)))
+        with torch.no_grad():  # a trained adapter, not the zero-initialised one, so its gradient is not trivial
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    for trainer in dict.fromkeys(cfg.stages):
+        stage = cfg.sft if trainer == "sft" else cfg.grpo
+        rows_per_step = cfg.sft.batch_size if trainer == "sft" else cfg.grpo.rows_per_step
+        accum = max(1, rows_per_step // (stage.micro_batch_size * world))
+        micro = min(stage.micro_batch_size, 2)  # the split's shape is what matters, not the micro-batch width
+        rows += run_checks(model, cfg, trainers=[trainer], micro=micro, accum=accum, world=world, inject=inject)
+    return rows, table(rows, cfg, inject)
+
+
+def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, dist, *, micro: int, inject: str,
+                              adv_N, old_NT, ref_NT) -> torch.Tensor:
+    """The same gradient on real processes: this rank's shard, the all-reduced totals, summed gradients."""
+    from .trainers.common import global_totals
+
+    idx = torch.arange(batch.num_rows)[dist.shard(batch.num_rows, "rows")]
+    shard = batch.select(idx)
+    t = shard.input_ids_NL.shape[1] - 1
+    totals = global_totals(shard.completion_mask_NL, dist)
+    _rank_gradient(model, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=dist.world_size,
+                   adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t])
+    params = [p for p in model.parameters() if p.requires_grad]
+    dist.sum_gradients(params)
+    return torch.cat([p.grad.flatten() for p in params])

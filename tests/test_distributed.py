@@ -1,0 +1,93 @@
+"""Two real processes (torchrun, gloo, CPU): the step gradient equals one process's to float64 precision
+for every reduction, and `forkrl train` under torchrun ends with the parameters of a one-process run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from forkrl.check import step_gradient, synthetic_batch
+from forkrl.config import parse_config
+from forkrl.models import load_model
+from forkrl.pipeline import run
+
+from conftest import tiny_cfg_dict
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # each test gets its own rendezvous port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("trainer, reduction", [("sft", "token_mean"), ("sft", "seq_mean_token_mean"),
+                                                ("grpo", "token_mean"), ("grpo", "seq_mean_token_mean"),
+                                                ("grpo", "seq_mean_token_sum_norm"), ("grpo", "seq_mean_token_sum")])
+def test_two_processes_times_k_micro_batches_equal_one_batch(tiny_model_dir, tmp_path, trainer, reduction):
+    out = tmp_path / "grad.pt"
+    proc = torchrun(str(HERE / "dist_grad_worker.py"), str(tiny_model_dir), str(out), trainer, reduction, "2", "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    model = load_model(str(tiny_model_dir), dtype=torch.float64)
+    cfg = parse_config(tiny_cfg_dict(**{"sft.reduction": reduction, "grpo.reduction": reduction}))
+    batch = synthetic_batch(model.config.vocab_size, 12, seed=5)
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(12, generator=g, dtype=torch.float64)
+    old = -2.0 + 0.1 * torch.randn(12, batch.input_ids_NL.shape[1] - 1, generator=g, dtype=torch.float64)
+    ref = step_gradient(model, batch, trainer, cfg, micro=12, world=1, inject="none", adv_N=adv, old_NT=old, ref_NT=None)
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    assert rel < 1e-10, rel
+
+
+def test_mean_of_means_across_real_ranks_is_caught(tiny_model_dir, tmp_path):
+    out = tmp_path / "grad.pt"
+    proc = torchrun(str(HERE / "dist_grad_worker.py"), str(tiny_model_dir), str(out), "sft", "token_mean", "2",
+                    "mean_of_means")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    model = load_model(str(tiny_model_dir), dtype=torch.float64)
+    cfg = parse_config(tiny_cfg_dict())
+    batch = synthetic_batch(model.config.vocab_size, 12, seed=5)
+    zeros = torch.zeros(12, dtype=torch.float64)
+    ref = step_gradient(model, batch, "sft", cfg, micro=12, world=1, inject="none", adv_N=zeros,
+                        old_NT=torch.zeros(12, batch.input_ids_NL.shape[1] - 1, dtype=torch.float64), ref_NT=None)
+    assert float((got - ref).abs().max() / ref.abs().max()) > 1e-3
+
+
+def test_train_under_torchrun_matches_one_process(tmp_path):
+    data = tiny_cfg_dict(**{"stages": ["sft", "grpo"], "sft.steps": 3, "grpo.steps": 3,
+                            "grpo.rewards": [{"name": "random"}], "grpo.optim": {"lr": 1e-2}})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    run(parse_config(data), tmp_path / "one")
+    proc = torchrun("-m", "forkrl.cli", "train", str(cfg_path), "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "grpo" / "final").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "grpo" / "final").state_dict()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+    moved = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "sft" / "final").state_dict()
+    assert any(not torch.equal(one[k], moved[k]) for k in one)  # GRPO did update the weights
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [(r["stage"], r["step"]) for r in rows[0]] == [(r["stage"], r["step"]) for r in rows[1]]  # rank 0 only
+    for a, b in zip(rows[0], rows[1]):
+        for key in ("reward_mean", "rows_trained", "completion_len_mean", "truncation_rate"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
+        assert b["world_size"] == 2 and a["world_size"] == 1
