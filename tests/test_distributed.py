@@ -91,3 +91,12 @@ def test_train_under_torchrun_matches_one_process(tmp_path):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
         assert b["world_size"] == 2 and a["world_size"] == 1
+
+
+def test_sizes_that_do_not_split_across_ranks_name_the_key():
+    from forkrl.config import ConfigError
+    from forkrl.distributed import Dist
+
+    with pytest.raises(ConfigError, match=r"grpo.prompts_per_step = 4 is not divisible by the world size 3"):
+        Dist(rank=0, world_size=3).shard(4, "grpo.prompts_per_step")
+    assert Dist(rank=1, world_size=2).shard(8, "x") == slice(4, 8)

@@ -8,6 +8,15 @@ micro-batch by its own count instead ("mean of means") makes tokens in short-res
 weigh more. With data parallelism, all-reduce (sum) ``total_tokens`` and ``total_seqs`` across ranks
 first, and multiply the loss by the world size when the backend averages gradients over ranks.
 
+Against TRL's GRPOTrainer (trl 1.16; tests/test_trl_crosscheck.py checks loss and gradient on identical
+inputs): ``token_mean`` = TRL ``dapo``; ``seq_mean_token_mean`` = TRL ``grpo`` (and, with the ``gspo``
+objective, TRL's sequence-level importance sampling); ``seq_mean_token_sum_norm`` = TRL ``dr_grpo`` with
+t_max = max_completion_length; ``seq_mean_token_sum`` = TRL ``luspo``. The intentional differences are
+in how a step is split: TRL ``bnpo`` is ``token_mean`` inside one micro-batch but divides each micro-batch
+by its own token count under gradient accumulation (the mean of means); TRL ``grpo`` and ``dr_grpo``
+divide by the micro-batch's row count and the accumulation steps, which equals forkrl's global count only
+while every micro-batch holds the same number of rows (after zero-variance filtering they need not).
+
 Totals are python ints or 0-d tensors (e.g. the result of an all-reduce); a total of 0 is treated as 1
 (the masked sum is then 0 anyway), so an empty step gives 0, never NaN.
 """
@@ -24,27 +33,30 @@ def _at_least_one(total: Total, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _token_mean(mask_NT, *, total_tokens: Total, total_seqs: Total, t_max: int | None) -> torch.Tensor:
-    """w = m / total_tokens: Σ m·ℓ over the step's masked tokens (DAPO, arXiv 2503.14476)."""
+    """w = m / total_tokens: Σ m·ℓ over the step's masked tokens (DAPO, arXiv 2503.14476).
+    Equals TRL ``dapo``; TRL ``bnpo`` only within a single micro-batch (see the module docstring)."""
     return mask_NT / _at_least_one(total_tokens, mask_NT.dtype)
 
 
 def _seq_mean_token_mean(mask_NT, *, total_tokens: Total, total_seqs: Total, t_max: int | None) -> torch.Tensor:
     """w_it = m_it / (Σ_t m_it · total_seqs): mean over rows of each row's token mean (GRPO,
-    arXiv 2402.03300). A row with no masked token contributes 0."""
+    arXiv 2402.03300). A row with no masked token contributes 0. Equals TRL ``grpo`` while micro-batches
+    hold equal row counts."""
     len_N1 = mask_NT.sum(dim=1, keepdim=True).clamp(min=1)
     return mask_NT / (len_N1 * _at_least_one(total_seqs, mask_NT.dtype))
 
 
 def _seq_mean_token_sum_norm(mask_NT, *, total_tokens: Total, total_seqs: Total, t_max: int | None) -> torch.Tensor:
     """w = m / (total_seqs · t_max), t_max a fixed constant such as max_new_tokens (Dr.GRPO,
-    arXiv 2503.20783): no length normalisation that would favour long wrong answers."""
+    arXiv 2503.20783): no length normalisation that would favour long wrong answers. Equals TRL ``dr_grpo``
+    with t_max = max_completion_length while micro-batches hold equal row counts."""
     if t_max is None or not t_max > 0:
         raise ValueError(f"reduction 'seq_mean_token_sum_norm' needs t_max > 0 (e.g. max_new_tokens), got {t_max!r}")
     return mask_NT / (_at_least_one(total_seqs, mask_NT.dtype) * t_max)
 
 
 def _seq_mean_token_sum(mask_NT, *, total_tokens: Total, total_seqs: Total, t_max: int | None) -> torch.Tensor:
-    """w = m / total_seqs: mean over rows of each row's token sum."""
+    """w = m / total_seqs: mean over rows of each row's token sum. Equals TRL ``luspo``."""
     return mask_NT / _at_least_one(total_seqs, mask_NT.dtype)
 
 
