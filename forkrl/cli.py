@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet_libraries() -> None:
     """transformers' per-save progress bars and info logs drown forkrl's own progress lines."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -88,3 +88,9 @@ def test_check_config_uses_the_configs_split(model):
     cfg = parse_config(tiny_cfg_dict(**{"stages": ["grpo"], "grpo.micro_batch_size": 4}))  # 16 rows: K=2 per rank
     rows, text = check_config(cfg, world=2, inject="none")
     assert "2 ranks x 2 micro-batches" in text and all(r.passed for r in rows)
+
+
+def test_check_loads_a_small_local_model_by_path(tiny_model_dir):
+    cfg = parse_config(tiny_cfg_dict(**{"model": {"path": str(tiny_model_dir)}, "stages": ["sft"]}))
+    rows, _ = check_config(cfg, world=2, inject="none")
+    assert rows and all(r.passed for r in rows)

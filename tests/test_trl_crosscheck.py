@@ -78,9 +78,9 @@ def test_policy_loss_and_gradient_equal_trl(trl_type, level, objective, reductio
     (g_ours,) = torch.autograd.grad(ours, logp)
     theirs = _trl_loss(trl_type, level, logp, old, ref, adv, mask, beta)
     (g_theirs,) = torch.autograd.grad(theirs, logp)
-    assert float(ours) == pytest.approx(float(theirs), rel=1e-12, abs=1e-15)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12, abs=1e-15)
     assert torch.allclose(g_ours, g_theirs, rtol=1e-10, atol=1e-15)
-    assert float(ours) != 0.0
+    assert ours.item() != 0.0
 
 
 def test_bnpo_under_accumulation_is_the_mean_of_means_forkrl_avoids():

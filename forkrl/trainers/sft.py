@@ -85,6 +85,7 @@ def train_sft(ctx) -> dict:
         metrics = {"loss": float(dist.all_reduce_sum(loss)), "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
                    "tokens": totals[0], "train_s": dt, "train_tokens_per_s": totals[0] / dt,
                    "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
+                   "denominator_value": totals[0] if cfg.reduction == "token_mean" else totals[1],
                    "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size)),
                    "world_size": dist.world_size}
         end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
