@@ -146,10 +146,10 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     if saved.exists() and saved.read_text() != cfg.to_yaml():
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
     task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
-    if dist.is_main:
-        init = init_path or base_model_path(cfg, task)
-    dist.barrier()  # the tiny base is built once, by rank 0
-    init = init_path or base_model_path(cfg, task)
+    if init_path is None and dist.is_main:
+        base_model_path(cfg, task)  # a tiny base is built once, by rank 0 ...
+    dist.barrier()
+    init = init_path or base_model_path(cfg, task)  # ... and every rank then finds it in the cache
     models.check_source(str(init))
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist.is_main:

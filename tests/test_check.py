@@ -94,3 +94,24 @@ def test_check_loads_a_small_local_model_by_path(tiny_model_dir):
     cfg = parse_config(tiny_cfg_dict(**{"model": {"path": str(tiny_model_dir)}, "stages": ["sft"]}))
     rows, _ = check_config(cfg, world=2, inject="none")
     assert rows and all(r.passed for r in rows)
+
+
+def test_logged_grad_norm_under_injections(tmp_path):
+    """At the level of a real `train` run: the logged grad norm does not depend on the micro-batch size,
+    is about 1/K of it under `first_microbatch_only`, and moves under `mean_of_means`."""
+    import json
+
+    from forkrl.pipeline import run
+
+    def first_grad_norm(name, **over):
+        cfg = parse_config(tiny_cfg_dict(**{"stages": ["sft"], "sft.steps": 1, "sft.batch_size": 8, **over}))
+        run(cfg, tmp_path / name)
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+
+    whole = first_grad_norm("whole", **{"sft.micro_batch_size": 8})
+    split = first_grad_norm("split", **{"sft.micro_batch_size": 2})
+    first_only = first_grad_norm("first", **{"sft.micro_batch_size": 2, "debug.inject": "first_microbatch_only"})
+    means = first_grad_norm("means", **{"sft.micro_batch_size": 2, "debug.inject": "mean_of_means"})
+    assert split == pytest.approx(whole, rel=1e-5)
+    assert 0.1 < first_only / whole < 0.45  # K = 4: about a quarter
+    assert abs(means / whole - 1) > 1e-3
