@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lookup
+
 from forkrl.algos.filters import _safe_sqrt, group_stats
 
 
@@ -62,6 +64,4 @@ ADVANTAGES = {
 
 def get_advantage(name: str):
     """The advantage estimator registered as ``name``; ValueError listing the valid names otherwise."""
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage {name!r}; valid names: {', '.join(sorted(ADVANTAGES))}")
-    return ADVANTAGES[name]
+    return lookup(ADVANTAGES, name, "advantage")

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import lookup
+
 
 class GroupStats(NamedTuple):
     """Per-row view of the row's group statistics (each tensor has shape [N])."""
@@ -84,6 +86,4 @@ FILTERS = {
 
 def get_filter(name: str):
     """The filter registered as ``name``; ValueError listing the valid names otherwise."""
-    if name not in FILTERS:
-        raise ValueError(f"unknown filter {name!r}; valid names: {', '.join(sorted(FILTERS))}")
-    return FILTERS[name]
+    return lookup(FILTERS, name, "filter")

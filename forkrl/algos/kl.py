@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lookup
+
 
 def k1(logp_NT: torch.Tensor, ref_logp_NT: torch.Tensor) -> torch.Tensor:
     """k1 = log π(y) − log π_ref(y)."""
@@ -32,6 +34,4 @@ KL_ESTIMATORS = {
 
 def get_kl(name: str):
     """The KL estimator registered as ``name``; ValueError listing the valid names otherwise."""
-    if name not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {name!r}; valid names: {', '.join(sorted(KL_ESTIMATORS))}")
-    return KL_ESTIMATORS[name]
+    return lookup(KL_ESTIMATORS, name, "KL estimator")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lookup
+
 
 def _clipped_surrogate(
     ratio: torch.Tensor, adv: torch.Tensor, *, eps_low: float, eps_high: float, dual_clip: float | None
@@ -99,6 +101,4 @@ OBJECTIVES = {
 
 def get_objective(name: str):
     """The objective registered as ``name``; ValueError listing the valid names otherwise."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name]
+    return lookup(OBJECTIVES, name, "objective")

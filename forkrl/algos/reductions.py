@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lookup
+
 Total = int | torch.Tensor
 
 
@@ -62,8 +64,7 @@ def _seq_mean_token_sum(mask_NT, *, total_tokens: Total, total_seqs: Total, t_ma
 
 def check_reduction(mode: str) -> str:
     """``mode`` if it names a reduction; ValueError listing the valid names otherwise."""
-    if mode not in REDUCTIONS:
-        raise ValueError(f"unknown loss reduction {mode!r}; valid names: {', '.join(sorted(REDUCTIONS))}")
+    lookup(REDUCTIONS, mode, "loss reduction")
     return mode
 
 
