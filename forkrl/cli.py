@@ -7,9 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
@@ -17,6 +14,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .tasks.base import TaskError
 
     return (ConfigError, TaskError, ModelLoadError, CheckpointError)
+
+
+def _training_errors() -> tuple[type[BaseException], ...]:
+    from .trainers.common import TrainingError
+
+    return (TrainingError,)
 
 
 def cmd_train(args) -> int:
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"forkrl: error: {e}", file=sys.stderr)
         return 2
+    except _training_errors() as e:
+        print(f"forkrl: training stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("forkrl: interrupted; resume with --resume", file=sys.stderr)
         return 130

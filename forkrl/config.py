@@ -212,6 +212,11 @@ class CheckpointCfg(Strict):
     keep_last: Pos = 2
 
 
+class GuardsCfg(Strict):
+    # A NaN/inf loss or gradient skips that update; this many in a row stop the run with advice.
+    max_consecutive_nonfinite: Pos = 3
+
+
 class DebugCfg(Strict):
     # Fault injection of the two historical accumulation bugs (METHODS §1), for `forkrl check` and tests.
     inject: Literal["none", "first_microbatch_only", "mean_of_means"] = "none"
@@ -227,6 +232,7 @@ class RunCfg(Strict):
     grpo: GrpoCfg = GrpoCfg()
     eval: EvalCfg = EvalCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
+    guards: GuardsCfg = GuardsCfg()
     debug: DebugCfg = DebugCfg()
     log_every: Pos = 1
 

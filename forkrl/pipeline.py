@@ -42,6 +42,7 @@ class StageContext:
     device: torch.device
     resume_from: Path | None
     dist: Dist
+    nonfinite_streak: int = 0  # consecutive skipped (NaN/inf) updates, see trainers.common.guard_nonfinite
 
     def encode_prompt(self, prompt: str) -> list[int]:
         fmt = self.cfg.task.format

@@ -111,14 +111,22 @@ def make_optimizer(params, cfg: OptimCfg, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated NaN/inf gradients); the message says what to try."""
+
+
 def clip_and_step(model, opt, sched, grad_clip: float | None) -> float:
-    """Optimizer step; returns the gradient norm *before* clipping (the signature metric of METHODS §1)."""
+    """Optimizer step; returns the gradient norm *before* clipping (the signature metric of METHODS §1).
+
+    A NaN or inf gradient (from a NaN/inf loss too) skips the update: no optimizer or scheduler step,
+    the gradient is dropped, and the returned norm is not finite so ``end_step`` can count it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
-    opt.step()
-    sched.step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf")))
+    if math.isfinite(norm):
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 class MetricsLog:
@@ -140,8 +148,9 @@ class MetricsLog:
         if not self.enabled:  # only rank 0 writes files
             return
         row = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")  # strict JSON: a NaN is written as null
             f.flush()
         shown = {k: metrics[k] for k in self.KEYS if k in metrics and metrics[k] is not None}
         if self.bar is not None:
@@ -249,11 +258,34 @@ def want_eval(every: int, step: int, total: int) -> bool:
 
 
 def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict, opt, sched) -> None:
-    """Held-out pass@1 when due, the metrics line, and a checkpoint when due."""
-    if want_eval(stage_cfg.eval_every, step, stage_cfg.steps) and ctx.dist.is_main:
+    """The non-finite guard, held-out pass@1 when due, the metrics line, and a checkpoint when due."""
+    stop = guard_nonfinite(ctx, step, metrics)
+    if want_eval(stage_cfg.eval_every, step, stage_cfg.steps) and ctx.dist.is_main and not stop:
         metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
     log.write(step, metrics)
     maybe_checkpoint(ctx, step, stage_cfg.steps, opt, sched)
+    if stop:
+        log.close()
+        raise TrainingError(stop)
+
+
+def guard_nonfinite(ctx, step: int, metrics: dict) -> str | None:
+    """Count consecutive skipped updates; after ``guards.max_consecutive_nonfinite`` of them, the message
+    that stops the run (with what to try), else None."""
+    norm = metrics.get("grad_norm")
+    skipped = norm is not None and not math.isfinite(norm)
+    metrics["update_skipped"] = skipped
+    if skipped:
+        metrics["grad_norm"] = None  # JSON has no NaN; update_skipped says why it is missing
+    ctx.nonfinite_streak = ctx.nonfinite_streak + 1 if skipped else 0
+    limit = ctx.cfg.guards.max_consecutive_nonfinite
+    if ctx.nonfinite_streak < limit:
+        return None
+    stage = ctx.stage_dir.name
+    return (f"{stage} step {step}: the loss or gradient was NaN/inf for {limit} consecutive steps, so those "
+            f"updates were skipped and the run stopped (the last checkpoint is intact). Try: a lower {stage}.optim.lr, "
+            f"{stage}.optim.grad_clip on, float32 instead of float16 (model.dtype), and rewards that stay finite "
+            f"and bounded; raise guards.max_consecutive_nonfinite to tolerate more.")
 
 
 def finish_stage(ctx, sampler, log: MetricsLog, steps: int) -> dict:

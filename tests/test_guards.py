@@ -1,0 +1,41 @@
+"""Numerical guards: a NaN/inf loss or gradient skips the update, is logged with its step, and stops
+the run after N consecutive occurrences with a message saying what to try."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import forkrl.trainers.sft as sft
+from forkrl.config import parse_config
+from forkrl.pipeline import run
+from forkrl.trainers.common import TrainingError
+
+from conftest import tiny_cfg_dict
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    real = sft.completion_logprobs
+    calls = {"n": 0}
+
+    def poisoned(model, batch, **kw):  # from the second optimizer step on, the loss is NaN
+        calls["n"] += 1
+        logp, H, mask = real(model, batch, **kw)
+        return (logp * float("nan") if calls["n"] > 2 else logp), H, mask
+
+    monkeypatch.setattr(sft, "completion_logprobs", poisoned)
+    cfg = parse_config(tiny_cfg_dict(**{"stages": ["sft"], "sft.steps": 8, "sft.batch_size": 8,
+                                        "sft.micro_batch_size": 4, "checkpoint": {"every": 1, "keep_last": 10},
+                                        "guards": {"max_consecutive_nonfinite": 3}}))
+    with pytest.raises(TrainingError, match=r"sft step 4: .*3 consecutive steps.*sft.optim.lr"):
+        run(cfg, tmp_path / "r")
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["update_skipped"] for r in rows] == [False, True, True, True]
+    assert rows[0]["grad_norm"] > 0 and all(r["grad_norm"] is None and r["loss"] is None for r in rows[1:])
+    ckpt = tmp_path / "r" / "sft" / "checkpoints"
+    w1 = AutoModelForCausalLM.from_pretrained(ckpt / "step-000001" / "model").state_dict()
+    w4 = AutoModelForCausalLM.from_pretrained(ckpt / "step-000004" / "model").state_dict()
+    assert all(torch.equal(w1[k], w4[k]) for k in w1)  # skipped updates left the weights as they were
+    assert all(torch.isfinite(v).all() for v in w4.values())
