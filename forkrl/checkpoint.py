@@ -55,6 +55,23 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, *
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, step, model, optimizer, scheduler, state)
+    except OSError as e:  # disk full, quota, I/O error: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(ckpt_root)
+        kept = f"the newest intact checkpoint is {previous}" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint step {step} under {ckpt_root}: {e}; {kept}. "
+                              "Free disk space and resume with --resume") from None
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_tree(ckpt_root)
+    _prune(ckpt_root, keep_last)
+    return final
+
+
+def _write(tmp: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -64,12 +81,6 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, *
     manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_tree(ckpt_root)
-    _prune(ckpt_root, keep_last)
-    return final
 
 
 def verify(ckpt: Path) -> None:

@@ -215,6 +215,8 @@ class CheckpointCfg(Strict):
 class GuardsCfg(Strict):
     # A NaN/inf loss or gradient skips that update; this many in a row stop the run with advice.
     max_consecutive_nonfinite: Pos = 3
+    # A batch more than half unscorable (rewards that raise or return None/NaN); this many in a row stop it.
+    max_unscorable_steps: Pos = 3
 
 
 class DebugCfg(Strict):

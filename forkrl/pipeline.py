@@ -42,7 +42,8 @@ class StageContext:
     device: torch.device
     resume_from: Path | None
     dist: Dist
-    nonfinite_streak: int = 0  # consecutive skipped (NaN/inf) updates, see trainers.common.guard_nonfinite
+    nonfinite_streak: int = 0  # consecutive skipped (NaN/inf) updates, see trainers.common.run_guards
+    unscorable_streak: int = 0  # consecutive steps with most rows unscorable
 
     def encode_prompt(self, prompt: str) -> list[int]:
         fmt = self.cfg.task.format

@@ -45,3 +45,25 @@ def test_damaged_or_interrupted_checkpoints_are_skipped(tmp_path, parts):
     # pruning counts intact checkpoints only, so the damaged one never displaces the good one
     checkpoint._prune(root, 1)
     assert (root / "step-000001").exists()
+
+
+@pytest.mark.parametrize("where", ["model", "trainer_state"])
+def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, parts, monkeypatch, where):
+    import errno
+
+    model, opt, sched = parts
+    root = tmp_path / "ckpt"
+    checkpoint.save(root, 1, model, opt, sched, {}, keep_last=1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "model":
+        monkeypatch.setattr(type(model), "save_pretrained", full)
+    else:
+        monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 2.*No space left.*step-000001"):
+        checkpoint.save(root, 2, model, opt, sched, {}, keep_last=1)
+    assert [p.name for p in root.iterdir()] == ["step-000001"]  # no half-written directory left behind
+    checkpoint.verify(root / "step-000001")
+    assert checkpoint.latest(root).name == "step-000001"

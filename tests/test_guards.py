@@ -39,3 +39,26 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch)
     w4 = AutoModelForCausalLM.from_pretrained(ckpt / "step-000004" / "model").state_dict()
     assert all(torch.equal(w1[k], w4[k]) for k in w1)  # skipped updates left the weights as they were
     assert all(torch.isfinite(v).all() for v in w4.values())
+
+
+def test_mostly_unscorable_batches_stop_the_run_with_the_first_error(tmp_path):
+    from forkrl.tasks.arithmetic import ArithmeticTask
+
+    class BrokenVerifier(ArithmeticTask):
+        def score(self, problem, completion):
+            raise KeyError("gold answer field 'solution' is missing")
+
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.steps": 10, "guards": {"max_unscorable_steps": 2}}))
+    with pytest.raises(TrainingError, match=r"grpo step 2: more than half of the rows were unscorable.*'solution'"):
+        run(cfg, tmp_path / "r", task=BrokenVerifier(digits=2, train_size=50, heldout_size=10))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["unscorable_frac"] for r in rows] == [1.0, 1.0]
+    assert all(r["reward_mean"] is None and r["adv_abs_max"] == 0.0 for r in rows)  # never a silent zero reward
+
+
+def test_prompt_longer_than_the_context_is_a_config_error(tmp_path):
+    from forkrl.config import ConfigError
+
+    cfg = parse_config(tiny_cfg_dict(**{"sampling.max_new_tokens": 125}))  # the tiny model's context is 128
+    with pytest.raises(ConfigError, match=r"exceeds the model's context of 128.*sampling.max_new_tokens"):
+        run(cfg, tmp_path / "r")

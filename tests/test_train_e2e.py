@@ -195,3 +195,33 @@ def test_reference_model_loaded_only_when_beta_positive(tmp_path, monkeypatch, k
     monkeypatch.setattr(grpo, "load_model", models.load_model)
     run(parse_config(tiny_cfg_dict(**{"grpo.kl": kl, "grpo.steps": 1})), tmp_path / "r")
     assert len(calls) == loads  # the policy, plus the reference only when β > 0
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    data = tiny_cfg_dict(**{"grpo.steps": 8, "checkpoint": {"every": 1, "keep_last": 2},
+                            "grpo.rewards": [{"name": "random"}], "grpo.optim": {"lr": 1e-2}})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    run(parse_config(data), tmp_path / "whole")
+    cmd = [sys.executable, "-m", "forkrl.cli", "train", str(cfg_path), "--out", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # wherever it is: mid-step, mid-checkpoint or mid-write
+    proc.wait()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("whole", "killed")]
+    assert [r["step"] for r in rows[1]] == list(range(1, 9))  # no step lost or done twice, no torn line
+    assert _strip_times(rows[0]) == _strip_times(rows[1])
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "grpo" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "grpo" / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

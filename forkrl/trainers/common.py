@@ -259,7 +259,7 @@ def want_eval(every: int, step: int, total: int) -> bool:
 
 def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict, opt, sched) -> None:
     """The non-finite guard, held-out pass@1 when due, the metrics line, and a checkpoint when due."""
-    stop = guard_nonfinite(ctx, step, metrics)
+    stop = run_guards(ctx, step, metrics)
     if want_eval(stage_cfg.eval_every, step, stage_cfg.steps) and ctx.dist.is_main and not stop:
         metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
     log.write(step, metrics)
@@ -269,23 +269,27 @@ def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict,
         raise TrainingError(stop)
 
 
-def guard_nonfinite(ctx, step: int, metrics: dict) -> str | None:
-    """Count consecutive skipped updates; after ``guards.max_consecutive_nonfinite`` of them, the message
-    that stops the run (with what to try), else None."""
+def run_guards(ctx, step: int, metrics: dict) -> str | None:
+    """Count consecutive skipped (NaN/inf) updates and mostly-unscorable batches; once either reaches its
+    ``guards`` limit, the message that stops the run (with what to try), else None."""
     norm = metrics.get("grad_norm")
     skipped = norm is not None and not math.isfinite(norm)
     metrics["update_skipped"] = skipped
     if skipped:
         metrics["grad_norm"] = None  # JSON has no NaN; update_skipped says why it is missing
     ctx.nonfinite_streak = ctx.nonfinite_streak + 1 if skipped else 0
-    limit = ctx.cfg.guards.max_consecutive_nonfinite
-    if ctx.nonfinite_streak < limit:
-        return None
-    stage = ctx.stage_dir.name
-    return (f"{stage} step {step}: the loss or gradient was NaN/inf for {limit} consecutive steps, so those "
-            f"updates were skipped and the run stopped (the last checkpoint is intact). Try: a lower {stage}.optim.lr, "
-            f"{stage}.optim.grad_clip on, float32 instead of float16 (model.dtype), and rewards that stay finite "
-            f"and bounded; raise guards.max_consecutive_nonfinite to tolerate more.")
+    ctx.unscorable_streak = ctx.unscorable_streak + 1 if metrics.get("unscorable_frac", 0.0) > 0.5 else 0
+    guards, stage = ctx.cfg.guards, ctx.stage_dir.name
+    if ctx.nonfinite_streak >= guards.max_consecutive_nonfinite:
+        return (f"{stage} step {step}: the loss or gradient was NaN/inf for {ctx.nonfinite_streak} consecutive "
+                f"steps, so those updates were skipped and the run stopped (the last checkpoint is intact). Try: a "
+                f"lower {stage}.optim.lr, {stage}.optim.grad_clip on, float32 instead of float16 (model.dtype), and "
+                f"rewards that stay finite and bounded; raise guards.max_consecutive_nonfinite to tolerate more.")
+    if ctx.unscorable_streak >= guards.max_unscorable_steps:
+        return (f"{stage} step {step}: more than half of the rows were unscorable for {ctx.unscorable_streak} "
+                f"consecutive steps (first error this step: {metrics.get('unscorable_first_error')}). Fix the "
+                f"reward or verifier, or raise guards.max_unscorable_steps.")
+    return None
 
 
 def finish_stage(ctx, sampler, log: MetricsLog, steps: int) -> dict:

@@ -188,7 +188,8 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "reward_std": float(reward_N[valid].std()) if valid.sum() > 1 else None,
         **{k: float(v[~v.isnan()].mean()) if (~v.isnan()).any() else None
            for k, v in g.items() if k.startswith("reward/")},
-        "unscorable_rows": int((~valid).sum()), "unscorable_first_error": failures.first_message,
+        "unscorable_rows": int((~valid).sum()), "unscorable_frac": float((~valid).float().mean()),
+        "unscorable_first_error": failures.first_message,
         "zero_variance_group_frac": len(g["group"][g["zero_var"]].unique()) / max(len(g["group"].unique()), 1),
         "rows_trained": int(g["keep"].sum()),
         "adv_mean": float(adv_N[valid].mean()) if valid.any() else None,
