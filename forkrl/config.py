@@ -184,6 +184,7 @@ class GrpoCfg(Strict):
     inner_iterations: Pos = 1  # μ: optimizer steps per batch, on stored old log-probs
     filter_zero_variance: bool = False
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
+    reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable
     eval_every: NonNeg = 0  # held-out pass@1 every K steps (0: only at the end of the stage)
     optim: OptimCfg = OptimCfg(lr=1e-4)
 

@@ -111,3 +111,30 @@ def test_lora_reference_is_adapter_disabled_base(tiny_model_dir):
     pol = frozen_logprobs(model, r, temperature=1.0, micro_batch_size=4, adapter_off=False)
     assert torch.allclose(ref[mask], base_logp[mask], atol=1e-5)
     assert (pol[mask] - base_logp[mask]).abs().max() > 1e-3
+
+
+class HangingTask(ArithmeticTask):
+    def score(self, problem, completion):
+        if problem.id.endswith("-0"):
+            import time
+
+            while True:  # a verifier stuck in a loop
+                time.sleep(0.01)
+        if problem.id.endswith("-1"):
+            return float("inf")
+        return 1.0
+
+
+def test_a_hanging_or_infinite_reward_makes_its_row_unscorable(tiny_model_dir):
+    import time
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    task = HangingTask(digits=2, train_size=50, heldout_size=10)
+    problems = task.problems("train")[:3]
+    r = HFSampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 2, SamplingParams(max_new_tokens=4))
+    t0 = time.time()
+    scored, failures = score_rollouts(r, ["x"] * 6, problems, task, [("correct", 1.0)], seeds=list(range(6)),
+                                      timeout_s=0.2)
+    assert time.time() - t0 < 5
+    assert scored.valid_N.tolist() == [False, False, False, False, True, True]
+    assert failures.count == 4 and "RewardTimeout" in failures.first_message and "0.2s" in failures.first_message

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +50,39 @@ class RewardFailures:
     first_message: str | None
 
 
+class RewardTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Raise RewardTimeout in the block after ``seconds`` of wall time (SIGALRM, main thread only).
+
+    Stops Python code that loops or waits; a call stuck inside C code that never returns to the
+    interpreter is not interrupted (code execution goes through ``rewards.sandbox`` for that)."""
+    usable = seconds and threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RewardTimeout(f"took longer than {seconds:g}s (grpo.reward_timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, components: list[tuple[str, float]],
-                   *, seeds: list[int]) -> tuple[Scored, RewardFailures]:
+                   *, seeds: list[int], timeout_s: float | None = None) -> tuple[Scored, RewardFailures]:
     """Weighted sum of reward ``components`` [(name, weight)] for every row; failures mark rows invalid.
 
-    ``seeds`` (one per row) feed the random rewards, so a row's reward never depends on its batch."""
+    ``seeds`` (one per row) feed the random rewards, so a row's reward never depends on its batch. A call
+    that runs past ``timeout_s`` is a failure like any other: its row is unscorable."""
     N = len(texts)
     values = {name: torch.full((N,), float("nan")) for name, _ in components}
     failures, first = 0, None
@@ -59,7 +90,8 @@ def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, compone
         rng = random.Random(seeds[r])
         for name, _ in components:
             try:
-                v = REWARDS[name](task, problems[pi], text, rng)
+                with time_limit(timeout_s):
+                    v = REWARDS[name](task, problems[pi], text, rng)
                 if v is None or not math.isfinite(float(v)):
                     raise ValueError(f"reward {name!r} returned {v!r}")
                 values[name][r] = float(v)

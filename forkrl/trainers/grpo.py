@@ -123,7 +123,8 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, se
     sample_s = time.time() - t0
     texts = decode_completions(ctx.tokenizer, rollouts)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
-                                      [(r.name, r.weight) for r in cfg.rewards], seeds=seeds)
+                                      [(r.name, r.weight) for r in cfg.rewards], seeds=seeds,
+                                      timeout_s=cfg.reward_timeout_s)
     t1 = time.time()
     old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
