@@ -76,17 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch_threads()
     quiet_libraries()
+    from .distributed import teardown
+
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        teardown()
+        return code
     except _user_errors() as e:
         print(f"forkrl: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except _training_errors() as e:
         print(f"forkrl: training stopped: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print("forkrl: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+        code = 130
+    teardown(wait=False)
+    return code
 
 
 def quiet_libraries() -> None:

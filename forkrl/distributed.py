@@ -84,3 +84,12 @@ def setup() -> Dist:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size())
+
+
+def teardown(*, wait: bool = True) -> None:
+    """Leave the process group cleanly: gloo's threads still alive at interpreter exit abort the process.
+    ``wait=False`` on an error path, where the other ranks may never reach the barrier."""
+    if tdist.is_available() and tdist.is_initialized():
+        if wait:
+            tdist.barrier()
+        tdist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 
 from forkrl.check import distributed_step_gradient, synthetic_batch
 from forkrl.config import parse_config
-from forkrl.distributed import setup
+from forkrl.distributed import setup, teardown
 from forkrl.models import load_model
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -29,3 +29,4 @@ grad = distributed_step_gradient(model, batch, trainer, cfg, dist, micro=int(mic
                                  adv_N=adv, old_NT=old, ref_NT=None)
 if dist.is_main:
     torch.save(grad, out)
+teardown()
