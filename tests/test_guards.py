@@ -62,3 +62,18 @@ def test_prompt_longer_than_the_context_is_a_config_error(tmp_path):
     cfg = parse_config(tiny_cfg_dict(**{"sampling.max_new_tokens": 125}))  # the tiny model's context is 128
     with pytest.raises(ConfigError, match=r"exceeds the model's context of 128.*sampling.max_new_tokens"):
         run(cfg, tmp_path / "r")
+
+
+def test_tokenizer_without_eos_is_a_clear_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    from forkrl.models import ModelLoadError, load_tokenizer
+
+    broken = tmp_path / "tok"
+    shutil.copytree(tiny_model_dir, broken)
+    cfg_file = broken / "tokenizer_config.json"
+    data = json.loads(cfg_file.read_text())
+    data["eos_token"] = None
+    cfg_file.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="no EOS token"):
+        load_tokenizer(str(broken))
