@@ -202,6 +202,51 @@ class GrpoCfg(Strict):
         return self
 
 
+class GateCfg(Strict):
+    """Which completion positions are decisions (METHODS §4 step 5)."""
+
+    kind: Literal["entropy", "random", "all"] = "entropy"  # random/all: the ablations
+    tau: Annotated[float, Field(ge=0.0)] | None = None  # absolute base entropy in nats; None: use quantile
+    quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9  # τ = this quantile of the base's entropies
+
+
+class ForkCfg(Strict):
+    """Fork-gated contrastive training from base rollouts, RL-free (METHODS §4, ReasonMaxxer)."""
+
+    candidates: Pos = 200  # training problems sampled from the frozen base
+    samples_per_problem: Annotated[int, Field(ge=2)] = 20  # n
+    temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.6
+    top_p: Prob = 0.95
+    pass_rate_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
+    pass_rate_max: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
+    max_problems: Pos = 50  # kept problems, pass rate closest to 0.5 first
+    adv_clip: Annotated[float, Field(gt=0.0)] = 2.5
+    gate: GateCfg = GateCfg()
+    positive_only: bool = False  # the ablation: train on rows with A > 0 only
+    kl_coef: Annotated[float, Field(ge=0.0)] = 0.1  # λ of the KL(π_b ‖ π_θ) anchor off the decision set
+    epochs: Pos = 3
+    batch_size: Pos = 64  # rows per optimizer step
+    micro_batch_size: Pos = 64
+    rewards: list[RewardCfg] = [RewardCfg(name="correct")]
+    reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0
+    lora: LoraCfg = LoraCfg(enabled=True, r=8, alpha=16.0, target_modules=["o_proj"])  # enabled: false = full FT
+    rollouts_from: str | None = None  # a run (or its base_rollouts.safetensors) whose base rollouts to reuse
+    eval_every: NonNeg = 0
+    optim: OptimCfg = OptimCfg(lr=2e-4, grad_clip=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"fork.micro_batch_size ({self.micro_batch_size}) must divide "
+                             f"fork.batch_size ({self.batch_size})")
+        if self.pass_rate_min > self.pass_rate_max:
+            raise ValueError(f"fork.pass_rate_min ({self.pass_rate_min}) is above fork.pass_rate_max "
+                             f"({self.pass_rate_max})")
+        if not self.rewards:
+            raise ValueError("fork.rewards is empty: give at least one, e.g. [{name: correct}]")
+        return self
+
+
 class EvalCfg(Strict):
     num_problems: Pos = 200
     samples_per_problem: Pos = 4
@@ -227,17 +272,22 @@ class DebugCfg(Strict):
 
 class RunCfg(Strict):
     seed: int = 0
-    stages: list[Literal["sft", "grpo"]] = Field(min_length=1)
+    stages: list[Literal["sft", "grpo", "fork"]] = Field(min_length=1)
     model: ModelCfg
     task: TaskCfg
     sampling: SamplingCfg = SamplingCfg()
     sft: SftCfg = SftCfg()
     grpo: GrpoCfg = GrpoCfg()
+    fork: ForkCfg = ForkCfg()
     eval: EvalCfg = EvalCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     guards: GuardsCfg = GuardsCfg()
     debug: DebugCfg = DebugCfg()
     log_every: Pos = 1
+
+    def lora_for(self, stage: str) -> LoraCfg:
+        """The LoRA setting of a stage: ``fork.lora`` for the fork stage, ``model.lora`` for the others."""
+        return self.fork.lora if stage == "fork" else self.model.lora
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -44,18 +44,25 @@ class StageContext:
     dist: Dist
     nonfinite_streak: int = 0  # consecutive skipped (NaN/inf) updates, see trainers.common.run_guards
     unscorable_streak: int = 0  # consecutive steps with most rows unscorable
+    eval_s: float = 0.0  # seconds spent in held-out evaluation this stage (interim and final)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        fmt = self.cfg.task.format
-        text = format_prompt(prompt, self.tokenizer, style=fmt.style, template=fmt.template,
-                             system_prompt=fmt.system_prompt or getattr(self.task, "system_prompt", None))
-        ids = self.tokenizer(text, add_special_tokens=fmt.style == "plain").input_ids
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and len(ids) + self.cfg.sampling.max_new_tokens > limit:
-            raise ConfigError(f"a prompt of {len(ids)} tokens plus sampling.max_new_tokens="
-                              f"{self.cfg.sampling.max_new_tokens} exceeds the model's context of {limit}; "
-                              "lower sampling.max_new_tokens or shorten the prompts")
-        return ids
+        return encode_prompt(self.cfg, self.tokenizer, self.task, self.model, prompt)
+
+
+def encode_prompt(cfg: RunCfg, tokenizer, task, model, prompt: str) -> list[int]:
+    """A problem's prompt ids exactly as every stage and diagnostic sees them (format style, template,
+    system prompt); a prompt that cannot fit with ``sampling.max_new_tokens`` is a user error."""
+    fmt = cfg.task.format
+    text = format_prompt(prompt, tokenizer, style=fmt.style, template=fmt.template,
+                         system_prompt=fmt.system_prompt or getattr(task, "system_prompt", None))
+    ids = tokenizer(text, add_special_tokens=fmt.style == "plain").input_ids
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(ids) + cfg.sampling.max_new_tokens > limit:
+        raise ConfigError(f"a prompt of {len(ids)} tokens plus sampling.max_new_tokens="
+                          f"{cfg.sampling.max_new_tokens} exceeds the model's context of {limit}; "
+                          "lower sampling.max_new_tokens or shorten the prompts")
+    return ids
 
 
 def device_and_dtype(cfg: RunCfg) -> tuple[torch.device, torch.dtype]:
@@ -84,14 +91,14 @@ def base_model_path(cfg: RunCfg, task) -> Path:
     return out
 
 
-def load_stage_model(cfg: RunCfg, init_path: Path, resume_from: Path | None):
-    """The policy for a stage: ``init_path``'s weights, a fresh LoRA adapter if enabled, then the
-    checkpoint's weights when resuming."""
+def load_stage_model(cfg: RunCfg, init_path: Path, resume_from: Path | None, stage: str):
+    """The policy for a stage: ``init_path``'s weights, a fresh LoRA adapter if the stage's LoRA setting
+    (``cfg.lora_for(stage)``) enables one, then the checkpoint's weights when resuming."""
     device, dtype = device_and_dtype(cfg)
     trc = cfg.model.trust_remote_code
     tok_path = cfg.model.tokenizer if (cfg.model.tokenizer and init_path == Path(cfg.model.path or "")) else init_path
     tokenizer = models.load_tokenizer(str(tok_path), trust_remote_code=trc)
-    lora = cfg.model.lora
+    lora = cfg.lora_for(stage)
     if resume_from is not None and not lora.enabled:
         model = models.load_model(str(resume_from / "model"), dtype=dtype, trust_remote_code=trc)
     else:
@@ -115,7 +122,7 @@ def save_final(ctx: StageContext) -> Path:
         tmp = ctx.stage_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model = ctx.model
-        if ctx.cfg.model.lora.enabled:
+        if ctx.cfg.lora_for(ctx.name).enabled:
             model.save_pretrained(tmp / "adapter", safe_serialization=True)
             model = model.merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
@@ -137,6 +144,7 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
 
     ``init_path`` overrides the starting model; ``task`` (any object following the Task protocol)
     overrides the config's task section, for tasks written in Python."""
+    from .trainers.fork import train_fork
     from .trainers.grpo import train_grpo
     from .trainers.sft import train_sft
 
@@ -160,13 +168,13 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
-    trainers = {"sft": train_sft, "grpo": train_grpo}
+    trainers = {"sft": train_sft, "grpo": train_grpo, "fork": train_fork}
     for name, stage_dir in stage_dirs(cfg, run_dir):
         if (stage_dir / "final" / "DONE").exists():
             init = stage_dir / "final"
             continue
         resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
-        model, tokenizer, device = load_stage_model(cfg, init, resume_from)
+        model, tokenizer, device = load_stage_model(cfg, init, resume_from, name)
         ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from, dist)
         t0 = time.time()
         result = trainers[name](ctx)

@@ -19,29 +19,39 @@ from ..config import OptimCfg
 from ..types import Role, Rollouts
 
 
-def completion_logprobs(model, batch: Rollouts, *, temperature: float = 1.0, entropy: str = "none"):
-    """Per-token log π(y_t | y_<t) of ``batch`` under ``model``, aligned to targets ``input_ids[:, 1:]``.
+def completion_logits(model, batch: Rollouts):
+    """(logits_NSV, targets_NS, start): the logits that predict ``input_ids[:, start+1:]``, from the first
+    completion target of the batch on (``logits_to_keep``: prompts cost no LM-head work).
 
-    Returns (logp_NT, H_NT, mask_NT) with T = L - 1. ``entropy``: "none" (H_NT is zeros), "metric"
-    (detached), or "grad" (differentiable, for an entropy bonus). Only positions from the first
-    completion target on are pushed through the LM head (``logits_to_keep``): prompts cost no logits.
-    """
+    Position ``start + j`` of a row predicts its token ``start + j + 1``; slice any [N, L-1] tensor aligned to
+    targets ``input_ids[:, 1:]`` with ``[:, start:]`` to match."""
     mask_NT = batch.role_NL[:, 1:] == Role.COMPLETION
     start = int(mask_NT.any(0).nonzero()[0]) if mask_NT.any() else 0
     device = next(model.parameters()).device
     ids = batch.input_ids_NL.to(device)
     out = model(input_ids=ids, attention_mask=batch.attention_mask_NL.to(device),
                 logits_to_keep=ids.shape[1] - start)
-    logits_NTV = out.logits[:, :-1]  # position start + j predicts token start + j + 1
-    logp = token_logprobs(logits_NTV, ids[:, start + 1 :], temperature=temperature)
-    pad = torch.zeros(ids.shape[0], start, dtype=logp.dtype, device=device)
+    return out.logits[:, :-1], ids[:, start + 1 :], start
+
+
+def completion_logprobs(model, batch: Rollouts, *, temperature: float = 1.0, entropy: str = "none"):
+    """Per-token log π(y_t | y_<t) of ``batch`` under ``model``, aligned to targets ``input_ids[:, 1:]``.
+
+    Returns (logp_NT, H_NT, mask_NT) with T = L - 1. ``entropy``: "none" (H_NT is zeros), "metric"
+    (detached), or "grad" (differentiable, for an entropy bonus). Positions before the batch's first
+    completion target are 0 (see ``completion_logits``).
+    """
+    mask_NT = batch.role_NL[:, 1:] == Role.COMPLETION
+    logits_NSV, targets_NS, start = completion_logits(model, batch)
+    logp = token_logprobs(logits_NSV, targets_NS, temperature=temperature)
+    pad = torch.zeros(logp.shape[0], start, dtype=logp.dtype, device=logp.device)
     logp_NT = torch.cat([pad, logp], dim=1)
     if entropy == "none":
         H_NT = torch.zeros_like(logp_NT)
     else:
-        src = logits_NTV if entropy == "grad" else logits_NTV.detach()
+        src = logits_NSV if entropy == "grad" else logits_NSV.detach()
         H_NT = torch.cat([pad, entropy_from_logits(src, temperature=temperature)], dim=1)
-    return logp_NT, H_NT, mask_NT.to(device)
+    return logp_NT, H_NT, mask_NT.to(logp.device)
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -209,8 +219,10 @@ def sampling_params(cfg, *, for_eval: bool = False):
 def heldout_eval(ctx, sampler) -> EvalResult:
     problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
     ids = [ctx.encode_prompt(p.prompt) for p in problems]
-    return evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
-                    ctx.cfg.eval.samples_per_problem, seed=ctx.cfg.seed)
+    result = evaluate(sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
+                      ctx.cfg.eval.samples_per_problem, seed=ctx.cfg.seed)
+    ctx.eval_s += result.seconds
+    return result
 
 
 def resume_state(ctx, opt, sched) -> int:
@@ -257,13 +269,16 @@ def want_eval(every: int, step: int, total: int) -> bool:
     return bool(every and step % every == 0) and step != total
 
 
-def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict, opt, sched) -> None:
-    """The non-finite guard, held-out pass@1 when due, the metrics line, and a checkpoint when due."""
+def end_step(ctx, sampler, log: MetricsLog, step: int, stage_cfg, metrics: dict, opt, sched, *,
+             total: int | None = None) -> None:
+    """The non-finite guard, held-out pass@1 when due, the metrics line, and a checkpoint when due.
+    ``total``: the stage's step count, when its config does not name it ``steps``."""
+    total = total or stage_cfg.steps
     stop = run_guards(ctx, step, metrics)
-    if want_eval(stage_cfg.eval_every, step, stage_cfg.steps) and ctx.dist.is_main and not stop:
+    if want_eval(stage_cfg.eval_every, step, total) and ctx.dist.is_main and not stop:
         metrics["pass_at_1"] = heldout_eval(ctx, sampler).pass_at_1
     log.write(step, metrics)
-    maybe_checkpoint(ctx, step, stage_cfg.steps, opt, sched)
+    maybe_checkpoint(ctx, step, total, opt, sched)
     if stop:
         log.close()
         raise TrainingError(stop)
@@ -293,12 +308,29 @@ def run_guards(ctx, step: int, metrics: dict) -> str | None:
 
 
 def finish_stage(ctx, sampler, log: MetricsLog, steps: int) -> dict:
-    """Held-out evaluation on rank 0 (the others wait at the next barrier)."""
+    """Held-out evaluation on rank 0 (the others wait at the next barrier). ``eval_s`` is the stage's time
+    in held-out evaluation (interim and final), so wall_s − eval_s is the training cost."""
     log.close()
+    trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     if not ctx.dist.is_main:
-        return {"steps": steps}
+        return {"steps": steps, "trainable_params": trainable}
     final = heldout_eval(ctx, sampler)
-    return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": steps}
+    return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": steps,
+            "trainable_params": trainable, "eval_s": round(ctx.eval_s, 2)}
+
+
+def stage_sums(ctx, keys: tuple[str, ...]) -> dict:
+    """Sums of ``keys`` over this stage's lines of metrics.jsonl (so a resumed stage counts every step)."""
+    path = ctx.run_dir / "metrics.jsonl"
+    sums = dict.fromkeys(keys, 0)
+    if not ctx.dist.is_main or not path.exists():
+        return sums
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("stage") == ctx.stage_dir.name:
+            for k in keys:
+                sums[k] += row.get(k) or 0
+    return sums
 
 
 def stage_log(ctx, total: int, start: int) -> MetricsLog:

@@ -29,7 +29,7 @@ from ..sampling import HFSampler
 from ..types import Rollouts
 from .common import (batch_indices, clip_and_step, completion_logprobs, decode_completions, end_step,
                      finish_stage, global_totals, make_optimizer, micro_denominators, micro_slices, resume_state,
-                     row_seeds, sampling_params, skip_micro_batch, stage_log)
+                     row_seeds, sampling_params, skip_micro_batch, stage_log, stage_sums)
 
 
 def _fit(t_NT: torch.Tensor, like_NT: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def train_grpo(ctx) -> dict:
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
         metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step)
         end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
-    return finish_stage(ctx, sampler, log, cfg.steps)
+    return {**finish_stage(ctx, sampler, log, cfg.steps), **stage_sums(ctx, ("tokens_sampled", "tokens_trained"))}
 
 
 def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step: int) -> dict:
@@ -204,6 +204,7 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "completion_len_mean": float(lens.mean()), "completion_len_min": int(lens.min()),
         "completion_len_max": int(lens.max()), "truncation_rate": float(g["truncated"].float().mean()),
         "sample_s": sample_s, "train_s": train_s,
+        "tokens_sampled": int(sample_tokens), "tokens_trained": int(stats["tokens"]) * cfg.inner_iterations,
         "sample_tokens_per_s": sample_tokens / max(sample_s, 1e-9),
         "train_tokens_per_s": float(stats["tokens"]) * cfg.inner_iterations / max(train_s, 1e-9),
         "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",

@@ -1,0 +1,113 @@
+"""Fork-gated contrastive training, RL-free (ReasonMaxxer, Sparse Policy Selection, arXiv 2605.06241 §4).
+
+From n scored base rollouts per problem: a clipped group advantage per row, a decision set D of
+high-entropy positions under the frozen base π_b, and the loss
+
+    L = Σ_{t∈D} A_i · (−log π_θ(y_t)) / |D|  +  λ · Σ_{t∉D} KL(π_b ‖ π_θ)_t / |¬D|
+
+(METHODS §4, step 6). |D| and |¬D| are counted over the whole optimizer step, before the micro-batch
+loop (the global-denominator rule of METHODS §1), so the gradient does not depend on how a step is split.
+
+Choices the paper leaves open, made here:
+* the group std in the advantage is the population std (ddof = 0) of the problem's valid rewards; an
+  unscorable row gets advantage 0 and is left out of the statistics, as in forkrl's GRPO advantages;
+* the KL anchor is the exact full-vocabulary KL(π_b ‖ π_θ) at each non-decision position (not a sampled
+  estimator), at temperature 1, as are the entropies that define the gate;
+* an all-token gate leaves no anchor tokens: the KL term is then 0 (|¬D| = 0 is treated as 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import lookup
+from .filters import group_stats
+
+
+def fork_advantages(reward_N: torch.Tensor, group_N: torch.Tensor, valid_N: torch.Tensor, *,
+                    clip: float = 2.5, eps: float = 1e-8) -> torch.Tensor:
+    """A_i = clip((r_i − mean_g r) / max(std_g r, eps), −clip, clip), std with ddof = 0 over the group's
+    valid rows (METHODS §4 step 4). Flat groups, singleton groups and invalid rows get exactly 0.
+
+    Worked case: rewards [1, 0, 0, 0] → mean .25, population std √(.75·.25) = .4330,
+    A = [1.7321, −.5774, −.5774, −.5774]; with clip 1.5 the first becomes 1.5."""
+    s = group_stats(reward_N, group_N, valid_N)
+    pop_std_N = s.std_N * ((s.count_N - 1) / s.count_N.clamp(min=1)).clamp(min=0).sqrt()
+    adv_N = s.centered_N / pop_std_N.clamp(min=eps)
+    return torch.where(s.zero_N, torch.zeros_like(adv_N), adv_N.clamp(-clip, clip))
+
+
+def full_kl(ref_logits_NTV: torch.Tensor, logits_NTV: torch.Tensor) -> torch.Tensor:
+    """KL(π_ref ‖ π)_t = Σ_v π_ref(v) · (log π_ref(v) − log π(v)), exact over the vocabulary; ≥ 0.
+
+    Gradient flows into ``logits_NTV`` only (detach the reference's logits before calling)."""
+    ref_logp_NTV = torch.log_softmax(ref_logits_NTV, dim=-1)
+    logp_NTV = torch.log_softmax(logits_NTV, dim=-1)
+    return (ref_logp_NTV.exp() * (ref_logp_NTV - logp_NTV)).sum(dim=-1)
+
+
+def fork_loss(logp_NT: torch.Tensor, kl_NT: torch.Tensor, adv_N: torch.Tensor, gate_NT: torch.Tensor,
+              mask_NT: torch.Tensor, *, kl_coef: float, total_decision: int | torch.Tensor,
+              total_anchor: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, contrastive term, anchor term) of one micro-batch's share of a step.
+
+    contrastive = Σ_{m ∧ gate} A_i · (−logp_t) / |D|,  anchor = Σ_{m ∧ ¬gate} kl_t / |¬D|,
+    loss = contrastive + kl_coef · anchor. ``total_decision`` = |D| and ``total_anchor`` = |¬D| are the
+    whole step's counts (all micro-batches, all ranks); a count of 0 is treated as 1 (the sum is 0 then).
+
+    Worked case: two tokens of one row, A = 2, logp = [log .5, log .25], gate = [1, 0], kl = [·, .3],
+    kl_coef .1, |D| = |¬D| = 1 → contrastive = 2·log 2 = 1.3863, anchor = .3, loss = 1.4163."""
+    m = mask_NT.to(logp_NT.dtype)
+    decision_NT = m * gate_NT.to(logp_NT.dtype)
+    anchor_NT = m - decision_NT
+    dec = torch.as_tensor(total_decision, dtype=logp_NT.dtype).clamp(min=1)
+    anc = torch.as_tensor(total_anchor, dtype=logp_NT.dtype).clamp(min=1)
+    contrastive = (adv_N[:, None].to(logp_NT.dtype) * -logp_NT * decision_NT).sum() / dec
+    anchor = (kl_NT * anchor_NT).sum() / anc
+    return contrastive + kl_coef * anchor, contrastive, anchor
+
+
+# ---------------------------------------------------------------- gates: which positions are decisions
+def entropy_tau(H_NT: torch.Tensor, mask_NT: torch.Tensor, *, tau: float | None, quantile: float) -> float:
+    """τ: ``tau`` when given (an absolute entropy in nats), else the ``quantile`` of the base entropy over
+    the masked positions. A vocabulary of 320 tokens caps H at log 320 = 5.8 nats, a 150k one at 11.9, so
+    an absolute τ from a large model's recipe (1.4) means something else on a tiny one: the quantile rule
+    transfers across vocabularies."""
+    if tau is not None:
+        return float(tau)
+    values = H_NT[mask_NT.bool()].double()
+    return float(torch.quantile(values, quantile)) if values.numel() else float("inf")
+
+
+def entropy_gate(H_NT: torch.Tensor, mask_NT: torch.Tensor, *, tau: float, seed: int = 0) -> torch.Tensor:
+    """D = {t : H_t > τ} among masked positions (METHODS §4 step 5). ``seed`` is unused (shared signature)."""
+    return mask_NT.bool() & (H_NT > tau)
+
+
+def random_gate(H_NT: torch.Tensor, mask_NT: torch.Tensor, *, tau: float, seed: int = 0) -> torch.Tensor:
+    """The ablation: as many positions as the entropy gate picks (the same token budget), drawn uniformly
+    at random among the masked positions with a generator seeded by ``seed``."""
+    mask = mask_NT.bool()
+    budget = int(entropy_gate(H_NT, mask, tau=tau).sum())
+    flat = mask.flatten().nonzero().squeeze(1)
+    pick = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:budget]]
+    gate = torch.zeros(mask.numel(), dtype=torch.bool)
+    gate[pick] = True
+    return gate.view_as(mask)
+
+
+def all_gate(H_NT: torch.Tensor, mask_NT: torch.Tensor, *, tau: float, seed: int = 0) -> torch.Tensor:
+    """The ablation: every masked position is a decision (advantage-weighted SFT, no anchor)."""
+    return mask_NT.bool().clone()
+
+
+GATES = {
+    "entropy": entropy_gate,
+    "random": random_gate,
+    "all": all_gate,
+}
+
+
+def get_gate(name: str):
+    """The gate registered as ``name``; ValueError listing the valid names otherwise."""
+    return lookup(GATES, name, "fork gate")

@@ -1,0 +1,140 @@
+"""The fork stage end to end: an SFT'd base with one 50/50 fork token, fork-gated training from its own
+rollouts, the cache of base rollouts, the ablation switches, and export."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from conftest import tiny_cfg_dict
+from forkrl.config import ConfigError, parse_config
+from forkrl.pipeline import run
+from forkrl.tasks.base import Problem
+
+
+@dataclass
+class ForkTask:
+    """``q17=`` → `` 1 ok`` (right) or `` 0 ok`` (wrong), half and half in the demonstrations: the SFT'd
+    base takes a 50/50 fork at its first completion token (entropy ≈ log 2) and the rest is certain."""
+
+    name: str = "fork-toy"
+
+    def problems(self, split):
+        lo = 0 if split == "train" else 80
+        return [Problem(id=f"{split}-{i}", prompt=f"q{i}=", answer="1") for i in range(lo, lo + 40)]
+
+    def demonstrations(self, split):
+        return [(p, " 1 ok" if i % 2 else " 0 ok") for i, p in enumerate(self.problems(split))]
+
+    def score(self, problem, completion):
+        return float(completion.strip().split(" ", 1)[0] == problem.answer)
+
+    def strategy(self, completion):
+        return completion.strip().split(" ", 1)[0] or "other"
+
+
+def fork_cfg(stages=("sft", "fork"), **over):
+    cfg = tiny_cfg_dict(**{
+        "stages": list(stages), "sampling.max_new_tokens": 6,
+        "sft.steps": 60, "sft.batch_size": 16, "sft.micro_batch_size": 16, "sft.optim": {"lr": 1e-2},
+        "fork.candidates": 12, "fork.samples_per_problem": 8, "fork.max_problems": 12, "fork.epochs": 3,
+        "fork.batch_size": 32, "fork.micro_batch_size": 16, "fork.temperature": 1.0, "fork.top_p": 1.0,
+        "fork.gate": {"tau": 0.3}, "fork.optim": {"lr": 5e-3}, "eval.num_problems": 40, "eval.samples_per_problem": 4, **over})
+    return parse_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def fork_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fork") / "run"
+    return out, run(fork_cfg(), out, task=ForkTask())
+
+
+def test_fork_stage_improves_heldout_pass_at_1(fork_run):
+    out, summary = fork_run
+    sft, fork = summary["stages"]["sft"], summary["stages"]["fork"]
+    assert 0.2 < sft["pass_at_1"] < 0.8, sft  # the base really sits at the fork
+    assert fork["pass_at_1"] > sft["pass_at_1"] + 0.1, (sft["pass_at_1"], fork["pass_at_1"])
+    assert fork["strategies"]["1"][0] > sft["strategies"]["1"][0]
+    # τ = 0.3 nats gates exactly one token of every row, its first (the fork): rows / completion tokens
+    tokens = fork["tokens_trained"] / 3  # three epochs
+    assert fork["tau"] == 0.3 and fork["gate_share"] == pytest.approx(fork["rows"] / tokens, abs=1e-12)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    fork_lines = [x for x in lines if x["stage"] == "fork"]
+    assert len(fork_lines) == fork["steps"] and all(x["tau"] == fork["tau"] for x in fork_lines)
+    assert all(x["decision_tokens"] > 0 and x["anchor_tokens"] > 0 for x in fork_lines)
+
+
+def test_fork_export_is_an_adapter_and_merged_weights(fork_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out, summary = fork_run
+    final = out / "fork" / "final"
+    adapter = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("o_proj" in k and "lora_" in k for k in adapter)  # rank-8 LoRA on o_proj only
+    assert summary["stages"]["fork"]["trainable_params"] == sum(v.numel() for v in adapter.values())
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(out / "sft" / "final")
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all("o_proj" in n for n in changed)
+
+
+def test_ablations_reuse_the_cached_base_rollouts(fork_run, tmp_path, monkeypatch):
+    out, summary = fork_run
+    base = out / "sft" / "final"
+    from forkrl.sampling import HFSampler
+
+    calls = []
+    monkeypatch.setattr(HFSampler, "sample", lambda *a, **k: calls.append(1) or pytest.fail("sampled again"))
+    monkeypatch.setattr("forkrl.trainers.fork.finish_stage", lambda ctx, s, log, steps: {"steps": steps})
+    results = {}
+    for name, over in {"random": {"fork.gate": {"kind": "random", "tau": 0.3}}, "all": {"fork.gate": {"kind": "all"}},
+                       "positive": {"fork.positive_only": True}}.items():
+        cfg = fork_cfg(stages=("fork",), **{"fork.rollouts_from": str(out), **over})
+        results[name] = run(cfg, tmp_path / name, init_path=base, task=ForkTask())["stages"]["fork"]
+        assert (tmp_path / name / "fork" / "base_rollouts.safetensors").exists()
+    entropy = summary["stages"]["fork"]
+    assert not calls
+    # the random gate spends the entropy gate's token budget; the all-token gate gates everything
+    assert results["random"]["gate_share"] == pytest.approx(entropy["gate_share"], abs=1e-12)
+    assert results["all"]["gate_share"] == 1.0
+    # positive-only trains exactly the rows with A > 0
+    assert results["positive"]["rows"] == entropy["positive_rows"] == results["positive"]["positive_rows"]
+    assert results["positive"]["negative_rows"] == 0
+
+
+def test_rollouts_from_a_different_base_is_refused(fork_run, tmp_path):
+    out, _ = fork_run
+    cfg = fork_cfg(stages=("fork",), **{"fork.rollouts_from": str(out), "fork.temperature": 0.7})
+    with pytest.raises(ConfigError, match="different base model or different sampling settings"):
+        run(cfg, tmp_path / "x", init_path=out / "sft" / "final", task=ForkTask())
+
+
+def test_full_fine_tuning_option(fork_run, tmp_path):
+    out, _ = fork_run
+    cfg = fork_cfg(stages=("fork",), **{"fork.rollouts_from": str(out), "fork.lora": {"enabled": False},
+                                        "fork.epochs": 1})
+    result = run(cfg, tmp_path / "full", init_path=out / "sft" / "final", task=ForkTask())["stages"]["fork"]
+    from transformers import AutoModelForCausalLM
+
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "fork" / "final").parameters())
+    assert result["trainable_params"] == n_params
+    assert not (tmp_path / "full" / "fork" / "final" / "adapter").exists()
+
+
+def test_no_mid_pass_rate_problem_is_a_clear_error(fork_run, tmp_path):
+    out, _ = fork_run
+    cfg = fork_cfg(stages=("fork",), **{"fork.rollouts_from": str(out), "fork.pass_rate_min": 0.99,
+                                        "fork.pass_rate_max": 0.995})  # rates are multiples of 1/8
+    with pytest.raises(ConfigError, match="none of the 12 candidate problems"):
+        run(cfg, tmp_path / "y", init_path=out / "sft" / "final", task=ForkTask())
+
+
+def test_fork_config_errors_name_the_keys():
+    with pytest.raises(ConfigError, match="fork.micro_batch_size"):
+        fork_cfg(**{"fork.micro_batch_size": 5})
+    with pytest.raises(ConfigError, match="fork.pass_rate_min"):
+        fork_cfg(**{"fork.pass_rate_min": 0.8, "fork.pass_rate_max": 0.3})
+    with pytest.raises(ConfigError, match="fork.gate.kind"):
+        fork_cfg(**{"fork.gate": {"kind": "oracle"}})
