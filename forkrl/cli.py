@@ -1,4 +1,4 @@
-"""``forkrl train | demo``: the command line. User mistakes exit with status 2 and one clear message."""
+"""``forkrl train | check | demo | diff | passk | report``: the command line. User mistakes exit with status 2 and one clear message."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", required=True, help="directory for the demo's runs, summary.json and table")
     d.add_argument("--fast", action="store_true", help="a much shorter demo (smoke test; numbers not meaningful)")
     d.set_defaults(fn=cmd_demo)
+    _diagnostic_parsers(sub)
     args = parser.parse_args(argv)
     torch_threads()
     quiet_libraries()
@@ -93,6 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     teardown(wait=False)
     return code
+
+
+def _diagnostic_parsers(sub) -> None:
+    """``diff``, ``passk`` and ``report``: each module declares its own arguments and runs its command."""
+    from .diagnostics import passk, tokendiff
+    from . import report
+
+    for name, module, help_text in (
+        ("diff", tokendiff, "what training changed, token by token: agreement, fork tokens, oracle substitution"),
+        ("passk", passk, "pass@k curves, capability boundaries and strategy diversity of one or more models"),
+        ("report", report, "one self-contained offline HTML report of a run directory"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(fn=module.main)
 
 
 def quiet_libraries() -> None:
