@@ -224,6 +224,7 @@ class ForkCfg(Strict):
     gate: GateCfg = GateCfg()
     positive_only: bool = False  # the ablation: train on rows with A > 0 only
     kl_coef: Annotated[float, Field(ge=0.0)] = 0.1  # λ of the KL(π_b ‖ π_θ) anchor off the decision set
+    neg_floor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # A<0 tokens stop at this × π_b (not the paper's)
     epochs: Pos = 3
     batch_size: Pos = 64  # rows per optimizer step
     micro_batch_size: Pos = 64

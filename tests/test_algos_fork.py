@@ -155,3 +155,19 @@ def test_random_gate_has_the_same_budget_on_masked_positions_only():
 def test_gate_registry_lists_valid_names():
     with pytest.raises(ValueError, match="all, entropy, random"):
         get_gate("oracle")
+
+
+def test_neg_floor_stops_only_negative_rows_already_below_it():
+    # rows: A = -1 with π/π_b = .25 (below a .5 floor), A = -1 with ratio .8, A = +1 with ratio .25
+    logp = torch.log(torch.tensor([[0.1], [0.4], [0.1]], dtype=F64)).requires_grad_(True)
+    base = torch.log(torch.tensor([[0.4], [0.5], [0.4]], dtype=F64))
+    adv = torch.tensor([-1.0, -1.0, 1.0], dtype=F64)
+    gate = torch.ones(3, 1, dtype=torch.bool)
+    kw = dict(kl_coef=0.1, total_decision=3, total_anchor=0)
+    loss, con, _ = fork_loss(logp, torch.zeros(3, 1, dtype=F64), adv, gate, gate, base_logp_NT=base, neg_floor=0.5, **kw)
+    loss.backward()
+    # d/dlogp of A·(−logp)/|D| = −A/3, except the floored row: 0; |D| stays 3
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0], [1 / 3], [-1 / 3]], dtype=F64), rtol=1e-14, atol=0)
+    assert con.item() == pytest.approx((math.log(0.4) - math.log(0.1)) / 3, rel=1e-14)
+    unfloored, _, _ = fork_loss(logp, torch.zeros(3, 1, dtype=F64), adv, gate, gate, **kw)
+    assert unfloored.item() == pytest.approx((math.log(0.1) + math.log(0.4) - math.log(0.1)) / 3, rel=1e-14)

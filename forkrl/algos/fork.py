@@ -18,6 +18,8 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import lookup
@@ -48,18 +50,28 @@ def full_kl(ref_logits_NTV: torch.Tensor, logits_NTV: torch.Tensor) -> torch.Ten
 
 def fork_loss(logp_NT: torch.Tensor, kl_NT: torch.Tensor, adv_N: torch.Tensor, gate_NT: torch.Tensor,
               mask_NT: torch.Tensor, *, kl_coef: float, total_decision: int | torch.Tensor,
-              total_anchor: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              total_anchor: int | torch.Tensor, base_logp_NT: torch.Tensor | None = None,
+              neg_floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, contrastive term, anchor term) of one micro-batch's share of a step.
 
     contrastive = Σ_{m ∧ gate} A_i · (−logp_t) / |D|,  anchor = Σ_{m ∧ ¬gate} kl_t / |¬D|,
     loss = contrastive + kl_coef · anchor. ``total_decision`` = |D| and ``total_anchor`` = |¬D| are the
     whole step's counts (all micro-batches, all ranks); a count of 0 is treated as 1 (the sum is 0 then).
 
+    ``neg_floor`` (forkrl's option, not the paper's): a decision token of a row with A < 0 whose probability
+    has already fallen below ``neg_floor`` × its base probability (logp − base_logp < log neg_floor) drops
+    out of the contrastive sum (it still counts in |D|). For A < 0 the paper's term A·(−log π) is unbounded
+    below, so with enough steps it keeps pushing the token down and the freed mass lands anywhere; the
+    floor bounds it, as PPO's clip bounds a ratio, while a positive row's pull saturates by itself as π → 1.
+
     Worked case: two tokens of one row, A = 2, logp = [log .5, log .25], gate = [1, 0], kl = [·, .3],
     kl_coef .1, |D| = |¬D| = 1 → contrastive = 2·log 2 = 1.3863, anchor = .3, loss = 1.4163."""
     m = mask_NT.to(logp_NT.dtype)
     decision_NT = m * gate_NT.to(logp_NT.dtype)
     anchor_NT = m - decision_NT
+    if neg_floor is not None:
+        floored_NT = (adv_N[:, None] < 0) & (logp_NT.detach() - base_logp_NT < math.log(neg_floor))
+        decision_NT = decision_NT * ~floored_NT
     dec = torch.as_tensor(total_decision, dtype=logp_NT.dtype).clamp(min=1)
     anc = torch.as_tensor(total_anchor, dtype=logp_NT.dtype).clamp(min=1)
     contrastive = (adv_N[:, None].to(logp_NT.dtype) * -logp_NT * decision_NT).sum() / dec

@@ -214,10 +214,15 @@ def fork_table(stats: PositionStats, rollouts: Rollouts, tokenizer, *, num: int 
 
 def heatmap_rows(stats: PositionStats, rollouts: Rollouts, tokenizer, correct: list[bool], *,
                  num: int = 8) -> list[dict]:
-    """``num`` trajectories for the report's heat map: those with the most non-U positions (row order)."""
+    """``num`` trajectories for the report's heat map, in row order: rows with at least one changed
+    (non-U) position, half of them correct and half wrong where both kinds exist, so the map shows the
+    typical fork rather than only the failures that have the most changed positions."""
     tok = _Tokens(tokenizer)
-    forks_N = (stats.cls_NT > UNSHIFTED).sum(1)
-    chosen = sorted(sorted(range(len(forks_N)), key=lambda r: -int(forks_N[r]))[:num])
+    changed = [r for r in range(stats.cls_NT.shape[0]) if bool((stats.cls_NT[r] > UNSHIFTED).any())]
+    right, wrong = [r for r in changed if correct[r]], [r for r in changed if not correct[r]]
+    half = min(num // 2, len(right), len(wrong)) if right and wrong else 0
+    chosen = right[:half] + wrong[:half]
+    chosen = sorted(chosen + [r for r in changed if r not in chosen][: num - len(chosen)])
     out = []
     for r in chosen:
         ids, role = rollouts.input_ids_NL[r], rollouts.role_NL[r]

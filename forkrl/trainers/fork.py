@@ -56,7 +56,7 @@ def prepare(ctx, base: FrozenBase) -> tuple[BaseRollouts, torch.Tensor, torch.Te
 
 
 def fork_update(model, base: FrozenBase, batch: BaseRollouts, adv_N, gate_NT, *, kl_coef: float,
-                micro_batch_size: int, totals: tuple[int, int]) -> dict[str, torch.Tensor]:
+                micro_batch_size: int, totals: tuple[int, int], neg_floor: float | None = None) -> dict[str, torch.Tensor]:
     """Accumulate one optimizer step's gradient over micro-batches; ``totals`` = (|D|, |¬D|) of the whole
     step over every rank, fixed before the loop. Returns summed statistics."""
     rollouts = batch.rollouts
@@ -71,9 +71,10 @@ def fork_update(model, base: FrozenBase, batch: BaseRollouts, adv_N, gate_NT, *,
         mask = (mb.role_NL[:, 1:] == Role.COMPLETION)[:, start:].to(logits.device)
         gate = gate_NT[idx][:, :width][:, start:].to(logits.device)
         logp = token_logprobs(logits, targets)
-        kl = full_kl(ref_logits.detach(), logits)
+        kl = full_kl(ref_logits, logits)
         loss, con, anc = fork_loss(logp, kl, adv_N[idx].to(logits.device), gate, mask, kl_coef=kl_coef,
-                                   total_decision=totals[0], total_anchor=totals[1])
+                                   total_decision=totals[0], total_anchor=totals[1], neg_floor=neg_floor,
+                                   base_logp_NT=token_logprobs(ref_logits, targets) if neg_floor else None)
         loss.backward()
         for k, v in (("loss", loss), ("contrastive", con), ("anchor_kl", anc)):
             sums[k] += v.detach().double().cpu()
@@ -104,7 +105,7 @@ def train_fork(ctx) -> dict:
         totals = (int(decision.sum()), int((mask_NT[rows] & ~decision).sum()))
         mine = rows[dist.rank :: dist.world_size]
         sums = fork_update(ctx.model, base, data.select(mine), adv_N[mine], gate_NT[mine], kl_coef=cfg.kl_coef,
-                           micro_batch_size=cfg.micro_batch_size, totals=totals)
+                           micro_batch_size=cfg.micro_batch_size, totals=totals, neg_floor=cfg.neg_floor)
         dist.sum_gradients(params)
         sums = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
         grad_norm = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
