@@ -171,9 +171,15 @@ def test_demo_fast_writes_summary(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert 0.0 <= s["base"]["pass_at_1"] <= 1.0 and 0.0 <= s["grpo"]["pass_at_1"] <= 1.0
-    assert s["stages"]["sft"]["wall_s"] > 0 and s["stages"]["grpo"]["wall_s"] > 0
-    assert "GRPO gain" in proc.stdout
+    for model in ("base", "grpo", "fork"):
+        assert 0.0 <= s[model]["pass_at_1"] <= 1.0
+    assert all(s["stages"][k]["wall_s"] > 0 for k in ("sft", "grpo", "fork"))
+    for key in ("agreement", "reranked", "shifted", "entropy_ratio", "oracle_recovery", "random_recovery"):
+        assert key in s["diff"] and key in s["diff_fork"]
+    assert abs(s["diff"]["agreement"] + s["diff"]["reranked"] + s["diff"]["shifted"] - 1) < 1e-6
+    assert (tmp_path / "diff.json").exists() and (tmp_path / "passk.json").exists()
+    assert "id=\"heatmap\"" in (tmp_path / "report.html").read_text()
+    assert "GRPO gain" in proc.stdout and "paper (RL vs base)" in proc.stdout
     # the second run takes the SFT'd base from the cache
     again = subprocess.run([sys.executable, "-m", "forkrl.cli", "demo", "--out", str(tmp_path / "2"), "--fast"],
                            capture_output=True, text=True, timeout=300)

@@ -1,0 +1,97 @@
+"""The fork stage's ablations and recipe departures on the demo's SFT'd base, side by side in one run.
+
+Each row runs the RL-free fork stage (METHODS §4) from the same cached demo base with one change to the
+demo's ``fork`` section, reusing the first row's base rollouts (``fork.rollouts_from``), and reports
+held-out pass@1, the share of GRPO's gain it recovers (GRPO's pass@1 from ``--grpo-pass``, e.g. the
+demo's ``summary.json``), the strategy mix and the training wall time (without held-out evaluation).
+
+    python benchmarks/fork_ablations.py --out /tmp/fork-ablations --json /tmp/fork-ablations.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+ROWS = {  # name -> overrides of the demo's fork section (dotted keys)
+    "demo fork": {},
+    "random gate (same budget)": {"gate.kind": "random"},
+    "all-token gate": {"gate.kind": "all"},
+    "positive-only rows": {"positive_only": True},
+    "kl_coef 0.1 (paper)": {"kl_coef": 0.1},
+    "no neg_floor (paper)": {"neg_floor": None},
+    "tau at quantile 0.9": {"gate.quantile": 0.9},
+    "paper recipe (λ .1, q .9, no floor, lr 2e-4)": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9,
+                                                      "optim.lr": 2e-4},
+}
+
+
+def fork_config(overrides: dict, rollouts_from: str | None):
+    from importlib import resources
+
+    from forkrl.config import parse_config
+
+    data = yaml.safe_load(resources.files("forkrl").joinpath("configs/demo.yaml").read_text())
+    data["stages"] = ["fork"]
+    for key, value in {**overrides, "rollouts_from": rollouts_from}.items():
+        node = data["fork"]
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_config(data, source="benchmarks/fork_ablations.py")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for the runs (replaced)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--grpo-pass", type=float, help="GRPO's held-out pass@1 on the same base (for 'of GRPO gain')")
+    args = ap.parse_args(argv)
+    from forkrl.cli import quiet_libraries, torch_threads
+    from forkrl.demo import cached_base
+    from forkrl.pipeline import run
+
+    torch_threads()
+    quiet_libraries()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    base, _, _ = cached_base(False)
+    base_pass = json.loads((base.parents[1] / "summary.json").read_text())["stages"]["sft"]["pass_at_1"]
+    results, first = {}, None
+    for i, (name, over) in enumerate(ROWS.items()):
+        run_dir = out / f"{i}"
+        s = run(fork_config(over, first), run_dir, init_path=base)["stages"]["fork"]
+        first = first or str(run_dir)
+        results[name] = {"overrides": over, "pass_at_1": s["pass_at_1"], "train_wall_s": s["wall_s"] - s["eval_s"],
+                         "gate_share": s["gate_share"], "tau": s["tau"], "rows": s["rows"],
+                         "strategies": s["strategies"]}
+        print(f"[{i + 1}/{len(ROWS)}] {name}: pass@1 {s['pass_at_1']:.3f}", file=sys.stderr)
+    print(table(results, base_pass, args.grpo_pass))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base_pass_at_1": base_pass, "grpo_pass_at_1": args.grpo_pass,
+                                               "rows": results}, indent=2))
+    return 0
+
+
+def table(results: dict, base_pass: float, grpo_pass: float | None) -> str:
+    head = ("fork stage", "pass@1", "of GRPO gain", "train s", "gate", "strategy mix (share: accuracy)")
+    rows = [head]
+    for name, r in results.items():
+        share = f"{(r['pass_at_1'] - base_pass) / (grpo_pass - base_pass):.0%}" if grpo_pass else "-"
+        mix = ", ".join(f"{k} {v[0]:.0%}:{v[1]:.0%}" for k, v in r["strategies"].items() if v[0] >= 0.01)
+        rows.append((name, f"{r['pass_at_1']:.3f}", share, f"{r['train_wall_s']:.1f}", f"{r['gate_share']:.1%}", mix))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines.append(f"base (SFT) pass@1 {base_pass:.3f}" + (f"; GRPO {grpo_pass:.3f}" if grpo_pass else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
