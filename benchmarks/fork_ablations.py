@@ -1,7 +1,8 @@
 """The fork stage's ablations and recipe departures on the demo's SFT'd base, side by side in one run.
 
 Each row runs the RL-free fork stage (METHODS §4) from the same cached demo base with one change to the
-demo's ``fork`` section, reusing the first row's base rollouts (``fork.rollouts_from``), and reports
+demo's ``fork`` section, reusing the first row's base rollouts (``fork.rollouts_from``) unless the row changes how they are
+sampled, and reports
 held-out pass@1, the share of GRPO's gain it recovers (GRPO's pass@1 from ``--grpo-pass``, e.g. the
 demo's ``summary.json``), the strategy mix and the training wall time (without held-out evaluation).
 
@@ -25,10 +26,19 @@ ROWS = {  # name -> overrides of the demo's fork section (dotted keys)
     "positive-only rows": {"positive_only": True},
     "kl_coef 0.1 (paper)": {"kl_coef": 0.1},
     "no neg_floor (paper)": {"neg_floor": None},
+    "kl_coef 0.1, no neg_floor": {"kl_coef": 0.1, "neg_floor": None},
     "tau at quantile 0.9": {"gate.quantile": 0.9},
+    "tau at quantile 0.97": {"gate.quantile": 0.97},
+    "4 epochs": {"epochs": 4},
+    "12 rollouts per problem": {"samples_per_problem": 12, "batch_size": 96, "micro_batch_size": 96},
+    "64 candidates, 48 problems": {"candidates": 64, "max_problems": 48},
+    "rollouts at T 1.0, top-p 1.0": {"temperature": 1.0, "top_p": 1.0},
     "paper recipe (λ .1, q .9, no floor, lr 2e-4)": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9,
                                                       "optim.lr": 2e-4},
+    "paper recipe at lr 5e-3": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9},
+    "paper recipe at lr 1e-2": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9, "optim.lr": 1e-2},
 }
+SAMPLING_KEYS = ("candidates", "samples_per_problem", "temperature", "top_p")  # rows that need new rollouts
 
 
 def fork_config(overrides: dict, rollouts_from: str | None):
@@ -66,7 +76,8 @@ def main(argv=None) -> int:
     results, first = {}, None
     for i, (name, over) in enumerate(ROWS.items()):
         run_dir = out / f"{i}"
-        s = run(fork_config(over, first), run_dir, init_path=base)["stages"]["fork"]
+        reuse = None if any(k in SAMPLING_KEYS for k in over) else first
+        s = run(fork_config(over, reuse), run_dir, init_path=base)["stages"]["fork"]
         first = first or str(run_dir)
         results[name] = {"overrides": over, "pass_at_1": s["pass_at_1"], "train_wall_s": s["wall_s"] - s["eval_s"],
                          "gate_share": s["gate_share"], "tau": s["tau"], "rows": s["rows"],

@@ -93,6 +93,31 @@ def test_train_under_torchrun_matches_one_process(tmp_path):
         assert b["world_size"] == 2 and a["world_size"] == 1
 
 
+def test_fork_stage_under_torchrun_matches_one_process(tmp_path):
+    data = tiny_cfg_dict(**{"stages": ["sft", "fork"], "sft.steps": 3,
+                            "fork": {"candidates": 4, "samples_per_problem": 4, "pass_rate_min": 0.0,
+                                     "pass_rate_max": 1.0, "rewards": [{"name": "random"}], "epochs": 2,
+                                     "batch_size": 8, "micro_batch_size": 2, "gate": {"quantile": 0.5},
+                                     "optim": {"lr": 1e-2}}})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    run(parse_config(data), tmp_path / "one")
+    proc = torchrun("-m", "forkrl.cli", "train", str(cfg_path), "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "fork" / "final").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "fork" / "final").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "sft" / "final").state_dict()
+    assert any(not torch.equal(one[k], base[k]) for k in one)  # the fork stage did update the weights
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    fork = [[r for r in rs if r["stage"] == "fork"] for rs in rows]
+    assert len(fork[0]) == len(fork[1]) == 4  # 16 rows, 8 per step, 2 epochs; rank 0 writes once
+    for a, b in zip(*fork):
+        assert (a["decision_tokens"], a["anchor_tokens"]) == (b["decision_tokens"], b["anchor_tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
 def test_sizes_that_do_not_split_across_ranks_name_the_key():
     from forkrl.config import ConfigError
     from forkrl.distributed import Dist
