@@ -21,6 +21,7 @@ import torch
 
 from ..algos.fork import entropy_tau, fork_advantages, fork_loss, full_kl, get_gate
 from ..algos.logprobs import token_logprobs
+from ..config import ConfigError
 from ..sampling import HFSampler
 from ..types import Role
 from .common import (batch_indices, clip_and_step, completion_logits, end_step, finish_stage, make_optimizer,
@@ -34,8 +35,6 @@ def prepare(ctx, base: FrozenBase) -> tuple[BaseRollouts, torch.Tensor, torch.Te
     data = base_rollouts(ctx, base)
     keep_N, stats = select_problems(data, lo=cfg.pass_rate_min, hi=cfg.pass_rate_max, max_problems=cfg.max_problems)
     if not keep_N.any():
-        from ..config import ConfigError
-
         raise ConfigError(f"fork: none of the {stats['candidates']} candidate problems has a base pass rate in "
                           f"[{cfg.pass_rate_min}, {cfg.pass_rate_max}] (mean pass rate "
                           f"{stats['base_pass_rate_candidates']}); widen the window, raise fork.candidates, or "
