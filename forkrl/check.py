@@ -59,7 +59,8 @@ def _pad(batch: Rollouts, extra: int) -> Rollouts:
 
 
 def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, totals, inject: str, world: int,
-                   adv_N, old_NT, ref_NT) -> torch.Tensor:
+                   adv_N, old_NT, ref_NT, gate_NT=None, base=None) -> torch.Tensor:
+    from .trainers.fork import fork_update
     from .trainers.grpo import policy_update
     from .trainers.sft import sft_step
 
@@ -67,6 +68,9 @@ def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, total
     if trainer == "sft":
         sft_step(model, batch, reduction=cfg.sft.reduction, t_max=cfg.sft.t_max or 40, micro_batch_size=micro,
                  totals=totals, inject=inject, world_size=world)
+    elif trainer == "fork":
+        fork_update(model, base, batch, adv_N, gate_NT, kl_coef=cfg.fork.kl_coef, micro_batch_size=micro,
+                    totals=totals, neg_floor=cfg.fork.neg_floor, inject=inject, world_size=world)
     else:
         gcfg = cfg.grpo.model_copy(update={"micro_batch_size": micro})
         policy_update(model, batch, adv_N, old_NT, ref_NT, gcfg, temperature=cfg.sampling.temperature,
@@ -76,9 +80,12 @@ def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, total
 
 
 def step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, *, micro: int, world: int, inject: str,
-                  adv_N, old_NT, ref_NT) -> torch.Tensor:
+                  adv_N, old_NT, ref_NT, gate_NT=None, base=None) -> torch.Tensor:
     """The optimizer step's gradient with ``world`` simulated ranks of contiguous row shards."""
-    totals = step_totals(batch.completion_mask_NL)  # what the all-reduce of the rank counts gives
+    from .trainers.fork import step_counts
+
+    mask_NT = batch.completion_mask_NL[:, 1:]  # what the all-reduce of the rank counts gives:
+    totals = step_counts(gate_NT, mask_NT) if trainer == "fork" else step_totals(batch.completion_mask_NL)
     per_rank = batch.num_rows // world
     total = None
     for r in range(world):
@@ -86,13 +93,15 @@ def step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, *, micro: i
         shard = batch.select(idx)
         t = shard.input_ids_NL.shape[1] - 1
         g = _rank_gradient(model, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=world,
-                           adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t])
+                           adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t],
+                           gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base)
         total = g if total is None else total + g
     return total
 
 
 def run_checks(model, cfg: RunCfg, *, trainers: list[str], micro: int, accum: int, world: int,
-               inject: str) -> list[CheckRow]:
+               inject: str, base=None) -> list[CheckRow]:
+    """``base`` (the fork stage's frozen π_b: ``.model``, ``.active()``) is needed for the fork trainer only."""
     model = model.double()
     n = world * accum * micro
     batch = synthetic_batch(model.config.vocab_size, n, seed=cfg.seed)
@@ -101,19 +110,20 @@ def run_checks(model, cfg: RunCfg, *, trainers: list[str], micro: int, accum: in
     T = batch.input_ids_NL.shape[1] - 1
     old_NT = -2.0 + 0.1 * torch.randn(n, T, generator=g, dtype=torch.float64)  # ratios away from 1: clipping active
     ref_NT = -2.0 + 0.1 * torch.randn(n, T, generator=g, dtype=torch.float64) if cfg.grpo.kl.active else None
+    gate_NT = (torch.rand(n, T, generator=g) < 0.3) & batch.completion_mask_NL[:, 1:]  # the fork's decision set
     perm = torch.randperm(n, generator=g)
     rows = []
     for trainer in trainers:
-        common = dict(adv_N=adv_N, old_NT=old_NT, ref_NT=ref_NT)
+        common = dict(adv_N=adv_N, old_NT=old_NT, ref_NT=ref_NT, gate_NT=gate_NT, base=base)
         ref = step_gradient(model, batch, trainer, cfg, micro=n, world=1, inject="none", **common)
         splits = {
             f"1 process x {n // micro} micro-batches of {micro}": (batch, dict(micro=micro, world=1), common),
             f"{world} ranks x {accum} micro-batches of {micro}": (batch, dict(micro=micro, world=world), common),
             "rows permuted": (batch.select(perm), dict(micro=micro, world=world),
-                              dict(adv_N=adv_N[perm], old_NT=old_NT[perm], ref_NT=None if ref_NT is None else ref_NT[perm])),
+                              {k: v[perm] if isinstance(v, torch.Tensor) else v for k, v in common.items()}),
             "extra padding": (_pad(batch, 7), dict(micro=micro, world=world),
-                              dict(adv_N=adv_N, old_NT=torch.cat([old_NT, torch.zeros(n, 7, dtype=torch.float64)], 1),
-                                   ref_NT=None if ref_NT is None else torch.cat([ref_NT, torch.zeros(n, 7, dtype=torch.float64)], 1))),
+                              {k: _pad_cols(v, 7) if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                               for k, v in common.items()}),
         }
         for name, (b, split, extra) in splits.items():
             got = step_gradient(model, b, trainer, cfg, inject=inject, **split, **extra)
@@ -122,9 +132,17 @@ def run_checks(model, cfg: RunCfg, *, trainers: list[str], micro: int, accum: in
     return rows
 
 
+def _pad_cols(t_NT: torch.Tensor, extra: int) -> torch.Tensor:
+    return torch.cat([t_NT, torch.zeros(t_NT.shape[0], extra, dtype=t_NT.dtype)], 1)
+
+
+def _reduction(cfg: RunCfg, trainer: str) -> str:
+    return {"sft": cfg.sft.reduction, "grpo": cfg.grpo.reduction, "fork": "decisions|anchor"}[trainer]
+
+
 def table(rows: list[CheckRow], cfg: RunCfg, inject: str) -> str:
     head = ("trainer", "reduction", "split", "max rel. grad error", "grad-norm ratio", "result")
-    body = [(r.trainer, cfg.sft.reduction if r.trainer == "sft" else cfg.grpo.reduction, r.split,
+    body = [(r.trainer, _reduction(cfg, r.trainer), r.split,
              f"{r.rel_error:.2e}", f"{r.grad_norm_ratio:.4f}", "PASS" if r.passed else "FAIL") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *body]]
@@ -157,30 +175,56 @@ def check_model(cfg: RunCfg):
     return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code).double()
 
 
-def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow], str]:
-    """Run the harness on ``cfg``'s stages with its micro-batch size and accumulation steps."""
-    rows: list[CheckRow] = []
-    model = check_model(cfg)
-    if cfg.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+class _Frozen:
+    """The fork stage's π_b for the check: the adapter-disabled policy under LoRA, else a fixed copy of
+    the model with its weights moved a little (so the KL anchor has a gradient to check)."""
 
-        lora = cfg.model.lora
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules)))
-        with torch.no_grad():  # a trained adapter, not the zero-initialised one, so its gradient is not trivial
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    for trainer in (t for t in dict.fromkeys(cfg.stages) if t in ("sft", "grpo")):
-        stage = cfg.sft if trainer == "sft" else cfg.grpo
-        rows_per_step = cfg.sft.batch_size if trainer == "sft" else cfg.grpo.rows_per_step
+    def __init__(self, model, lora: bool):
+        self.lora = lora
+        if lora:
+            self.model = model
+        else:
+            import copy
+
+            self.model = copy.deepcopy(model).requires_grad_(False)
+            g = torch.Generator().manual_seed(2)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+    def active(self):
+        from contextlib import nullcontext
+
+        return self.model.disable_adapter() if self.lora else nullcontext()
+
+
+def _with_lora(model, lora):
+    """``model`` with a LoRA adapter as configured; a trained adapter (lora_B ≠ 0), not the
+    zero-initialised one, so its gradient is not trivial and the policy differs from its base."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow], str]:
+    """Run the harness on ``cfg``'s stages with their micro-batch sizes and accumulation steps."""
+    rows: list[CheckRow] = []
+    for trainer in dict.fromkeys(cfg.stages):
+        lora = cfg.lora_for(trainer)
+        model = _with_lora(check_model(cfg), lora) if lora.enabled else check_model(cfg)
+        stage = {"sft": cfg.sft, "grpo": cfg.grpo, "fork": cfg.fork}[trainer]
+        rows_per_step = cfg.grpo.rows_per_step if trainer == "grpo" else stage.batch_size
         accum = max(1, rows_per_step // (stage.micro_batch_size * world))
         micro = min(stage.micro_batch_size, 2)  # the split's shape is what matters, not the micro-batch width
-        rows += run_checks(model, cfg, trainers=[trainer], micro=micro, accum=accum, world=world, inject=inject)
-    text = table(rows, cfg, inject) if rows else "no sft or grpo stage to check"
-    if "fork" in cfg.stages:
-        text += ("\nfork: not checked here yet; its loss divides by the step's decision and anchor counts, fixed "
-                 "before the micro-batch loop, and tests/test_algos_fork.py proves the split invariance")
-    return rows, text
+        base = _Frozen(model, lora.enabled) if trainer == "fork" else None
+        rows += run_checks(model, cfg, trainers=[trainer], micro=micro, accum=accum, world=world, inject=inject,
+                           base=base)
+    return rows, table(rows, cfg, inject)
 
 
 def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, dist, *, micro: int, inject: str,

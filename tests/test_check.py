@@ -115,3 +115,15 @@ def test_logged_grad_norm_under_injections(tmp_path):
     assert split == pytest.approx(whole, rel=1e-5)
     assert 0.1 < first_only / whole < 0.45  # K = 4: about a quarter
     assert abs(means / whole - 1) > 1e-3
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_fork_stage_is_split_invariant_and_both_bugs_are_caught(tmp_path, lora):
+    data = tiny_cfg_dict(**{"stages": ["fork"], "fork": {"batch_size": 8, "micro_batch_size": 4, "neg_floor": 0.5,
+                                                         "lora": {"enabled": lora}}})
+    cfg = parse_config(data)
+    rows, text = check_config(cfg, world=2, inject="none")
+    assert len(rows) == 4 and all(r.trainer == "fork" and r.rel_error < 1e-10 for r in rows), text
+    for inject in ("mean_of_means", "first_microbatch_only"):
+        bad, text = check_config(cfg, world=2, inject=inject)
+        assert any(r.rel_error > 1e-3 for r in bad if "micro-batches" in r.split), text

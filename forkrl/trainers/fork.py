@@ -23,9 +23,9 @@ from ..algos.fork import entropy_tau, fork_advantages, fork_loss, full_kl, get_g
 from ..algos.logprobs import token_logprobs
 from ..config import ConfigError
 from ..sampling import HFSampler
-from ..types import Role
+from ..types import Role, Rollouts
 from .common import (batch_indices, clip_and_step, completion_logits, end_step, finish_stage, make_optimizer,
-                     micro_slices, resume_state, stage_log)
+                     micro_slices, resume_state, skip_micro_batch, stage_log)
 from .fork_data import BaseRollouts, FrozenBase, base_rollouts, select_problems
 
 
@@ -54,13 +54,19 @@ def prepare(ctx, base: FrozenBase) -> tuple[BaseRollouts, torch.Tensor, torch.Te
     return data, adv_N, gate_NT, stats
 
 
-def fork_update(model, base: FrozenBase, batch: BaseRollouts, adv_N, gate_NT, *, kl_coef: float,
-                micro_batch_size: int, totals: tuple[int, int], neg_floor: float | None = None) -> dict[str, torch.Tensor]:
-    """Accumulate one optimizer step's gradient over micro-batches; ``totals`` = (|D|, |¬D|) of the whole
-    step over every rank, fixed before the loop. Returns summed statistics."""
-    rollouts = batch.rollouts
+def fork_update(model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: float, micro_batch_size: int,
+                totals: tuple[int, int], neg_floor: float | None = None, inject: str = "none",
+                world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Accumulate one optimizer step's gradient over micro-batches; returns summed statistics.
+
+    ``totals`` = (|D|, |¬D|) of the whole step over every rank, fixed before the loop. ``base`` has
+    ``.model`` and ``.active()`` (see ``FrozenBase``). ``inject`` reproduces the historical accumulation
+    bugs for ``forkrl check`` (METHODS §1): ``mean_of_means`` divides each micro-batch by its own counts."""
     sums = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "contrastive", "anchor_kl")}
-    for sl in micro_slices(rollouts.num_rows, micro_batch_size):
+    slices = micro_slices(rollouts.num_rows, micro_batch_size)
+    for i, sl in enumerate(slices):
+        if skip_micro_batch(inject, i):
+            continue
         idx = torch.arange(rollouts.num_rows)[sl]
         mb = rollouts.select(idx)
         with torch.no_grad(), base.active():
@@ -69,15 +75,25 @@ def fork_update(model, base: FrozenBase, batch: BaseRollouts, adv_N, gate_NT, *,
         width = mb.input_ids_NL.shape[1] - 1
         mask = (mb.role_NL[:, 1:] == Role.COMPLETION)[:, start:].to(logits.device)
         gate = gate_NT[idx][:, :width][:, start:].to(logits.device)
+        counts, scale = totals, 1.0
+        if inject == "mean_of_means":
+            counts = (int((mask & gate).sum()), int((mask & ~gate).sum()))
+            scale = 1.0 / (len(slices) * world_size)
         logp = token_logprobs(logits, targets)
         kl = full_kl(ref_logits, logits)
         loss, con, anc = fork_loss(logp, kl, adv_N[idx].to(logits.device), gate, mask, kl_coef=kl_coef,
-                                   total_decision=totals[0], total_anchor=totals[1], neg_floor=neg_floor,
+                                   total_decision=counts[0], total_anchor=counts[1], neg_floor=neg_floor,
                                    base_logp_NT=token_logprobs(ref_logits, targets) if neg_floor else None)
-        loss.backward()
+        (scale * loss).backward()
         for k, v in (("loss", loss), ("contrastive", con), ("anchor_kl", anc)):
-            sums[k] += v.detach().double().cpu()
+            sums[k] += scale * v.detach().double().cpu()
     return sums
+
+
+def step_counts(gate_NT: torch.Tensor, mask_NT: torch.Tensor) -> tuple[int, int]:
+    """(|D|, |¬D|): the step's decision and anchor token counts, the fork loss's two denominators."""
+    decision = gate_NT & mask_NT
+    return int(decision.sum()), int((mask_NT & ~decision).sum())
 
 
 def train_fork(ctx) -> dict:
@@ -99,12 +115,11 @@ def train_fork(ctx) -> dict:
         epoch, j = divmod(step - 1, per_epoch)
         order = batch_indices(n_rows, n_rows, epoch, ctx.cfg.seed)  # one seeded permutation per epoch
         rows = torch.tensor(order[j * cfg.batch_size : (j + 1) * cfg.batch_size])
-        # every rank holds the whole step's gate, so |D| and |¬D| of the step need no all-reduce
-        decision = gate_NT[rows] & mask_NT[rows]
-        totals = (int(decision.sum()), int((mask_NT[rows] & ~decision).sum()))
+        totals = step_counts(gate_NT[rows], mask_NT[rows])  # every rank holds the whole step: no all-reduce
         mine = rows[dist.rank :: dist.world_size]
-        sums = fork_update(ctx.model, base, data.select(mine), adv_N[mine], gate_NT[mine], kl_coef=cfg.kl_coef,
-                           micro_batch_size=cfg.micro_batch_size, totals=totals, neg_floor=cfg.neg_floor)
+        sums = fork_update(ctx.model, base, data.select(mine).rollouts, adv_N[mine], gate_NT[mine],
+                           kl_coef=cfg.kl_coef, micro_batch_size=cfg.micro_batch_size, totals=totals,
+                           neg_floor=cfg.neg_floor, inject=ctx.cfg.debug.inject, world_size=dist.world_size)
         dist.sum_gradients(params)
         sums = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
         grad_norm = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
