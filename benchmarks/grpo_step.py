@@ -1,0 +1,426 @@
+"""How fast is forkrl's GRPO step next to TRL's ``GRPOTrainer`` on identical work? (issue 6, points 1 and 3)
+
+Both train the same tiny Qwen2-architecture model (built locally with ``models.build_tiny``, BPE tokenizer
+trained on the arithmetic task's text) on forkrl's arithmetic prompts, with the same per-step prompts:
+8 prompts × 8 completions, 64 new tokens, temperature 1, β = 0, token-mean reduction (TRL ``loss_type="dapo"``),
+μ = 1, one micro-batch of 64 rows, AdamW (lr 1e-4, betas 0.9/0.99, no decay, grad clip 1), fp32 on CPU,
+no gradient checkpointing. Each library runs in its own subprocess, alternating (forkrl, TRL, forkrl, TRL …
+for ``--rounds``) so drift of the machine hits both.
+
+* forkrl: the real pipeline (``pipeline.run`` on a ``stages: [grpo]`` config); per-step ``sample_s`` and
+  ``train_s`` from its metrics.jsonl; the step's wall time is the gap between consecutive metric lines.
+* TRL 1.16: ``GRPOTrainer.train``; sampling is the time inside ``_generate`` (wrapped), the step's wall
+  time the gap between consecutive ``on_step_end`` callbacks, training the rest (scoring included, as
+  forkrl's step also scores between its two timers' spans but outside both; see ``other_s``).
+* physical reference: 2048² fp32 matmul GFLOP/s measured in this run (before and after the workers);
+  training MFU = 6 · parameters · completion tokens / train_s / peak; sampling efficiency = sampled
+  tokens/s ÷ the tokens/s of one batched no-grad forward over the same rows × (prompt + new tokens).
+* losses: one subprocess samples forkrl's first-step batch once (``HFSampler``, forkrl's row seeds),
+  gives it advantages from a probe reward (the parity of each completion's token-id sum: the untrained
+  model never answers correctly, so the task reward is all 0 and both losses would be a trivial 0), and
+  computes forkrl's loss (``policy_update``) and TRL's (``GRPOTrainer._compute_loss``) with the real model
+  forward on that same batch, plus each one's gradient norm.
+
+    python benchmarks/grpo_step.py --json grpo_step.json                 # default: ~5M params, 64 tokens
+    python benchmarks/grpo_step.py --config lora --json grpo_step_lora.json
+    python benchmarks/grpo_step.py --tiny --json /tmp/t.json             # a smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+TASK = dict(type="arithmetic", digits=2, train_size=3000, heldout_size=200)
+SIZES = {  # (model size, sampling, batch)
+    "default": dict(size=dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=768),
+                    max_new_tokens=64, prompts=8, group=8),
+    "30m": dict(size=dict(hidden_size=512, num_layers=10, num_heads=8, num_kv_heads=4, intermediate_size=1536),
+                max_new_tokens=128, prompts=8, group=8),
+    "tiny": dict(size=dict(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96),
+                 max_new_tokens=8, prompts=2, group=2),
+}
+LORA = dict(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+LR, BETAS, GRAD_CLIP = 1e-4, (0.9, 0.99), 1.0
+
+
+# ---------------------------------------------------------------- shared setup
+def forkrl_config(spec: dict, model_dir: str, steps: int):
+    from forkrl.config import RunCfg
+
+    n = spec["prompts"] * spec["group"]
+    return RunCfg.model_validate({
+        "seed": 0, "stages": ["grpo"],
+        "model": {"path": model_dir, "dtype": "float32", "lora": {"enabled": spec["lora"], **LORA}},
+        "task": TASK,
+        "sampling": {"temperature": 1.0, "max_new_tokens": spec["max_new_tokens"], "batch_size": 256},
+        "grpo": {"steps": steps, "prompts_per_step": spec["prompts"], "group_size": spec["group"],
+                 "micro_batch_size": n, "reduction": "token_mean", "kl": {"beta": 0.0},
+                 "optim": {"lr": LR, "betas": list(BETAS), "weight_decay": 0.0, "grad_clip": GRAD_CLIP}},
+        "eval": {"num_problems": 1, "samples_per_problem": 1},
+        "checkpoint": {"every": 0, "keep_last": 1}, "log_every": 1000})
+
+
+def build_model(spec: dict, root: Path) -> Path:
+    from forkrl import models
+    from forkrl.tasks import build_task
+
+    cfg = forkrl_config(spec, "unused", 1)
+    task = build_task(cfg.task)
+    texts = [p.prompt + c for p, c in task.demonstrations("train")][:4000]  # as pipeline.base_model_path
+    return models.build_tiny(root / "model", texts, arch="qwen2", vocab_size=320, seed=0, max_positions=512,
+                             **spec["size"])
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
+    """tokens/s of one batched no-grad forward over ``rows`` × ``length`` tokens (median of 3)."""
+    ids = torch.randint(2, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    was = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            times.append(time.perf_counter() - t0)
+    model.train(was)
+    return rows * length / statistics.median(times[1:])
+
+
+def worker_tail(model, spec: dict, prompt_len: int, vocab: int) -> dict:
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "forward_tokens_per_s": forward_tokens_per_s(model, spec["prompts"] * spec["group"],
+                                                         prompt_len + spec["max_new_tokens"], vocab),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------- workers (one library per process)
+def run_forkrl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
+    from forkrl import pipeline
+
+    cfg = forkrl_config(spec, model_dir, steps)
+    seen = {}
+    orig = pipeline.load_stage_model
+
+    def keep_model(*a, **k):  # the trained model, for the parameter count and the forward reference
+        out = orig(*a, **k)
+        seen["model"], seen["tok"] = out[0], out[1]
+        return out
+
+    pipeline.load_stage_model = keep_model
+    pipeline.run(cfg, work / "run")
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    per_step = []
+    for prev, row in zip([None, *rows], rows):
+        wall = row["time"] - prev["time"] if prev else row["sample_s"] + row["train_s"]
+        per_step.append({"s": wall, "sample_s": row["sample_s"], "train_s": row["train_s"],
+                         "tokens": row["tokens_sampled"], "loss": row["loss"]})
+    from forkrl.tasks import build_task
+
+    prompt = next(iter(build_task(cfg.task).problems("train"))).prompt
+    plen = len(seen["tok"](prompt).input_ids)
+    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"]))}
+
+
+def trl_args(spec: dict, steps: int, out: Path, **over):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(out), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=spec["prompts"] * spec["group"], num_generations=spec["group"],
+        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=spec["max_new_tokens"],
+        temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", scale_rewards="group",
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP,
+        max_steps=steps, logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False,
+        dataloader_num_workers=0, seed=0, disable_tqdm=True, log_completions=False, **over)
+
+
+def trl_trainer(spec: dict, model_dir: str, steps: int, work: Path):
+    """A GRPOTrainer fed forkrl's prompts in forkrl's per-step order (shuffle off), rewarded by the task."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOTrainer
+
+    from forkrl import models
+    from forkrl.tasks import build_task
+    from forkrl.trainers.common import batch_indices
+
+    cfg = forkrl_config(spec, model_dir, steps)
+    task = build_task(cfg.task)
+    problems = list(task.problems("train"))
+    order = [i for s in range(steps) for i in batch_indices(len(problems), spec["prompts"], s, cfg.seed)]
+    data = Dataset.from_dict({"prompt": [problems[i].prompt for i in order], "idx": order})
+
+    def correct(prompts, completions, idx, **_):
+        return [float(task.score(problems[i], c) or 0.0) for i, c in zip(idx, completions)]
+
+    model = models.load_model(model_dir)
+    tok = models.load_tokenizer(model_dir)
+    peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM") if spec["lora"] else None
+    trainer = GRPOTrainer(model=model, reward_funcs=[correct], args=trl_args(spec, steps, work / "trl"),
+                          train_dataset=data, processing_class=tok, peft_config=peft)
+    return trainer, tok, problems[order[0]].prompt
+
+
+def run_trl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
+    from transformers import TrainerCallback
+
+    trainer, tok, prompt = trl_trainer(spec, model_dir, steps, work)
+    marks = {"gen": 0.0, "tokens": 0, "ends": [], "gens": [], "toks": []}
+    generate = trainer._generate
+
+    def timed_generate(prompts):
+        t0 = time.perf_counter()
+        out = generate(prompts)
+        marks["gen"] += time.perf_counter() - t0
+        marks["tokens"] += sum(len(c) for c in out[1])
+        return out
+
+    trainer._generate = timed_generate
+
+    class Boundaries(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            marks.setdefault("begin", time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks["ends"].append(time.perf_counter())
+            marks["gens"].append(marks["gen"])
+            marks["toks"].append(marks["tokens"])
+            marks["gen"], marks["tokens"] = 0.0, 0
+
+    trainer.add_callback(Boundaries())
+    trainer.train()
+    checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    per_step, prev = [], marks["begin"]
+    for i, end in enumerate(marks["ends"]):
+        wall = end - prev
+        per_step.append({"s": wall, "sample_s": marks["gens"][i], "train_s": wall - marks["gens"][i],
+                         "tokens": marks["toks"][i], "loss": losses[i] if i < len(losses) else None})
+        prev = end
+    model = trainer.model
+    return {"steps": per_step, "gradient_checkpointing": checkpointing,
+            **worker_tail(model, spec, len(tok(prompt).input_ids), len(tok))}
+
+
+def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
+    """forkrl's and TRL's loss (and gradient norm) on forkrl's first-step batch, same model, same advantages."""
+    from trl.trainer.utils import pad
+
+    from forkrl.algos.advantages import get_advantage
+    from forkrl.sampling import HFSampler
+    from forkrl.trainers.common import row_seeds, sampling_params
+    from forkrl.trainers.grpo import policy_update
+    from forkrl.types import Role
+
+    trainer, tok, _ = trl_trainer(spec, model_dir, 1, work)
+    model = trainer.model  # the same object for both (peft-wrapped under --config lora)
+    cfg = forkrl_config(spec, model_dir, 1)
+    first = trainer.train_dataset[: spec["prompts"]]  # step 1's problems, in train_grpo's order
+    pick, prompt_ids = first["idx"], [tok(p).input_ids for p in first["prompt"]]
+    seeds = row_seeds(f"grpo:{cfg.seed}:1", pick, spec["group"])
+    batch = HFSampler(model, tok).sample(prompt_ids, spec["group"], sampling_params(cfg), seeds=seeds)
+    comp = batch.role_NL == Role.COMPLETION
+    reward_N = torch.tensor([float(int(ids[m].sum()) % 2) for ids, m in zip(batch.input_ids_NL, comp)])
+    adv_N = get_advantage("grpo")(reward_N, batch.group_N, torch.ones_like(reward_N, dtype=torch.bool), eps=1e-4)
+    model.train()
+    tokens = int(comp.sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_norm() -> float:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        model.zero_grad(set_to_none=True)
+        return norm
+
+    sums = policy_update(model, batch, adv_N, None, None, cfg.grpo, temperature=1.0,
+                         t_max=spec["max_new_tokens"], totals=(tokens, batch.num_rows))
+    ours = {"loss": float(sums["loss"]), "grad_norm": grad_norm()}
+    rows = [(ids[r == Role.PROMPT], ids[r == Role.COMPLETION]) for ids, r in zip(batch.input_ids_NL, batch.role_NL)]
+    p_ids = pad([p for p, _ in rows], padding_value=tok.pad_token_id, padding_side="left")
+    c_ids = pad([c for _, c in rows], padding_value=tok.pad_token_id, padding_side="right")
+    p_mask = pad([torch.ones_like(p) for p, _ in rows], padding_value=0, padding_side="left")
+    c_mask = pad([torch.ones_like(c) for _, c in rows], padding_value=0, padding_side="right")
+    inputs = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "completion_mask": c_mask,
+              "advantages": adv_N, "num_items_in_batch": c_mask.sum()}
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this call bypasses
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    theirs = {"loss": float(loss), "grad_norm": grad_norm()}
+    return {"forkrl": ours, "trl": theirs, "rows": batch.num_rows, "completion_tokens": tokens,
+            "probe_reward_mean": float(reward_N.mean()), "abs_diff": abs(ours["loss"] - theirs["loss"])}
+
+
+# ---------------------------------------------------------------- the driver
+def summarize(runs: list[dict], warmup: int, peak_gflops: float, spec_rows: int) -> dict:
+    steps = [s for r in runs for s in r["steps"][warmup:]]
+    med = lambda k: statistics.median(s[k] for s in steps)  # noqa: E731
+    first = runs[0]
+    s_step, sample_s, train_s = med("s"), med("sample_s"), med("train_s")
+    tokens = statistics.median(s["tokens"] for s in steps)
+    sample_tps = tokens / sample_s
+    return {"s_per_step": s_step, "sample_s": sample_s, "train_s": train_s, "other_s": s_step - sample_s - train_s,
+            "s_per_step_all": [s["s"] for s in steps], "steps_timed": len(steps),
+            "tokens_per_step": tokens, "tokens_per_s": tokens / s_step, "sample_tokens_per_s": sample_tps,
+            "train_tokens_per_s": tokens / train_s,
+            "mfu_train": 6 * first["params"] * tokens / train_s / (peak_gflops * 1e9),
+            "forward_tokens_per_s": first["forward_tokens_per_s"],
+            "sampling_efficiency": sample_tps / first["forward_tokens_per_s"],
+            "params": first["params"], "trainable_params": first["trainable_params"],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "first_step_loss_logged": first["steps"][0]["loss"], "rows_per_step": spec_rows}
+
+
+def spawn(mode: str, args, spec_path: Path, work: Path) -> dict:
+    out = work / f"{mode}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, __file__, "--worker", mode, "--spec", str(spec_path), "--result", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the {mode} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def worker_main(args) -> None:
+    spec = json.loads(Path(args.spec).read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(dir=spec["work"]))
+    fn = {"forkrl": lambda: run_forkrl(spec, spec["model_dir"], spec["steps"], work),
+          "trl": lambda: run_trl(spec, spec["model_dir"], spec["steps"], work),
+          "losscheck": lambda: run_losscheck(spec, spec["model_dir"], work)}[args.worker]
+    if spec.get("profile"):
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        result = prof.runcall(fn)
+        with open(Path(spec["profile"]) / f"{args.worker}.txt", "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
+            pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(60)
+    else:
+        result = fn()
+    Path(args.result).write_text(json.dumps(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=("default", "30m", "lora"), default="default")
+    ap.add_argument("--tiny", action="store_true", help="a ~50k-parameter smoke run: 2 prompts × 2, 8 tokens")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run, after --warmup")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating (forkrl, TRL) process pairs")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each worker (0: torch's)")
+    ap.add_argument("--profile", help="write a cProfile of each worker's whole run into this directory")
+    ap.add_argument("--skip-losscheck", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--worker", choices=("forkrl", "trl", "losscheck"), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(args)
+    if args.steps < 1 or args.warmup < 0:
+        sys.exit("--steps must be at least 1 and --warmup at least 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = SIZES["tiny" if args.tiny else ("30m" if args.config == "30m" else "default")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = {**base, "lora": args.config == "lora", "threads": args.threads, "steps": args.warmup + args.steps,
+                "work": str(work), "profile": args.profile}
+        spec["model_dir"] = str(build_model(spec, work))
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        gflops_before = matmul_gflops()
+        runs = {"forkrl": [], "trl": []}
+        for _ in range(args.rounds):
+            for lib in runs:
+                runs[lib].append(spawn(lib, args, spec_path, work))
+        losses = None if args.skip_losscheck else spawn("losscheck", args, spec_path, work)
+        gflops_after = matmul_gflops()
+    peak = max(gflops_before, gflops_after)
+    rows = base["prompts"] * base["group"]
+    results = {lib: summarize(r, args.warmup, peak, rows) for lib, r in runs.items()}
+    results["ratio"] = results["trl"]["s_per_step"] / results["forkrl"]["s_per_step"]
+    results["first_step_losses_same_batch"] = losses
+    results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
+                        "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
+                        "warmup": args.warmup, "rounds": args.rounds, "lr": LR, "model": base["size"],
+                        "lora": LORA if args.config == "lora" else None}
+    results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
+                          "torch": torch.__version__, "python": platform.python_version(),
+                          "processor": platform.processor() or platform.machine(),
+                          "matmul_gflops_before": gflops_before, "matmul_gflops_after": gflops_after,
+                          "matmul_gflops_peak": peak, "loadavg": os.getloadavg()}
+    try:
+        import transformers
+        import trl
+
+        results["machine"]["trl"], results["machine"]["transformers"] = trl.__version__, transformers.__version__
+    except ImportError:
+        pass
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def print_table(r: dict) -> None:
+    s, m = r["setup"], r["machine"]
+    print(f"GRPO step, {s['config']}: {r['forkrl']['params'] / 1e6:.2f}M params "
+          f"({r['forkrl']['trainable_params'] / 1e6:.3f}M trainable), {s['prompts']}×{s['group']} rows, "
+          f"{s['max_new_tokens']} new tokens, median of {r['forkrl']['steps_timed']} steps; "
+          f"{m['torch_threads']} threads, matmul {m['matmul_gflops_peak']:.0f} GFLOP/s")
+    cols = [("s/step", "s_per_step", ".3f"), ("sample s", "sample_s", ".3f"), ("train s", "train_s", ".3f"),
+            ("other s", "other_s", ".3f"), ("tok/s", "tokens_per_s", ".0f"),
+            ("sample tok/s", "sample_tokens_per_s", ".0f"), ("samp eff", "sampling_efficiency", ".3f"),
+            ("train MFU", "mfu_train", ".3f"), ("RSS MB", "peak_rss_mb", ".0f")]
+    print(f"  {'':<8}" + "".join(f"{c:>13}" for c, _, _ in cols))
+    for lib in ("forkrl", "trl"):
+        print(f"  {lib:<8}" + "".join(f"{r[lib][k]:>13{f}}" for _, k, f in cols))
+    print(f"  TRL s/step ÷ forkrl s/step = {r['ratio']:.2f}")
+    lc = r["first_step_losses_same_batch"]
+    if lc:
+        print(f"  first-step loss on the same batch (probe reward): forkrl {lc['forkrl']['loss']:.8g} "
+              f"(grad norm {lc['forkrl']['grad_norm']:.6g}), TRL {lc['trl']['loss']:.8g} "
+              f"(grad norm {lc['trl']['grad_norm']:.6g}), |Δ| {lc['abs_diff']:.2e}")
+    print(f"  first-step loss as logged (task reward): forkrl {r['forkrl']['first_step_loss_logged']}, "
+          f"TRL {r['trl']['first_step_loss_logged']}")
+
+
+if __name__ == "__main__":
+    main()
