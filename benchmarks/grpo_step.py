@@ -12,9 +12,12 @@ for ``--rounds``) so drift of the machine hits both.
 * TRL 1.16: ``GRPOTrainer.train``; sampling is the time inside ``_generate`` (wrapped), the step's wall
   time the gap between consecutive ``on_step_end`` callbacks, training the rest (scoring included, as
   forkrl's step also scores between its two timers' spans but outside both; see ``other_s``).
-* physical reference: 2048² fp32 matmul GFLOP/s measured in this run (before and after the workers);
-  training MFU = 6 · parameters · completion tokens / train_s / peak; sampling efficiency = sampled
-  tokens/s ÷ the tokens/s of one batched no-grad forward over the same rows × (prompt + new tokens).
+* physical reference: 2048² fp32 matmul GFLOP/s measured in this run (best of 8, in the driver before and
+  after the workers and at the end of each worker; the peak is the best of all);
+  training MFU = 6 · parameters · completion tokens / train_s / peak (under LoRA the true cost is nearer
+  4 · parameters · tokens, no weight gradients, so this overstates it by about 1.5×; prompt and padding
+  positions are computed but not counted); sampling efficiency = sampled tokens/s ÷ the tokens/s of one
+  batched no-grad forward over the same rows × (prompt + new tokens), the median over every worker.
 * losses: one subprocess samples forkrl's first-step batch once (``HFSampler``, forkrl's row seeds),
   gives it advantages from a probe reward (the parity of each completion's token-id sum: the untrained
   model never answers correctly, so the task reward is all 0 and both losses would be a trivial 0), and
@@ -87,7 +90,8 @@ def build_model(spec: dict, root: Path) -> Path:
                              **spec["size"])
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 8) -> float:
+    """fp32 GFLOP/s of an n×n matmul, the best of ``repeats`` (a peak: the host is shared and noisy)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     times = []
@@ -95,7 +99,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / min(times) / 1e9
 
 
 def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
@@ -118,7 +122,8 @@ def worker_tail(model, spec: dict, prompt_len: int, vocab: int) -> dict:
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "forward_tokens_per_s": forward_tokens_per_s(model, spec["prompts"] * spec["group"],
                                                          prompt_len + spec["max_new_tokens"], vocab),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "matmul_gflops": matmul_gflops()}
 
 
 # ---------------------------------------------------------------- workers (one library per process)
@@ -132,6 +137,9 @@ def run_forkrl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
     def keep_model(*a, **k):  # the trained model, for the parameter count and the forward reference
         out = orig(*a, **k)
         seen["model"], seen["tok"] = out[0], out[1]
+        # counted now: save_final merges a LoRA adapter into the base (merge_and_unload) before we see it again
+        seen["counts"] = {"params": sum(p.numel() for p in out[0].parameters()),
+                          "trainable_params": sum(p.numel() for p in out[0].parameters() if p.requires_grad)}
         return out
 
     pipeline.load_stage_model = keep_model
@@ -146,7 +154,7 @@ def run_forkrl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
 
     prompt = next(iter(build_task(cfg.task).problems("train"))).prompt
     plen = len(seen["tok"](prompt).input_ids)
-    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"]))}
+    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"])), **seen["counts"]}
 
 
 def trl_args(spec: dict, steps: int, out: Path, **over):
@@ -276,27 +284,30 @@ def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
     loss.backward()
     theirs = {"loss": float(loss), "grad_norm": grad_norm()}
     return {"forkrl": ours, "trl": theirs, "rows": batch.num_rows, "completion_tokens": tokens,
-            "probe_reward_mean": float(reward_N.mean()), "abs_diff": abs(ours["loss"] - theirs["loss"])}
+            "probe_reward_mean": float(reward_N.mean()), "abs_diff": abs(ours["loss"] - theirs["loss"]),
+            "grad_norm_rel_diff": abs(ours["grad_norm"] - theirs["grad_norm"]) / max(theirs["grad_norm"], 1e-30)}
 
 
 # ---------------------------------------------------------------- the driver
-def summarize(runs: list[dict], warmup: int, peak_gflops: float, spec_rows: int) -> dict:
+def summarize(runs: list[dict], warmup: int, peak_gflops: float, forward_tps: float, spec_rows: int) -> dict:
     steps = [s for r in runs for s in r["steps"][warmup:]]
     med = lambda k: statistics.median(s[k] for s in steps)  # noqa: E731
     first = runs[0]
     s_step, sample_s, train_s = med("s"), med("sample_s"), med("train_s")
     tokens = statistics.median(s["tokens"] for s in steps)
     sample_tps = tokens / sample_s
-    return {"s_per_step": s_step, "sample_s": sample_s, "train_s": train_s, "other_s": s_step - sample_s - train_s,
+    other_s = statistics.median(s["s"] - s["sample_s"] - s["train_s"] for s in steps)
+    return {"s_per_step": s_step, "sample_s": sample_s, "train_s": train_s, "other_s": other_s,
             "s_per_step_all": [s["s"] for s in steps], "steps_timed": len(steps),
             "tokens_per_step": tokens, "tokens_per_s": tokens / s_step, "sample_tokens_per_s": sample_tps,
             "train_tokens_per_s": tokens / train_s,
             "mfu_train": 6 * first["params"] * tokens / train_s / (peak_gflops * 1e9),
-            "forward_tokens_per_s": first["forward_tokens_per_s"],
-            "sampling_efficiency": sample_tps / first["forward_tokens_per_s"],
+            "forward_tokens_per_s_own": statistics.median(r["forward_tokens_per_s"] for r in runs),
+            "forward_tokens_per_s": forward_tps, "sampling_efficiency": sample_tps / forward_tps,
             "params": first["params"], "trainable_params": first["trainable_params"],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "first_step_loss_logged": first["steps"][0]["loss"], "rows_per_step": spec_rows}
+            "first_step_loss_logged": first["steps"][0]["loss"], "rows_per_step": spec_rows,
+            "gradient_checkpointing": any(r.get("gradient_checkpointing", False) for r in runs)}
 
 
 def spawn(mode: str, args, spec_path: Path, work: Path) -> dict:
@@ -373,9 +384,11 @@ def main() -> None:
                 runs[lib].append(spawn(lib, args, spec_path, work))
         losses = None if args.skip_losscheck else spawn("losscheck", args, spec_path, work)
         gflops_after = matmul_gflops()
-    peak = max(gflops_before, gflops_after)
+    peak = max([gflops_before, gflops_after] + [r["matmul_gflops"] for rs in runs.values() for r in rs])
     rows = base["prompts"] * base["group"]
-    results = {lib: summarize(r, args.warmup, peak, rows) for lib, r in runs.items()}
+    # one reference for both: the same model's batched forward, the median over every worker's measurement
+    forward_tps = statistics.median(r["forward_tokens_per_s"] for rs in runs.values() for r in rs)
+    results = {lib: summarize(r, args.warmup, peak, forward_tps, rows) for lib, r in runs.items()}
     results["ratio"] = results["trl"]["s_per_step"] / results["forkrl"]["s_per_step"]
     results["first_step_losses_same_batch"] = losses
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
@@ -386,6 +399,7 @@ def main() -> None:
                           "torch": torch.__version__, "python": platform.python_version(),
                           "processor": platform.processor() or platform.machine(),
                           "matmul_gflops_before": gflops_before, "matmul_gflops_after": gflops_after,
+                          "matmul_gflops_workers": [r["matmul_gflops"] for rs in runs.values() for r in rs],
                           "matmul_gflops_peak": peak, "loadavg": os.getloadavg()}
     try:
         import transformers
@@ -416,8 +430,9 @@ def print_table(r: dict) -> None:
     lc = r["first_step_losses_same_batch"]
     if lc:
         print(f"  first-step loss on the same batch (probe reward): forkrl {lc['forkrl']['loss']:.8g} "
-              f"(grad norm {lc['forkrl']['grad_norm']:.6g}), TRL {lc['trl']['loss']:.8g} "
-              f"(grad norm {lc['trl']['grad_norm']:.6g}), |Δ| {lc['abs_diff']:.2e}")
+              f"(grad norm {lc['forkrl']['grad_norm']:.8g}), TRL {lc['trl']['loss']:.8g} "
+              f"(grad norm {lc['trl']['grad_norm']:.8g}); |Δ loss| {lc['abs_diff']:.2e}, "
+              f"grad norm rel. diff {lc['grad_norm_rel_diff']:.2e}")
     print(f"  first-step loss as logged (task reward): forkrl {r['forkrl']['first_step_loss_logged']}, "
           f"TRL {r['trl']['first_step_loss_logged']}")
 

@@ -1,0 +1,36 @@
+"""Plumbing check of benchmarks/grpo_step.py: a tiny run of both libraries exits 0 and writes its JSON.
+
+No timing is asserted (the machine is shared); the numbers themselves are checked for shape only."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_step.py"
+
+
+def test_tiny_run_writes_both_libraries(tmp_path):
+    out = tmp_path / "grpo_step.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORKRL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--warmup", "1", "--steps", "2", "--threads", "1",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for lib in ("forkrl", "trl"):
+        assert r[lib]["steps_timed"] == 2
+        for key in ("s_per_step", "sample_s", "train_s", "tokens_per_s", "peak_rss_mb"):
+            assert math.isfinite(r[lib][key]) and r[lib][key] > 0, (lib, key, r[lib][key])
+        assert r[lib]["gradient_checkpointing"] is False
+    assert r["ratio"] > 0 and r["machine"]["matmul_gflops_peak"] > 0
+    lc = r["first_step_losses_same_batch"]
+    # same batch, same model, same advantages: the two gradients agree (the loss itself is ~0 on-policy)
+    assert lc["grad_norm_rel_diff"] < 1e-4, lc
+    assert "forkrl" in proc.stdout and "trl" in proc.stdout
