@@ -7,6 +7,9 @@ held-out pass@1, the share of GRPO's gain it recovers (GRPO's pass@1 from ``--gr
 demo's ``summary.json``), the strategy mix and the training wall time (without held-out evaluation).
 
     python benchmarks/fork_ablations.py --out /tmp/fork-ablations --json /tmp/fork-ablations.json
+
+``--tiny`` builds a larger base (same task, same SFT) to ask whether the miniature's size is what limits
+the fork stage; ``--grpo`` runs GRPO from that base for comparison.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="directory for the runs (replaced)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--grpo-pass", type=float, help="GRPO's held-out pass@1 on the same base (for 'of GRPO gain')")
+    ap.add_argument("--grpo", action="store_true", help="run the demo's GRPO stage from the same base first "
+                    "(its pass@1 and training time then head the table)")
+    ap.add_argument("--tiny", type=json.loads, default={},
+                    help='overrides of the demo base\'s model.tiny spec, e.g. \'{"hidden_size": 192, '
+                         '"intermediate_size": 576}\' (a larger base: built and SFT\'d once, then cached)')
+    ap.add_argument("--rows", help="semicolon-separated row names to run (default: all)")
     args = ap.parse_args(argv)
     from forkrl.cli import quiet_libraries, torch_threads
     from forkrl.demo import cached_base
@@ -71,10 +80,22 @@ def main(argv=None) -> int:
     quiet_libraries()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    base, _, _ = cached_base(False)
+    base, _, _ = cached_base(False, args.tiny)
     base_pass = json.loads((base.parents[1] / "summary.json").read_text())["stages"]["sft"]["pass_at_1"]
-    results, first = {}, None
-    for i, (name, over) in enumerate(ROWS.items()):
+    results, first, grpo_pass = {}, None, args.grpo_pass
+    if args.grpo:
+        from forkrl.demo import demo_config
+
+        g = run(demo_config(stages=("grpo",), tiny=args.tiny), out / "grpo", init_path=base)["stages"]["grpo"]
+        grpo_pass = g["pass_at_1"]
+        results["GRPO (for reference)"] = {"overrides": {}, "pass_at_1": g["pass_at_1"], "gate_share": None,
+                                           "train_wall_s": g["wall_s"] - g["eval_s"], "tau": None,
+                                           "rows": None, "strategies": g["strategies"]}
+    chosen = [r.strip() for r in args.rows.split(";")] if args.rows else list(ROWS)
+    unknown = [r for r in chosen if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {unknown}; valid: {'; '.join(ROWS)}")
+    for i, (name, over) in enumerate((k, v) for k, v in ROWS.items() if k in chosen):
         run_dir = out / f"{i}"
         reuse = None if any(k in SAMPLING_KEYS for k in over) else first
         s = run(fork_config(over, reuse), run_dir, init_path=base)["stages"]["fork"]
@@ -82,11 +103,11 @@ def main(argv=None) -> int:
         results[name] = {"overrides": over, "pass_at_1": s["pass_at_1"], "train_wall_s": s["wall_s"] - s["eval_s"],
                          "gate_share": s["gate_share"], "tau": s["tau"], "rows": s["rows"],
                          "strategies": s["strategies"]}
-        print(f"[{i + 1}/{len(ROWS)}] {name}: pass@1 {s['pass_at_1']:.3f}", file=sys.stderr)
-    print(table(results, base_pass, args.grpo_pass))
+        print(f"[{i + 1}/{len(chosen)}] {name}: pass@1 {s['pass_at_1']:.3f}", file=sys.stderr)
+    print(table(results, base_pass, grpo_pass))
     if args.json:
-        Path(args.json).write_text(json.dumps({"base_pass_at_1": base_pass, "grpo_pass_at_1": args.grpo_pass,
-                                               "rows": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"base_pass_at_1": base_pass, "grpo_pass_at_1": grpo_pass,
+                                               "tiny": args.tiny, "rows": results}, indent=2))
     return 0
 
 
@@ -96,7 +117,8 @@ def table(results: dict, base_pass: float, grpo_pass: float | None) -> str:
     for name, r in results.items():
         share = f"{(r['pass_at_1'] - base_pass) / (grpo_pass - base_pass):.0%}" if grpo_pass else "-"
         mix = ", ".join(f"{k} {v[0]:.0%}:{v[1]:.0%}" for k, v in r["strategies"].items() if v[0] >= 0.01)
-        rows.append((name, f"{r['pass_at_1']:.3f}", share, f"{r['train_wall_s']:.1f}", f"{r['gate_share']:.1%}", mix))
+        gate = "-" if r["gate_share"] is None else f"{r['gate_share']:.1%}"
+        rows.append((name, f"{r['pass_at_1']:.3f}", share, f"{r['train_wall_s']:.1f}", gate, mix))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -28,10 +28,12 @@ DIFF_KEYS = tuple(PAPER)
 PASSK_N, PASSK_PROBLEMS = 32, 100
 
 
-def demo_config(*, fast: bool = False, stages=("sft", "grpo")):
+def demo_config(*, fast: bool = False, stages=("sft", "grpo"), tiny: dict | None = None):
+    """The demo's config; ``tiny`` overrides keys of its ``model.tiny`` spec (a larger base, for studies)."""
     text = resources.files("forkrl").joinpath("configs/demo.yaml").read_text()
     data = yaml.safe_load(text)
     data["stages"] = list(stages)
+    data["model"]["tiny"].update(tiny or {})
     if fast:  # a smoke test of the whole path, not a result
         data["sft"]["steps"], data["grpo"]["steps"] = 20, 3
         data["task"]["train_size"], data["eval"] = 300, {"num_problems": 20, "samples_per_problem": 2}
@@ -40,9 +42,9 @@ def demo_config(*, fast: bool = False, stages=("sft", "grpo")):
     return parse_config(data, source="forkrl/configs/demo.yaml")
 
 
-def cached_base(fast: bool) -> tuple[Path, float, bool]:
+def cached_base(fast: bool, tiny: dict | None = None) -> tuple[Path, float, bool]:
     """The SFT'd demo base: (path, SFT wall seconds when it was built, whether it came from the cache)."""
-    cfg = demo_config(fast=fast, stages=("sft",))
+    cfg = demo_config(fast=fast, stages=("sft",), tiny=tiny)
     # The key covers the config and the code that makes the base, so an upgrade never reuses a stale one.
     sources = ("tasks/arithmetic.py", "trainers/sft.py", "trainers/common.py", "sampling/hf.py")
     code = [resources.files("forkrl").joinpath(f).read_text() for f in sources]
