@@ -84,7 +84,8 @@ def step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, *, micro: i
     """The optimizer step's gradient with ``world`` simulated ranks of contiguous row shards."""
     from .trainers.fork import step_counts
 
-    mask_NT = batch.completion_mask_NL[:, 1:]  # what the all-reduce of the rank counts gives:
+    # the whole step's counts: what the all-reduce of the ranks' counts gives
+    mask_NT = batch.completion_mask_NL[:, 1:]
     totals = step_counts(gate_NT, mask_NT) if trainer == "fork" else step_totals(batch.completion_mask_NL)
     per_rank = batch.num_rows // world
     total = None
