@@ -176,27 +176,21 @@ def check_model(cfg: RunCfg):
     return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code).double()
 
 
-class _Frozen:
+def _frozen_base(model, lora: bool):
     """The fork stage's π_b for the check: the adapter-disabled policy under LoRA, else a fixed copy of
     the model with its weights moved a little (so the KL anchor has a gradient to check)."""
+    import copy
 
-    def __init__(self, model, lora: bool):
-        self.lora = lora
-        if lora:
-            self.model = model
-        else:
-            import copy
+    from .trainers.fork_data import FrozenBase
 
-            self.model = copy.deepcopy(model).requires_grad_(False)
-            g = torch.Generator().manual_seed(2)
-            with torch.no_grad():
-                for p in self.model.parameters():
-                    p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-    def active(self):
-        from contextlib import nullcontext
-
-        return self.model.disable_adapter() if self.lora else nullcontext()
+    if lora:
+        return FrozenBase(model, lora=True)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in frozen.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return FrozenBase(frozen, lora=False)
 
 
 def _with_lora(model, lora):
@@ -222,7 +216,7 @@ def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow
         rows_per_step = cfg.grpo.rows_per_step if trainer == "grpo" else stage.batch_size
         accum = max(1, rows_per_step // (stage.micro_batch_size * world))
         micro = min(stage.micro_batch_size, 2)  # the split's shape is what matters, not the micro-batch width
-        base = _Frozen(model, lora.enabled) if trainer == "fork" else None
+        base = _frozen_base(model, lora.enabled) if trainer == "fork" else None
         rows += run_checks(model, cfg, trainers=[trainer], micro=micro, accum=accum, world=world, inject=inject,
                            base=base)
     return rows, table(rows, cfg, inject)

@@ -70,14 +70,19 @@ def test_mean_of_means_across_real_ranks_is_caught(tiny_model_dir, tmp_path):
     assert float((got - ref).abs().max() / ref.abs().max()) > 1e-3
 
 
-def test_train_under_torchrun_matches_one_process(tmp_path):
-    data = tiny_cfg_dict(**{"stages": ["sft", "grpo"], "sft.steps": 3, "grpo.steps": 3,
-                            "grpo.rewards": [{"name": "random"}], "grpo.optim": {"lr": 1e-2}})
+def train_one_and_two_processes(tmp_path, data: dict) -> None:
+    """``forkrl train`` of ``data`` into tmp_path/one (in-process) and tmp_path/two (torchrun, 2 ranks)."""
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     run(parse_config(data), tmp_path / "one")
     proc = torchrun("-m", "forkrl.cli", "train", str(cfg_path), "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_train_under_torchrun_matches_one_process(tmp_path):
+    data = tiny_cfg_dict(**{"stages": ["sft", "grpo"], "sft.steps": 3, "grpo.steps": 3,
+                            "grpo.rewards": [{"name": "random"}], "grpo.optim": {"lr": 1e-2}})
+    train_one_and_two_processes(tmp_path, data)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "grpo" / "final").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "grpo" / "final").state_dict()
     for k in one:
@@ -99,11 +104,7 @@ def test_fork_stage_under_torchrun_matches_one_process(tmp_path):
                                      "pass_rate_max": 1.0, "rewards": [{"name": "random"}], "epochs": 2,
                                      "batch_size": 8, "micro_batch_size": 2, "gate": {"quantile": 0.5},
                                      "optim": {"lr": 1e-2}}})
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(yaml.safe_dump(data))
-    run(parse_config(data), tmp_path / "one")
-    proc = torchrun("-m", "forkrl.cli", "train", str(cfg_path), "--out", str(tmp_path / "two"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_one_and_two_processes(tmp_path, data)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "fork" / "final").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "fork" / "final").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "sft" / "final").state_dict()

@@ -183,13 +183,9 @@ def _decode_chunk(base, tuned, tokenizer, prompts, seeds, rows_B, params: Sampli
 # ---------------------------------------------------------------------------------------- the causal test
 def score_rollouts(task, problems, tokenizer, rollouts: Rollouts) -> list[float]:
     """Each row's task score; an unscorable row (None / NaN) counts as a failure, as in ``evaluate``."""
-    from ..trainers.common import decode_completions
+    from ..trainers.common import heldout_scores
 
-    out = []
-    for text, pi in zip(decode_completions(tokenizer, rollouts), rollouts.problem_N.tolist()):
-        s = task.score(problems[pi], text)
-        out.append(0.0 if s is None or s != s else float(s))
-    return out
+    return heldout_scores(task, problems, tokenizer, rollouts)[1]
 
 
 def recovery(p_x: float, p_base: float, p_tuned: float, num_samples: int) -> float | None:

@@ -189,16 +189,24 @@ def evaluate(sampler, task, problems, prompt_ids, params, samples: int, *, seed:
     t0 = time.time()
     seeds = row_seeds(f"eval:{seed}", list(range(len(problems))), samples)
     rollouts = sampler.sample(prompt_ids, samples, params, seeds=seeds)
-    texts = decode_completions(sampler.tokenizer, rollouts)
-    scores, strat = [], {}
-    for text, pi in zip(texts, rollouts.problem_N.tolist()):
-        s = task.score(problems[pi], text)
-        s = 0.0 if s is None or s != s else float(s)
-        scores.append(s)
+    texts, scores = heldout_scores(task, problems, sampler.tokenizer, rollouts)
+    strat = {}
+    for text, s in zip(texts, scores):
         if hasattr(task, "strategy"):
             strat.setdefault(task.strategy(text), []).append(s)
     per = {k: [len(v) / len(scores), sum(v) / len(v)] for k, v in sorted(strat.items())}
     return EvalResult(sum(scores) / max(len(scores), 1), per, time.time() - t0)
+
+
+def heldout_scores(task, problems, tokenizer, rollouts: Rollouts) -> tuple[list[str], list[float]]:
+    """(completion texts, task scores) of every row; for held-out pass@1 an unscorable row (None / NaN)
+    counts as a failure, 0."""
+    texts = decode_completions(tokenizer, rollouts)
+    scores = []
+    for text, pi in zip(texts, rollouts.problem_N.tolist()):
+        s = task.score(problems[pi], text)
+        scores.append(0.0 if s is None or s != s else float(s))
+    return texts, scores
 
 
 def decode_completions(tokenizer, rollouts: Rollouts) -> list[str]:

@@ -8,8 +8,8 @@ the rest → update. No sampling during training: the only generation is the bas
 Departures from the paper, each a config key: τ defaults to a quantile of the base's entropies
 (``fork.gate.quantile``) because an absolute τ does not transfer across vocabulary sizes; rows of a step
 are shuffled per epoch by a seeded permutation; under data parallelism every rank makes the same base
-rollouts (seeded) and trains on every W-th row of each step, with the step's decision and anchor counts
-all-reduced before the micro-batch loop (METHODS §1).
+rollouts (seeded) and trains on every W-th row of each step; every rank holds the whole step's gate, so
+the step's decision and anchor counts, fixed before the micro-batch loop (METHODS §1), need no all-reduce.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def fork_update(model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: flo
         idx = torch.arange(rollouts.num_rows)[sl]
         mb = rollouts.select(idx)
         with torch.no_grad(), base.active():
-            ref_logits, _, start = completion_logits(base.model, mb)
+            ref_logits, _, _ = completion_logits(base.model, mb)  # same rows: same ``start``
         logits, targets, start = completion_logits(model, mb)
         width = mb.input_ids_NL.shape[1] - 1
         mask = (mb.role_NL[:, 1:] == Role.COMPLETION)[:, start:].to(logits.device)
@@ -98,7 +98,7 @@ def step_counts(gate_NT: torch.Tensor, mask_NT: torch.Tensor) -> tuple[int, int]
 
 def train_fork(ctx) -> dict:
     cfg, dist = ctx.cfg.fork, ctx.dist
-    base = FrozenBase(ctx)
+    base = FrozenBase.for_stage(ctx)
     data, adv_N, gate_NT, stats = prepare(ctx, base)
     n_rows = data.rollouts.num_rows
     per_epoch = math.ceil(n_rows / cfg.batch_size)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..models import load_model
@@ -51,17 +51,19 @@ class BaseRollouts:
 
 
 class FrozenBase:
-    """π_b: the stage's starting model, frozen. Under LoRA it is the policy with its adapter disabled (no
-    second copy in memory); under full fine-tuning a separate copy of ``init_path``."""
+    """π_b, frozen. Under LoRA it is the policy ``model`` with its adapter disabled (no second copy in
+    memory); under full fine-tuning ``model`` is a separate frozen copy."""
 
-    def __init__(self, ctx):
-        self.lora = ctx.cfg.lora_for(ctx.name).enabled
-        if self.lora:
-            self.model = ctx.model
-        else:
-            dtype = next(ctx.model.parameters()).dtype
-            self.model = load_model(str(ctx.init_path), dtype=dtype).to(ctx.device).eval()
-            self.model.requires_grad_(False)
+    def __init__(self, model, lora: bool):
+        self.model, self.lora = model, lora
+
+    @classmethod
+    def for_stage(cls, ctx) -> "FrozenBase":
+        """The stage's starting model: the policy itself under LoRA, else a fresh copy of ``init_path``."""
+        if ctx.cfg.lora_for(ctx.name).enabled:
+            return cls(ctx.model, lora=True)
+        dtype = next(ctx.model.parameters()).dtype
+        return cls(load_model(str(ctx.init_path), dtype=dtype).to(ctx.device).eval().requires_grad_(False), lora=False)
 
     def active(self):
         """Context in which ``self.model`` computes π_b."""
@@ -170,7 +172,7 @@ def _load(path: Path, key: str, *, required: bool) -> BaseRollouts | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - a damaged cache is a user-facing problem with a file
         if not required:
             return None  # our own cache, damaged: sample again
