@@ -1,4 +1,6 @@
-"""``forkrl train | check | demo | diff | passk | report``: the command line. User mistakes exit with status 2 and one clear message."""
+"""``forkrl train | check | demo | diff | passk | report``: the command line.
+
+User mistakes exit with status 2 and one clear message."""
 
 from __future__ import annotations
 
