@@ -22,11 +22,16 @@ from pathlib import Path
 
 import yaml
 
+PAPER = {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9, "reweight": False}
 ROWS = {  # name -> overrides of the demo's fork section (dotted keys)
     "demo fork": {},
     "random gate (same budget)": {"gate.kind": "random"},
     "all-token gate": {"gate.kind": "all"},
     "positive-only rows": {"positive_only": True},
+    "no reweight (paper)": {"reweight": False},
+    "no reweight, kl_coef 5": {"reweight": False, "kl_coef": 5.0},
+    "kl_coef 5": {"kl_coef": 5.0},
+    "kl_coef 40": {"kl_coef": 40.0},
     "kl_coef 0.1 (paper)": {"kl_coef": 0.1},
     "no neg_floor (paper)": {"neg_floor": None},
     "kl_coef 0.1, no neg_floor": {"kl_coef": 0.1, "neg_floor": None},
@@ -36,10 +41,9 @@ ROWS = {  # name -> overrides of the demo's fork section (dotted keys)
     "12 rollouts per problem": {"samples_per_problem": 12, "batch_size": 96, "micro_batch_size": 96},
     "64 candidates, 48 problems": {"candidates": 64, "max_problems": 48},
     "rollouts at T 1.0, top-p 1.0": {"temperature": 1.0, "top_p": 1.0},
-    "paper recipe (λ .1, q .9, no floor, lr 2e-4)": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9,
-                                                      "optim.lr": 2e-4},
-    "paper recipe at lr 5e-3": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9},
-    "paper recipe at lr 1e-2": {"kl_coef": 0.1, "neg_floor": None, "gate.quantile": 0.9, "optim.lr": 1e-2},
+    "paper recipe (λ .1, q .9, no floor, lr 2e-4)": {**PAPER, "optim.lr": 2e-4},
+    "paper recipe at lr 5e-3": PAPER,
+    "paper recipe at lr 1e-2": {**PAPER, "optim.lr": 1e-2},
 }
 SAMPLING_KEYS = ("candidates", "samples_per_problem", "temperature", "top_p")  # rows that need new rollouts
 
@@ -71,6 +75,9 @@ def main(argv=None) -> int:
                     help='overrides of the demo base\'s model.tiny spec, e.g. \'{"hidden_size": 192, '
                          '"intermediate_size": 576}\' (a larger base: built and SFT\'d once, then cached)')
     ap.add_argument("--rows", help="semicolon-separated row names to run (default: all)")
+    ap.add_argument("--custom", type=json.loads, default={},
+                    help='extra rows, run after --rows: {"name": {"dotted.fork.key": value}}, e.g. '
+                         '\'{"λ 10": {"kl_coef": 10}}\'')
     args = ap.parse_args(argv)
     from forkrl.cli import quiet_libraries, torch_threads
     from forkrl.demo import cached_base
@@ -91,11 +98,14 @@ def main(argv=None) -> int:
         results["GRPO (for reference)"] = {"overrides": {}, "pass_at_1": g["pass_at_1"], "gate_share": None,
                                            "train_wall_s": g["wall_s"] - g["eval_s"], "tau": None,
                                            "rows": None, "strategies": g["strategies"]}
-    chosen = [r.strip() for r in args.rows.split(";")] if args.rows else list(ROWS)
+    chosen = [r.strip() for r in args.rows.split(";")] if args.rows else ([] if args.custom else list(ROWS))
     unknown = [r for r in chosen if r not in ROWS]
     if unknown:
         ap.error(f"--rows: unknown {unknown}; valid: {'; '.join(ROWS)}")
-    for i, (name, over) in enumerate((k, v) for k, v in ROWS.items() if k in chosen):
+    if not isinstance(args.custom, dict) or not all(isinstance(v, dict) for v in args.custom.values()):
+        ap.error("--custom: give a JSON object of row name -> {dotted fork key: value}")
+    todo = [(k, v) for k, v in ROWS.items() if k in chosen] + list(args.custom.items())
+    for i, (name, over) in enumerate(todo):
         run_dir = out / f"{i}"
         reuse = None if any(k in SAMPLING_KEYS for k in over) else first
         s = run(fork_config(over, reuse), run_dir, init_path=base)["stages"]["fork"]
@@ -103,7 +113,7 @@ def main(argv=None) -> int:
         results[name] = {"overrides": over, "pass_at_1": s["pass_at_1"], "train_wall_s": s["wall_s"] - s["eval_s"],
                          "gate_share": s["gate_share"], "tau": s["tau"], "rows": s["rows"],
                          "strategies": s["strategies"]}
-        print(f"[{i + 1}/{len(chosen)}] {name}: pass@1 {s['pass_at_1']:.3f}", file=sys.stderr)
+        print(f"[{i + 1}/{len(todo)}] {name}: pass@1 {s['pass_at_1']:.3f}", file=sys.stderr)
     print(table(results, base_pass, grpo_pass))
     if args.json:
         Path(args.json).write_text(json.dumps({"base_pass_at_1": base_pass, "grpo_pass_at_1": grpo_pass,

@@ -118,7 +118,7 @@ def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
 
 
 def worker_tail(model, spec: dict, prompt_len: int, vocab: int) -> dict:
-    return {"params": sum(p.numel() for p in model.parameters()),
+    return {"params": sum(p.numel() for p in model.parameters()), "prompt_len": prompt_len,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "forward_tokens_per_s": forward_tokens_per_s(model, spec["prompts"] * spec["group"],
                                                          prompt_len + spec["max_new_tokens"], vocab),
@@ -297,7 +297,14 @@ def summarize(runs: list[dict], warmup: int, peak_gflops: float, forward_tps: fl
     tokens = statistics.median(s["tokens"] for s in steps)
     sample_tps = tokens / sample_s
     other_s = statistics.median(s["s"] - s["sample_s"] - s["train_s"] for s in steps)
+    # the physical floor of a step on this machine: every matmul at the measured peak, nothing else. Sampling
+    # runs each row's prompt and completion tokens through the model once (2·P FLOPs per token), training
+    # forward and backward (6·P); attention and the optimizer are left out, so the true floor is higher
+    seq_tokens = spec_rows * first["prompt_len"] + tokens
+    floor_sample, floor_train = (2 * first["params"] * seq_tokens / (peak_gflops * 1e9),
+                                 6 * first["params"] * seq_tokens / (peak_gflops * 1e9))
     return {"s_per_step": s_step, "sample_s": sample_s, "train_s": train_s, "other_s": other_s,
+            "floor_s": floor_sample + floor_train, "floor_sample_s": floor_sample, "floor_train_s": floor_train,
             "s_per_step_all": [s["s"] for s in steps], "steps_timed": len(steps),
             "tokens_per_step": tokens, "tokens_per_s": tokens / s_step, "sample_tokens_per_s": sample_tps,
             "train_tokens_per_s": tokens / train_s,
@@ -427,6 +434,10 @@ def print_table(r: dict) -> None:
     for lib in ("forkrl", "trl"):
         print(f"  {lib:<8}" + "".join(f"{r[lib][k]:>13{f}}" for _, k, f in cols))
     print(f"  TRL s/step ÷ forkrl s/step = {r['ratio']:.2f}")
+    f = r["forkrl"]
+    print(f"  floor at the matmul peak (2·P·tokens sampling + 6·P·tokens training, no attention or optimizer): "
+          f"{f['floor_s']:.3f} s/step ({f['floor_sample_s']:.3f} + {f['floor_train_s']:.3f}); "
+          f"TRL's step ÷ floor = {r['trl']['s_per_step'] / f['floor_s']:.2f}")
     lc = r["first_step_losses_same_batch"]
     if lc:
         print(f"  first-step loss on the same batch (probe reward): forkrl {lc['forkrl']['loss']:.8g} "

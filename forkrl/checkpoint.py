@@ -49,6 +49,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` file written under a temporary name, fsynced, then renamed over ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, *, keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically under ``ckpt_root``, then prune to the newest ``keep_last``."""
     ckpt_root.mkdir(parents=True, exist_ok=True)

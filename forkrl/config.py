@@ -112,7 +112,8 @@ class SamplingCfg(Strict):
     top_p: Prob = 1.0
     top_k: NonNeg = 0  # 0 = off
     max_new_tokens: Pos = 64
-    batch_size: Pos = 256  # rows per generate call
+    batch_size: Pos = 256  # rows decoded together
+    engine: Literal["auto", "hf"] = "auto"  # auto: fused Llama/Qwen2 decoder on CPU fp32 where it applies, else HF
 
 
 class OptimCfg(Strict):
@@ -224,8 +225,9 @@ class ForkCfg(Strict):
     gate: GateCfg = GateCfg()
     positive_only: bool = False  # the ablation: train on rows with A > 0 only
     kl_coef: Annotated[float, Field(ge=0.0)] = 0.1  # λ of the KL(π_b ‖ π_θ) anchor off the decision set
-    neg_floor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # A<0 tokens stop at this × π_b (not the paper's)
+    neg_floor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # A<0 tokens stop at this × π_b (not the paper)
     epochs: Pos = 3
+    reweight: bool = False  # epochs after the first: advantages under π_θ by importance weights (not the paper)
     batch_size: Pos = 64  # rows per optimizer step
     micro_batch_size: Pos = 64
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from forkrl.algos.fork import (all_gate, entropy_gate, entropy_tau, fork_advantages, fork_loss, full_kl, get_gate,
-                               random_gate)
+                               random_gate, reweighted_advantages)
 
 F64 = torch.float64
 
@@ -31,6 +31,33 @@ def test_advantages_leave_out_unscorable_rows():
     reward = torch.tensor([1.0, float("nan"), 0.0], dtype=F64)
     adv = fork_advantages(reward, torch.zeros(3, dtype=torch.long), torch.tensor([True, False, True]))
     assert adv.tolist() == pytest.approx([1.0, 0.0, -1.0], rel=1e-14, abs=0)
+
+
+def test_reweighted_advantages_hand_derived():
+    # group 0: rewards [1, 0, 0, 0], weights ∝ [3, 1, 1, 1] (log-weights ln 3, 0, 0, 0 plus a shared 7):
+    # mean 3/6 = .5, population var .5·.5 = .25 -> A = [1, -1, -1, -1]; ESS = 6² / (9 + 1 + 1 + 1) = 3
+    # group 1: [1, 1] flat -> 0 whatever the weights; row 6 is unscorable: 0, and outside the statistics
+    reward = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, float("nan")], dtype=F64)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 0])
+    valid = torch.tensor([True] * 6 + [False])
+    logw = torch.tensor([math.log(3) + 7, 7, 7, 7, -50.0, 3.0, 99.0], dtype=F64)
+    adv, ess = reweighted_advantages(reward, group, valid, logw, clip=10.0)
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1, -1, -1, 0, 0, 0], dtype=F64), rtol=1e-12, atol=1e-12)
+    assert ess[:4].tolist() == pytest.approx([3.0] * 4, rel=1e-6)
+    clipped, _ = reweighted_advantages(reward, group, valid, logw, clip=0.5)
+    assert clipped[:4].tolist() == [0.5, -0.5, -0.5, -0.5]
+
+
+def test_reweighted_advantages_with_equal_weights_are_the_base_advantages():
+    g = torch.Generator().manual_seed(3)
+    reward = (torch.rand(40, generator=g, dtype=F64) < 0.4).to(F64)
+    group = torch.arange(40) // 8
+    valid = torch.rand(40, generator=g) < 0.9
+    shift = torch.randn(5, generator=g, dtype=F64)[group]  # a constant per group cancels in self-normalising
+    adv, ess = reweighted_advantages(reward, group, valid, shift, clip=2.5)
+    torch.testing.assert_close(adv, fork_advantages(reward, group, valid, clip=2.5), rtol=1e-12, atol=1e-12)
+    count = torch.zeros(5).index_add_(0, group, valid.float())[group]
+    torch.testing.assert_close(ess, count, rtol=1e-6, atol=1e-6)
 
 
 def test_full_kl_hand_derived_and_nonnegative():

@@ -29,6 +29,9 @@ def test_tiny_run_writes_both_libraries(tmp_path):
         for key in ("s_per_step", "sample_s", "train_s", "tokens_per_s", "peak_rss_mb"):
             assert math.isfinite(r[lib][key]) and r[lib][key] > 0, (lib, key, r[lib][key])
         assert r[lib]["gradient_checkpointing"] is False
+        # the floor is the two phases' matmul FLOPs at the peak: below the measured step, in a 1:3 split
+        assert 0 < r[lib]["floor_s"] < r[lib]["s_per_step"]
+        assert r[lib]["floor_train_s"] == pytest.approx(3 * r[lib]["floor_sample_s"], rel=1e-12)
     assert r["ratio"] > 0 and r["machine"]["matmul_gflops_peak"] > 0
     lc = r["first_step_losses_same_batch"]
     # same batch, same model, same advantages: the two gradients agree (the loss itself is ~0 on-policy)

@@ -103,7 +103,7 @@ def test_fork_stage_under_torchrun_matches_one_process(tmp_path):
                             "fork": {"candidates": 4, "samples_per_problem": 4, "pass_rate_min": 0.0,
                                      "pass_rate_max": 1.0, "rewards": [{"name": "random"}], "epochs": 2,
                                      "batch_size": 8, "micro_batch_size": 2, "gate": {"quantile": 0.5},
-                                     "optim": {"lr": 1e-2}}})
+                                     "reweight": True, "optim": {"lr": 1e-2}}})
     train_one_and_two_processes(tmp_path, data)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "fork" / "final").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "fork" / "final").state_dict()
@@ -117,6 +117,8 @@ def test_fork_stage_under_torchrun_matches_one_process(tmp_path):
     for a, b in zip(*fork):
         assert (a["decision_tokens"], a["anchor_tokens"]) == (b["decision_tokens"], b["anchor_tokens"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert (a["ess"] is None) == (b["ess"] is None) == (a["epoch"] == 1)  # fork.reweight from epoch 2
+        assert a["ess"] == (None if b["ess"] is None else pytest.approx(b["ess"], rel=1e-5))
 
 
 def test_sizes_that_do_not_split_across_ranks_name_the_key():

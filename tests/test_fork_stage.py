@@ -138,3 +138,39 @@ def test_fork_config_errors_name_the_keys():
         fork_cfg(**{"fork.pass_rate_min": 0.8, "fork.pass_rate_max": 0.3})
     with pytest.raises(ConfigError, match="fork.gate.kind"):
         fork_cfg(**{"fork.gate": {"kind": "oracle"}})
+
+
+def test_reweight_resumed_inside_an_epoch_equals_uninterrupted(fork_run, tmp_path, monkeypatch):
+    """fork.reweight re-estimates each problem's pass rate under π_θ at every epoch start; a run killed inside
+    epoch 2 reads that epoch's weights back on resume instead of taking them from a later model."""
+    out, _ = fork_run
+    cfg = fork_cfg(stages=("fork",), **{"fork.rollouts_from": str(out), "fork.reweight": True,
+                                        "checkpoint.every": 2})
+    base = out / "sft" / "final"
+    a = run(cfg, tmp_path / "a", init_path=base, task=ForkTask())["stages"]["fork"]
+    import forkrl.trainers.common as common
+
+    real = common.maybe_checkpoint
+
+    def crash_after_step_5(ctx, step, *args, **kw):
+        real(ctx, step, *args, **kw)
+        if step == 5:
+            raise KeyboardInterrupt  # epoch 2 is steps 4-6: killed inside it, last checkpoint at step 4
+
+    monkeypatch.setattr(common, "maybe_checkpoint", crash_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "b", init_path=base, task=ForkTask())
+    monkeypatch.setattr(common, "maybe_checkpoint", real)
+    run(cfg, tmp_path / "b", init_path=base, task=ForkTask(), resume=True)
+
+    drop = {"time", "train_s", "train_tokens_per_s"}
+    rows = [[{k: v for k, v in json.loads(x).items() if k not in drop}
+             for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["step"] for r in rows[1]] == list(range(1, 10)) and rows[0] == rows[1]
+    ess = [r["ess"] for r in rows[0]]
+    assert ess[:3] == [None] * 3 and all(0 < e <= 8 for e in ess[3:])  # 8 rollouts per problem
+    assert ess[3] == ess[5] != ess[6]  # one estimate per epoch
+    assert a["reweight_adv_shift"] > 0 and a["reweight_ess"] == ess[-1]
+    for d in "ab":
+        assert sorted(p.name for p in (tmp_path / d / "fork").glob("reweight-*")) == [
+            "reweight-epoch1.safetensors", "reweight-epoch2.safetensors"]

@@ -39,6 +39,35 @@ def fork_advantages(reward_N: torch.Tensor, group_N: torch.Tensor, valid_N: torc
     return torch.where(s.zero_N, torch.zeros_like(adv_N), adv_N.clamp(-clip, clip))
 
 
+def reweighted_advantages(reward_N: torch.Tensor, group_N: torch.Tensor, valid_N: torch.Tensor,
+                          logw_N: torch.Tensor, *, clip: float = 2.5, eps: float = 1e-8):
+    """The group advantage of ``fork_advantages`` with the group's mean and population std taken under
+    self-normalised importance weights w_i ∝ exp(logw_i) (w_i = π_θ(y_i) / π_b(y_i) for base rollouts y_i):
+    the current policy's pass rate and spread estimated from the base's samples, with no new sampling.
+
+    With equal weights it is exactly ``fork_advantages``. Returns (adv_N, ess_N): ess is each row's group's
+    effective sample size (Σw)² / Σw², from 1 (one row carries all the weight) to the group's valid count.
+    Invalid rows and groups whose valid rewards are all equal get 0, as in ``fork_advantages``."""
+    s = group_stats(reward_N, group_N, valid_N)
+    groups, idx_N = torch.unique(group_N, return_inverse=True)
+    logw = torch.where(valid_N, logw_N.double(), -math.inf)
+    top_g = torch.full((len(groups),), -math.inf, dtype=torch.float64).scatter_reduce_(0, idx_N, logw, "amax")
+    w_N = torch.where(valid_N, (logw - top_g[idx_N].clamp(min=-1e30)).exp(), 0.0)
+
+    def group_sum(x_N):
+        return torch.zeros(len(groups), dtype=torch.float64).index_add_(0, idx_N, x_N)
+
+    w_N = w_N / group_sum(w_N).clamp(min=1e-300)[idx_N]
+    r_N = torch.where(valid_N, reward_N.double(), 0.0)
+    mean_g = group_sum(w_N * r_N)
+    var_g = group_sum(w_N * (r_N - mean_g[idx_N]).square())
+    adv_N = (r_N - mean_g[idx_N]) / var_g.sqrt().clamp(min=eps)[idx_N]
+    ess_N = (1.0 / group_sum(w_N.square()).clamp(min=1e-300))[idx_N]
+    adv_N = torch.where(s.zero_N, 0.0, adv_N.clamp(-clip, clip)).to(reward_N.dtype if reward_N.is_floating_point()
+                                                                       else torch.get_default_dtype())
+    return adv_N, ess_N.float()
+
+
 def full_kl(ref_logits_NTV: torch.Tensor, logits_NTV: torch.Tensor) -> torch.Tensor:
     """KL(π_ref ‖ π)_t = Σ_v π_ref(v) · (log π_ref(v) − log π(v)), exact over the vocabulary; ≥ 0.
 

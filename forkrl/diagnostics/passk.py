@@ -225,7 +225,7 @@ def sample_texts(spec: ModelSpec, cfg, task, problems, *, n: int, seed: int, ref
     model, tokenizer, _ = load_eval_model(spec.path, cfg)
     differs = same_tokenizer(ref_tokenizer, tokenizer) if ref_tokenizer is not None else None
     prompt_ids = encode_prompts(cfg, tokenizer, task, model, problems)
-    sampler = HFSampler(model, tokenizer, batch_size=cfg.sampling.batch_size)
+    sampler = HFSampler(model, tokenizer, batch_size=cfg.sampling.batch_size, engine=cfg.sampling.engine)
     params = sampling_params(cfg, for_eval=True)
     texts_P: list[list[str]] = [[] for _ in problems]
     per_call, truncated, shown = max(1, cfg.sampling.batch_size // n), 0, 0

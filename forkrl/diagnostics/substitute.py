@@ -1,11 +1,11 @@
 """Decoding with two models in lockstep, and the causal test of METHODS §3 (2605.06241).
 
-``decode`` runs a KV-cached loop over the BASE model (and, when a rule needs it, the TUNED model fed the
-same tokens). At every step the base's next token is drawn exactly as ``HFSampler`` draws it: the same
-``_RowSampler`` (temperature, top-k, top-p, and row r's counter-based uniform u = U(seed_r, t)), the same
-left padding, position ids ``cumsum(mask) - 1``, ``logits_to_keep=1`` and float32 logits. So with no
-substitution a row reproduces the base's own sample token for token, and with substitutions a row differs
-from it only because of them (the random stream does not shift: u at step t depends on (seed, t) alone).
+``decode`` runs ``HFSampler``'s own KV-cached loop (``sampling.hf.decode_chunk``) over the BASE model (and,
+when a rule needs it, the TUNED model fed the same tokens). At every step the base's next token is drawn
+exactly as ``HFSampler`` draws it: the same ``_RowSampler`` (temperature, top-k, top-p, and row r's
+counter-based uniform u = U(seed_r, t)), the same left padding and decode engine. So with no substitution a
+row reproduces the base's own sample token for token, and with substitutions a row differs from it only
+because of them (the random stream does not shift: u at step t depends on (seed, t) alone).
 
 A *rule* may overwrite the drawn token at some steps:
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..algos.logprobs import entropy_from_logits
-from ..sampling.hf import SamplingParams, _assemble, _RowSampler, _uniform
+from ..sampling.engine import engine_for
+from ..sampling.hf import SamplingParams, _assemble, _uniform, decode_chunk
 from ..types import Rollouts
 
 _CONTROL_SALT = 0x2545F4914F6CDD1D  # keeps the control's token draws independent of the sampling draws
@@ -109,75 +110,28 @@ def control_plan(subs_N: torch.Tensor, length_N: torch.Tensor, seeds: list[int],
 
 @torch.no_grad()
 def decode(base, tuned, tokenizer, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-           seeds: list[int], rule=None, *, batch_size: int = 256) -> tuple[Rollouts, torch.Tensor]:
+           seeds: list[int], rule=None, *, batch_size: int = 256,
+           engine: str = "auto") -> tuple[Rollouts, torch.Tensor]:
     """Sample ``group_size`` rows per prompt from ``base`` under ``rule``; returns (rollouts, subs_N).
 
-    Rows, seeds and chunks of ``batch_size`` rows are laid out as in ``HFSampler.sample``, so with
-    ``rule=None`` the rollouts equal ``HFSampler(base, tokenizer, batch_size).sample(...)``."""
+    Rows, seeds and chunks of ``batch_size`` rows are laid out as in ``HFSampler.sample``, and the loop is
+    its loop (``sampling.hf.decode_chunk``), so with ``rule=None`` the rollouts equal
+    ``HFSampler(base, tokenizer, batch_size, engine=engine).sample(...)``."""
     rule = rule or NoSubstitution()
     rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
     if len(seeds) != len(rows):
         raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows")
+    models = [base] + ([tuned] if rule.needs_tuned else [])
     chunks, subs = [], []
     for s in range(0, len(rows), batch_size):
-        chunk, sub_B = _decode_chunk(base, tuned if rule.needs_tuned else None, tokenizer,
-                                     [p for p, _ in rows[s : s + batch_size]], seeds[s : s + batch_size],
-                                     torch.arange(s, min(s + batch_size, len(rows))), params, rule)
+        engines = [engine_for(m, engine) for m in models]
+        chunk, sub_B = decode_chunk(engines, [p for p, _ in rows[s : s + batch_size]], seeds[s : s + batch_size],
+                                    params, tokenizer=tokenizer, rule=rule,
+                                    rows_B=torch.arange(s, min(s + batch_size, len(rows))))
         chunks.append(chunk)
         subs.append(sub_B)
     problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
     return _assemble(chunks, problem_N, pad_id=tokenizer.pad_token_id), torch.cat(subs)
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        attn[r, width - len(p) :] = 1
-    return ids, attn
-
-
-def _decode_chunk(base, tuned, tokenizer, prompts, seeds, rows_B, params: SamplingParams, rule):
-    """One left-padded batch, KV-cached: the loop ``generate`` runs, written out (see module doc)."""
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    device = next(base.parameters()).device
-    ids, attn = _left_pad(prompts, pad_id)
-    ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).masked_fill_(attn == 0, 0)
-    mask = None if bool(attn.all()) else attn  # generate drops an all-ones mask too (same kernels, same numbers)
-    models = [base] if tuned is None else [base, tuned]
-    caches = [None] * len(models)
-    draw = _RowSampler(params, seeds)
-    seeds_B = torch.tensor(seeds, dtype=torch.int64)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    subs_B = torch.zeros(len(prompts), dtype=torch.long)
-    new, inp = [], ids
-    for step in range(params.max_new_tokens):
-        logits = []
-        for i, model in enumerate(models):
-            out = model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=caches[i],
-                        use_cache=True, logits_to_keep=1)
-            caches[i] = out.past_key_values
-            logits.append(out.logits[:, -1].to(dtype=torch.float32, copy=True))
-        token = draw(inp, logits[0]).argmax(-1)
-        sub, alt = rule(step, logits[0], logits[-1], rows_B, seeds_B)
-        sub = sub.to(device) & ~finished
-        token = torch.where(sub, alt.to(device), token)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        subs_B += sub.cpu().long()
-        new.append(token)
-        finished |= token == eos_id
-        if bool(finished.all()):
-            break
-        inp, pos = token[:, None], pos[:, -1:] + 1
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    new_BS = torch.stack(new, dim=1).cpu()
-    draw.gather_last(new_BS[:, -1])
-    logp = torch.stack(draw.logp, dim=1).cpu()
-    return (prompts, new_BS, logp, eos_id), subs_B
 
 
 # ---------------------------------------------------------------------------------------- the causal test
@@ -210,6 +164,7 @@ class CausalSetup:
     params: SamplingParams
     seeds: list[int]
     batch_size: int
+    engine: str = "auto"
 
 
 def causal_test(base, tuned, tokenizer, setup: CausalSetup, *, p_base: float, p_tuned: float, top_k: int,
@@ -221,7 +176,7 @@ def causal_test(base, tuned, tokenizer, setup: CausalSetup, *, p_base: float, p_
 
     def run(rule):
         rollouts, subs_N = decode(base, tuned, tokenizer, setup.prompt_ids, setup.group_size, setup.params,
-                                  setup.seeds, rule, batch_size=setup.batch_size)
+                                  setup.seeds, rule, batch_size=setup.batch_size, engine=setup.engine)
         scores = score_rollouts(setup.task, setup.problems, tokenizer, rollouts)
         p = sum(scores) / max(n, 1)
         return rollouts, subs_N, {"pass_at_1": p, "recovery": recovery(p, p_base, p_tuned, n),

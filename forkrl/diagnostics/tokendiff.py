@@ -301,7 +301,7 @@ def _causal_setup(cfg, task: str, tokenizer, base_model, num_problems: int | Non
     prompt_ids = encode_prompts(cfg, tokenizer, task_obj, base_model, problems)
     seeds = row_seeds(f"eval:{cfg.seed}", list(range(len(problems))), spp)
     return CausalSetup(task_obj, problems, prompt_ids, spp, sampling_params(cfg, for_eval=True), seeds,
-                       cfg.sampling.batch_size)
+                       cfg.sampling.batch_size, cfg.sampling.engine)
 
 
 def _sample_both(base_model, tuned_model, tokenizer, setup, samples_from: str):
@@ -312,7 +312,7 @@ def _sample_both(base_model, tuned_model, tokenizer, setup, samples_from: str):
 
     samples, scores = {}, {}
     for name, model in (("base", base_model), ("tuned", tuned_model)):
-        sampler = HFSampler(model, tokenizer, batch_size=setup.batch_size)
+        sampler = HFSampler(model, tokenizer, batch_size=setup.batch_size, engine=setup.engine)
         samples[name] = sampler.sample(setup.prompt_ids, setup.group_size, setup.params, seeds=setup.seeds)
         scores[name] = score_rollouts(setup.task, setup.problems, tokenizer, samples[name])
     names = ("base", "tuned") if samples_from == "both" else (samples_from,)

@@ -1,8 +1,9 @@
-"""Batched sampling with Hugging Face ``generate`` (KV cache), returning typed ``Rollouts``.
+"""Batched sampling from Hugging Face causal LMs (KV cache), returning typed ``Rollouts``.
 
-Each row is drawn from its own seeded generator (see ``_RowSampler``), and its sampler log-probs,
-log_softmax(logits / T) at the drawn token before top-k/top-p truncation, are recorded during
-``generate``: the tempered policy the trainer recomputes.
+``decode_chunk`` is the loop ``generate`` runs, written out over a decode engine (``engine.py``), so that the
+sampler and ``forkrl diff``'s lockstep decoding share it. Each row is drawn from its own seeded stream (see
+``_RowSampler``), and its sampler log-probs, log_softmax(logits / T) at the drawn token before top-k/top-p
+truncation, are recorded on the way: the tempered policy the trainer recomputes.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..types import Role, Rollouts
+from .engine import engine_for
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-class _RowSampler(LogitsProcessor):
+class _RowSampler:
     """Samples every row from its own seeded random stream, and records sampler log-probs.
 
-    transformers runs custom processors before its own warpers; generate is called with
-    ``do_sample=False``, so this processor does temperature, top-k, top-p and the draw itself and hands
-    back a one-hot score that greedy decoding then takes. Why: a row's sample depends only on its seed,
-    not on which other rows share its batch or its rank, so rollouts are the same however a step is
-    split across micro-batches, sampler chunks or processes, and a resumed run replays them exactly.
+    Called like a ``transformers`` logits processor, ``(input_ids, scores)``, it does temperature, top-k,
+    top-p and the draw itself and hands back a one-hot score whose argmax is the token. Why: a row's sample
+    depends only on its seed, not on which other rows share its batch or its rank, so rollouts are the same
+    however a step is split across micro-batches, sampler chunks or processes, and a resumed run replays them.
 
     At step t it also gathers step t-1's tempered log-prob, log_softmax(logits / T), of the token drawn
     there (before truncation: what the trainer recomputes). One [rows, V] buffer is held at a time.
@@ -106,10 +106,11 @@ def _truncate(probs_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 class HFSampler:
-    """Samples ``group_size`` completions for each prompt with ``model.generate``."""
+    """Samples ``group_size`` completions for each prompt from a Hugging Face causal LM, KV-cached, through a
+    decode engine (``engine.engine_for``: the fused fast path where it applies, else the model's forward)."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 256):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, *, batch_size: int = 256, engine: str = "auto"):
+        self.model, self.tokenizer, self.batch_size, self.engine = model, tokenizer, batch_size, engine
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
@@ -121,32 +122,68 @@ class HFSampler:
             seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
         if len(seeds) != len(rows):
             raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows")
-        chunks = [self._generate([p for p, _ in rows[s : s + self.batch_size]], params, seeds[s : s + self.batch_size])
-                  for s in range(0, len(rows), self.batch_size)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            chunks = []
+            for s in range(0, len(rows), self.batch_size):
+                engine = engine_for(self.model, self.engine)  # per chunk: it reads the current weights
+                chunks.append(decode_chunk([engine], [p for p, _ in rows[s : s + self.batch_size]],
+                                           seeds[s : s + self.batch_size], params, tokenizer=self.tokenizer)[0])
+        finally:
+            self.model.train(was_training)
         problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
         return _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
-        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):  # left padding: generation continues from the right edge
-            ids[r, width - len(p) :] = torch.tensor(p)
-            attn[r, width - len(p) :] = 1
-        device = next(self.model.parameters()).device
-        sampler = _RowSampler(params, seeds)
-        gen = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
-                               eos_token_id=eos_id, use_cache=True)
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen,
-                                  logits_processor=LogitsProcessorList([sampler]))
-        self.model.train(was_training)
-        new = out[:, width:].cpu()
-        sampler.gather_last(new[:, -1])
-        logp = torch.stack(sampler.logp, dim=1).cpu() if sampler.logp else torch.zeros(len(prompts), 0)
-        return prompts, new, logp, eos_id
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), left-padded: generation continues from the right edge."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        attn[r, width - len(p) :] = 1
+    return ids, attn
+
+
+def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: SamplingParams, *, tokenizer,
+                 rule=None, rows_B: torch.Tensor | None = None):
+    """The decode loop ``generate`` runs, written out, over one left-padded batch.
+
+    ``engines[0]`` is the model sampled from: each step's token is drawn from its logits by ``_RowSampler``.
+    Any further engine is fed the same tokens, and ``rule(step, logits_0, logits_last, rows_B, seeds_B)``
+    (``forkrl diff``'s substitutions) may return (where_B, token_B) to overwrite the draw at rows still
+    generating. After a row's EOS it gets padding. Returns ((prompts, new_BS, logp_BS, eos_id), subs_B)."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids, attn = left_pad(prompts, pad_id)
+    device = engines[0].device if hasattr(engines[0], "device") else ids.device
+    ids, attn = ids.to(device), attn.to(device)
+    draw = _RowSampler(params, seeds)
+    seeds_B = torch.tensor(seeds, dtype=torch.int64)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    subs_B = torch.zeros(len(prompts), dtype=torch.long)
+    logits = [e.prefill(ids, attn, params.max_new_tokens) for e in engines]
+    pos_B = attn.sum(-1) - 1  # the last prompt token's position (left padding: it is the last column)
+    new, inp = [], ids
+    for step in range(params.max_new_tokens):
+        token = draw(inp, logits[0]).argmax(-1)
+        if rule is not None:
+            sub, alt = rule(step, logits[0], logits[-1], rows_B, seeds_B)
+            sub = sub.to(device) & ~finished
+            token = torch.where(sub, alt.to(device), token)
+            subs_B += sub.cpu().long()
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        new.append(token)
+        finished |= token == eos_id
+        if step == params.max_new_tokens - 1 or bool(finished.all()):
+            break
+        inp, pos_B = token[:, None], pos_B + 1
+        logits = [e.step(token, pos_B) for e in engines]
+    new_BS = torch.stack(new, dim=1).cpu()
+    draw.gather_last(new_BS[:, -1])
+    logp = torch.stack(draw.logp, dim=1).cpu()
+    return (prompts, new_BS, logp, eos_id), subs_B
 
 
 def _assemble(chunks, problem_N: torch.Tensor, *, pad_id: int) -> Rollouts:

@@ -10,6 +10,15 @@ Departures from the paper, each a config key: τ defaults to a quantile of the b
 are shuffled per epoch by a seeded permutation; under data parallelism every rank makes the same base
 rollouts (seeded) and trains on every W-th row of each step; every rank holds the whole step's gate, so
 the step's decision and anchor counts, fixed before the micro-batch loop (METHODS §1), need no all-reduce.
+
+``fork.reweight`` (off by default, on in the demo; not in the paper): at the start of every epoch after the
+first, each problem's advantage baseline and spread are re-estimated under the current policy π_θ from the
+same base rollouts, by self-normalised importance weights w_i ∝ π_θ,T(y_i) / π_b,T(y_i) (whole-sequence
+ratio at the rollouts' temperature T). Why: with base-only advantages a strategy whose base accuracy is near
+the problem's base pass rate keeps an advantage near 0, so it is never pushed down, although the policy has
+meanwhile learned a better one; GRPO sees the rising pass rate because it samples again. Reweighting sees it
+without sampling (one no-grad forward over the rows per epoch). The rows' loss weights are unchanged: only
+the advantages move. The mean effective sample size (Σw)² / Σw² per group is logged as ``ess``.
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ import math
 import time
 
 import torch
+from safetensors.torch import load_file
 
-from ..algos.fork import entropy_tau, fork_advantages, fork_loss, full_kl, get_gate
+from ..algos.fork import entropy_tau, fork_advantages, fork_loss, full_kl, get_gate, reweighted_advantages
 from ..algos.logprobs import token_logprobs
+from ..checkpoint import atomic_save_tensors
 from ..config import ConfigError
 from ..sampling import HFSampler
 from ..types import Role, Rollouts
-from .common import (batch_indices, clip_and_step, completion_logits, end_step, finish_stage, make_optimizer,
-                     micro_slices, resume_state, skip_micro_batch, stage_log)
+from .common import (TrainingError, batch_indices, clip_and_step, completion_logits, completion_logprobs, end_step,
+                     finish_stage, make_optimizer, micro_slices, resume_state, skip_micro_batch, stage_log)
 from .fork_data import BaseRollouts, FrozenBase, base_rollouts, select_problems
 
 
@@ -90,6 +101,40 @@ def fork_update(model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: flo
     return sums
 
 
+@torch.no_grad()
+def policy_logratio(model, rollouts: Rollouts, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """logw_N = Σ_t [log π_θ,T(y_t) − log π_b,T(y_t)] over each row's completion: the sequence importance
+    log-weight of a base rollout under the current policy, both tempered at the rollouts' temperature
+    (the base's tempered log-probs are the sampler's, stored with the rollouts)."""
+    out = torch.zeros(rollouts.num_rows, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for sl in micro_slices(rollouts.num_rows, micro_batch_size):
+        mb = rollouts.select(torch.arange(rollouts.num_rows)[sl])
+        logp_NT, _, mask_NT = completion_logprobs(model, mb, temperature=temperature)
+        diff = (logp_NT.double().cpu() - mb.sampler_logp_NL[:, 1:].double()) * mask_NT.cpu()
+        out[sl] = diff.sum(1)
+    model.train(was_training)
+    return out
+
+
+def epoch_log_weights(ctx, rollouts: Rollouts, epoch: int, *, fresh: bool) -> torch.Tensor:
+    """``fork.reweight``: each row's importance log-weight under the policy as it stands at the start of
+    ``epoch``. Computed at the epoch's first step and written to ``<stage>/reweight-epoch{epoch}.safetensors``;
+    a run resumed inside the epoch reads it back, so its advantages are those of the uninterrupted run."""
+    path = ctx.stage_dir / f"reweight-epoch{epoch}.safetensors"
+    if not fresh:
+        if not path.exists():
+            raise TrainingError(f"fork.reweight: resuming inside epoch {epoch + 1}, but {path} (the importance "
+                                "weights taken at that epoch's start) is missing; restart the stage without --resume")
+        return load_file(str(path))["logw_N"]
+    cfg = ctx.cfg.fork
+    logw_N = policy_logratio(ctx.model, rollouts, cfg.temperature, cfg.micro_batch_size)
+    if ctx.dist.is_main:
+        atomic_save_tensors({"logw_N": logw_N}, path)
+    return logw_N
+
+
 def step_counts(gate_NT: torch.Tensor, mask_NT: torch.Tensor) -> tuple[int, int]:
     """(|D|, |¬D|): the step's decision and anchor token counts, the fork loss's two denominators."""
     decision = gate_NT & mask_NT
@@ -106,13 +151,22 @@ def train_fork(ctx) -> dict:
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, total)
     start = resume_state(ctx, opt, sched)
-    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size)
+    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
+                        engine=ctx.cfg.sampling.engine)
     log = stage_log(ctx, total, start)
     mask_NT = data.rollouts.completion_mask_NL[:, 1:]
     ctx.model.train()
+    adv_base_N, ess = adv_N, None
     for step in range(start + 1, total + 1):
         t0 = time.time()
         epoch, j = divmod(step - 1, per_epoch)
+        if cfg.reweight and epoch > 0 and (j == 0 or step == start + 1):
+            logw_N = epoch_log_weights(ctx, data.rollouts, epoch, fresh=j == 0)
+            adv_N, ess_N = reweighted_advantages(data.reward_N, data.rollouts.group_N, data.valid_N, logw_N,
+                                                 clip=cfg.adv_clip)
+            if cfg.positive_only:  # the rows stay those with A > 0 under the base; their sign may not flip
+                adv_N = adv_N.clamp(min=0)
+            ess = float(ess_N.mean())
         order = batch_indices(n_rows, n_rows, epoch, ctx.cfg.seed)  # one seeded permutation per epoch
         rows = torch.tensor(order[j * cfg.batch_size : (j + 1) * cfg.batch_size])
         totals = step_counts(gate_NT[rows], mask_NT[rows])  # every rank holds the whole step: no all-reduce
@@ -127,9 +181,11 @@ def train_fork(ctx) -> dict:
         trained = int(mask_NT[rows].sum())
         metrics = {**sums, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "epoch": epoch + 1,
                    "decision_tokens": totals[0], "anchor_tokens": totals[1], "tau": stats["tau"],
-                   "gate_share": stats["gate_share"], "rows_trained": len(rows), "tokens_trained": trained,
+                   "gate_share": stats["gate_share"], "ess": ess, "rows_trained": len(rows), "tokens_trained": trained,
                    "train_s": dt, "train_tokens_per_s": trained / max(dt, 1e-9),
                    "micro_batches": len(micro_slices(len(mine), cfg.micro_batch_size)), "world_size": dist.world_size}
         end_step(ctx, sampler, log, step, cfg, metrics, opt, sched, total=total)
     result = finish_stage(ctx, sampler, log, total)
-    return {**result, **stats, "tokens_trained": int(mask_NT.sum()) * cfg.epochs}
+    moved = float((adv_N - adv_base_N).abs().mean())  # how far the last epoch's advantages moved from the base's
+    return {**result, **stats, "tokens_trained": int(mask_NT.sum()) * cfg.epochs,
+            "reweight_ess": ess, "reweight_adv_shift": moved if cfg.reweight else None}

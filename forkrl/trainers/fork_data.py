@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..checkpoint import atomic_save_tensors
 from ..config import ConfigError
 from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
@@ -83,7 +82,7 @@ def cache_key(ctx) -> str:
             tail = fh.read()
         h.update(f"{f.name}:{size}".encode() + head + tail)
     settings = {"seed": ctx.cfg.seed, "task": ctx.cfg.task.model_dump(mode="json"),
-                "max_new_tokens": ctx.cfg.sampling.max_new_tokens,
+                "max_new_tokens": ctx.cfg.sampling.max_new_tokens, "engine": ctx.cfg.sampling.engine,
                 **{k: getattr(cfg, k) for k in ("candidates", "samples_per_problem", "temperature", "top_p")},
                 "rewards": [r.model_dump() for r in cfg.rewards]}
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -132,7 +131,8 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_new_tokens=ctx.cfg.sampling.max_new_tokens)
     with base.active():
-        rollouts = HFSampler(base.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size).sample(
+        rollouts = HFSampler(base.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
+                             engine=ctx.cfg.sampling.engine).sample(
             prompt_ids, cfg.samples_per_problem, params, seeds=seeds)
         H_NT = _base_entropy(base.model, rollouts, cfg.micro_batch_size)
     texts = decode_completions(ctx.tokenizer, rollouts)
@@ -156,14 +156,9 @@ def _base_entropy(model, rollouts: Rollouts, micro_batch_size: int) -> torch.Ten
 
 
 def _save(path: Path, data: BaseRollouts, key: str) -> None:
-    tensors = {f: getattr(data.rollouts, f).contiguous() for f in _ROLLOUT_FIELDS}
-    tensors.update(reward_N=data.reward_N.contiguous(), valid_N=data.valid_N.contiguous(), H_NT=data.H_NT.contiguous())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"key": key, "seconds": str(data.seconds)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tensors = {f: getattr(data.rollouts, f) for f in _ROLLOUT_FIELDS}
+    tensors.update(reward_N=data.reward_N, valid_N=data.valid_N, H_NT=data.H_NT)
+    atomic_save_tensors(tensors, path, metadata={"key": key, "seconds": str(data.seconds)})
 
 
 def _load(path: Path, key: str, *, required: bool) -> BaseRollouts | None:

@@ -100,7 +100,8 @@ def train_grpo(ctx) -> dict:
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps * cfg.inner_iterations)
     start = resume_state(ctx, opt, sched)
-    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=run_cfg.sampling.batch_size)
+    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=run_cfg.sampling.batch_size,
+                         engine=run_cfg.sampling.engine)
     log = stage_log(ctx, cfg.steps, start)
     shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
     prompt_cache: dict[int, list[int]] = {}

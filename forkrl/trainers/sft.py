@@ -68,7 +68,8 @@ def train_sft(ctx) -> dict:
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
     start = resume_state(ctx, opt, sched)
-    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size)
+    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
+                        engine=ctx.cfg.sampling.engine)
     log = stage_log(ctx, cfg.steps, start)
     shard = dist.shard(cfg.batch_size, "sft.batch_size")
     ctx.model.train()

@@ -1,0 +1,203 @@
+"""Decode engines: a prefill over a left-padded batch, then one-token steps, each returning float32 logits.
+
+The sampler (``hf.HFSampler``) and ``forkrl diff``'s lockstep decoding drive the same loop
+(``hf.decode_chunk``) over an engine, so they draw the same tokens from the same logits.
+
+* ``HFEngine`` runs any Hugging Face causal LM through its own ``forward`` and KV cache, exactly as
+  ``generate`` does (position ids ``cumsum(mask) - 1``, the mask dropped when it is all ones,
+  ``logits_to_keep=1``).
+* ``FastEngine`` runs the Llama/Qwen2 decoder (RMSNorm, rotary embeddings with the default rope, grouped-query
+  attention, SwiGLU) as a few fused tensor operations per layer: q/k/v in one matmul, gate/up in one, a key/value
+  cache preallocated for the whole completion and written in place, a precomputed rotary table. On a CPU a
+  one-token step of a small model is dominated by per-operation and per-module overhead, not by FLOPs; fusing
+  removes most of it (``benchmarks/grpo_step.py`` measures the effect). Weights are read at construction, with
+  a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives the base), so an
+  engine is built per sampling call and sees the current parameters. Its logits equal ``HFEngine``'s to float
+  rounding (about 1e-6; tested), so a sample can differ only where a uniform draw falls within that distance
+  of a boundary of the cumulative distribution.
+
+``engine_for(model, "auto")`` picks ``FastEngine`` for a float32 model on CPU that it supports and ``HFEngine``
+otherwise; ``sampling.engine: hf`` forces the Hugging Face path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FAST_MODEL_TYPES = ("llama", "qwen2")
+
+
+class HFEngine:
+    def __init__(self, model):
+        self.model, self.device = model, next(model.parameters()).device
+        self.cache = self.mask = None
+
+    def prefill(self, ids_BW: torch.Tensor, attn_BW: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        pos = (attn_BW.cumsum(-1) - 1).masked_fill_(attn_BW == 0, 0)
+        self.mask = None if bool(attn_BW.all()) else attn_BW  # generate drops an all-ones mask too
+        return self._forward(ids_BW, pos)
+
+    def step(self, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return self._forward(token_B[:, None], pos_B[:, None])
+
+    def _forward(self, ids, pos):
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+
+def fast_unsupported(model) -> str | None:
+    """Why ``FastEngine`` cannot run ``model`` (None when it can)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(hf, "config", None)
+    if cfg is None or not hasattr(hf, "model") or not hasattr(hf, "lm_head"):
+        return "not a transformers causal LM with .model and .lm_head"
+    p = next(hf.parameters())
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    checks = [
+        (cfg.model_type in FAST_MODEL_TYPES, f"model_type {cfg.model_type!r} (supported: {FAST_MODEL_TYPES})"),
+        (p.device.type == "cpu" and p.dtype == torch.float32, f"{p.dtype} on {p.device.type} (float32 on CPU only)"),
+        (rope.get("rope_type", "default") == "default", f"rope_type {rope.get('rope_type')!r}"),
+        (getattr(cfg, "hidden_act", None) == "silu", f"hidden_act {getattr(cfg, 'hidden_act', None)!r}"),
+        (not getattr(cfg, "use_sliding_window", False), "sliding-window attention"),
+        (not getattr(cfg, "mlp_bias", False), "mlp_bias"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    for name, m in hf.named_modules():
+        if hasattr(m, "lora_A") and (getattr(m, "lora_variant", None) or getattr(m, "fan_in_fan_out", False)):
+            return f"a LoRA variant (DoRA, fan_in_fan_out, …) at {name}"
+        if hasattr(m, "lora_embedding_A") and m.lora_embedding_A:
+            return f"a LoRA adapter on an embedding ({name})"
+    return None
+
+
+def _weight(linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a Linear as it computes now: a peft LoRA layer's active adapters' deltas included."""
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        return linear.weight, linear.bias
+    w = base.weight
+    if not linear.disable_adapters and not linear.merged:
+        for name in linear.active_adapters:
+            if name in linear.lora_A:
+                w = w + linear.get_delta_weight(name)
+    return w, base.bias
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class FastEngine:
+    def __init__(self, model):
+        why = fast_unsupported(model)
+        if why is not None:
+            raise ValueError(f"FastEngine does not support this model: {why}")
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = hf.config
+        self.cfg, self.eps = cfg, cfg.rms_norm_eps
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        core = hf.model
+        self.embed = core.embed_tokens.weight.detach()
+        self.device = self.embed.device
+        self.layers = []
+        with torch.no_grad():
+            for layer in core.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                (wq, bq), (wk, bk), (wv, bv) = _weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)
+                bias = None if bq is None else torch.cat([bq, bk, bv])
+                wo, bo = _weight(a.o_proj)
+                (wg, _), (wu, _), (wd, _) = _weight(mlp.gate_proj), _weight(mlp.up_proj), _weight(mlp.down_proj)
+                self.layers.append((layer.input_layernorm.weight.detach(), torch.cat([wq, wk, wv]).t().contiguous(),
+                                    bias, wo.t().contiguous(), bo, layer.post_attention_layernorm.weight.detach(),
+                                    torch.cat([wg, wu]).t().contiguous(), wd.t().contiguous()))
+            self.norm = core.norm.weight.detach()
+            self.head = _weight(hf.lm_head)[0].t().contiguous()
+
+    def _rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, head_dim] as transformers' default rotary embedding computes them."""
+        rope = getattr(self.cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(self.cfg, "rope_theta", 10000.0))
+        d = self.head_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        freqs = torch.arange(length, device=device).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    @torch.no_grad()
+    def prefill(self, ids_BW: torch.Tensor, attn_BW: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        B, W = ids_BW.shape
+        cap = W + max_new_tokens
+        dev = ids_BW.device
+        self.cos, self.sin = self._rope(cap, dev)
+        self.k = [torch.zeros(B, self.n_kv, cap, self.head_dim, device=dev) for _ in self.layers]
+        self.v = [torch.zeros(B, self.n_kv, cap, self.head_dim, device=dev) for _ in self.layers]
+        real = attn_BW.bool()
+        self.key_mask = torch.zeros(B, 1, 1, cap, device=dev)  # additive: -inf at left padding
+        self.key_mask[:, 0, 0, :W].masked_fill_(~real, float("-inf"))
+        causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()
+        # a padding query attends to itself only (its output is never used; this keeps it finite)
+        mask = (causal[None, None] & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=dev)
+        self.length = 0
+        return self._forward(ids_BW, (attn_BW.cumsum(-1) - 1).clamp(min=0), mask)
+
+    @torch.no_grad()
+    def step(self, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        return self._forward(token_B[:, None], pos_B[:, None], self.key_mask[..., : self.length + 1])
+
+    def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, mask) -> torch.Tensor:
+        B, S = ids_BS.shape
+        nq, nk, d = self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.head_dim
+        at, end = self.length, self.length + S
+        cos, sin = self.cos[pos_BS][:, None], self.sin[pos_BS][:, None]
+        x = F.embedding(ids_BS, self.embed)
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+            h = _rms(x, ln1, self.eps).view(B * S, -1)
+            qkv = h @ w_qkv if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
+            q = qkv[:, :nq].view(B, S, self.n_heads, d).transpose(1, 2)
+            k = qkv[:, nq : nq + nk].view(B, S, self.n_kv, d).transpose(1, 2)
+            v = qkv[:, nq + nk :].view(B, S, self.n_kv, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            self.k[i][:, :, at:end] = k * cos + _rotate_half(k) * sin
+            self.v[i][:, :, at:end] = v
+            o = self._attend(q, self.k[i][:, :, :end], self.v[i][:, :, :end], mask).reshape(B * S, nq)
+            x = x + (o @ w_o if b_o is None else torch.addmm(b_o, o, w_o)).view(B, S, -1)
+            gu = _rms(x, ln2, self.eps).view(B * S, -1) @ w_gu
+            half = gu.shape[1] // 2
+            x = x + ((F.silu(gu[:, :half]) * gu[:, half:]) @ w_down).view(B, S, -1)
+        self.length = end
+        return _rms(x[:, -1], self.norm, self.eps) @ self.head
+
+
+    def _attend(self, q_BHSD, k_BKLD, v_BKLD, mask) -> torch.Tensor:
+        """softmax(q·kᵀ/√d + mask)·v with grouped-query heads, as [B, S, H, D]. One query (a decode step) goes
+        through two batched matmuls: at this size the fused CPU kernel costs more in setup than in work."""
+        B, H, S, D = q_BHSD.shape
+        if S > 1:
+            o = F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, attn_mask=mask, enable_gqa=self.n_kv != H)
+            return o.transpose(1, 2)
+        K, L = self.n_kv, k_BKLD.shape[2]
+        q = q_BHSD.reshape(B, K, H // K, D)  # query heads h = k·(H/K) + j share key/value head k
+        scores = torch.matmul(q, k_BKLD.transpose(2, 3)) * D**-0.5 + mask.view(B, 1, 1, L)
+        return torch.matmul(torch.softmax(scores, dim=-1), v_BKLD).view(B, 1, H, D)
+
+
+def engine_for(model, kind: str = "auto"):
+    """``FastEngine`` when ``kind`` is "auto" and it supports ``model``, else ``HFEngine``."""
+    if kind not in ("auto", "hf"):
+        raise ValueError(f"unknown decode engine {kind!r}: use 'auto' or 'hf'")
+    if kind == "auto" and fast_unsupported(model) is None:
+        return FastEngine(model)
+    return HFEngine(model)

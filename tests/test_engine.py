@@ -1,0 +1,112 @@
+"""Decode engines: the fused FastEngine computes the logits the Hugging Face forward computes (Llama and Qwen2,
+GQA, biases, untied heads, an active or disabled LoRA adapter, left padding), and the sampler's two engines
+draw the same rows."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from forkrl.sampling import HFSampler, SamplingParams
+from forkrl.sampling.engine import FastEngine, HFEngine, engine_for, fast_unsupported
+from forkrl.sampling.hf import left_pad
+
+SIZE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=64,
+            rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def build(cls, seed=0, **over):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cls(**{**SIZE, **over})).eval()
+    with torch.no_grad():  # random norms and biases too, so a dropped term cannot hide behind ones and zeros
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    return model
+
+
+MODELS = {
+    "qwen2 gqa tied": lambda: build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2,
+                                    tie_word_embeddings=True),
+    "qwen2 mha untied": lambda: build(Qwen2Config, num_attention_heads=4, num_key_value_heads=4,
+                                      tie_word_embeddings=False),
+    "llama gqa biases": lambda: build(LlamaConfig, num_attention_heads=6, num_key_value_heads=2, attention_bias=True,
+                                      tie_word_embeddings=False),
+    "llama head_dim": lambda: build(LlamaConfig, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                    rope_theta=500.0),
+}
+
+
+def lockstep(model, steps=6):
+    """(max |Δ logits|, max |logits|) between the two engines over a prefill and ``steps`` one-token steps."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20], [30, 31, 32, 33]]
+    ids, attn = left_pad(prompts, pad_id=0)
+    engines = [HFEngine(model), FastEngine(model)]
+    with torch.no_grad():
+        outs = [e.prefill(ids, attn, steps) for e in engines]
+        worst, scale = (outs[0] - outs[1]).abs().max(), outs[0].abs().max()
+        pos = attn.sum(-1) - 1
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            token, pos = torch.randint(2, 97, (len(prompts),), generator=g), pos + 1
+            outs = [e.step(token, pos) for e in engines]
+            worst = max(worst, (outs[0] - outs[1]).abs().max())
+    return float(worst), float(scale)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_engine_logits_equal_the_hf_forward(name):
+    model = MODELS[name]()
+    assert fast_unsupported(model) is None
+    worst, scale = lockstep(model)
+    assert scale > 0.1 and worst < 2e-5 * max(scale, 1.0), (name, worst, scale)
+
+
+def test_fast_engine_reads_an_active_lora_adapter_and_the_base_when_disabled():
+    from peft import LoraConfig, get_peft_model
+
+    base = MODELS["qwen2 gqa tied"]()
+    ref = [e for e in (HFEngine(base),)]
+    ids, attn = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
+    with torch.no_grad():
+        base_logits = ref[0].prefill(ids, attn, 2)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                                "gate_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn_like(p))  # a trained adapter, not the zero init
+    model.eval()
+    assert fast_unsupported(model) is None
+    worst, scale = lockstep(model)
+    assert worst < 2e-5 * max(scale, 1.0)
+    with torch.no_grad():
+        adapted = FastEngine(model).prefill(ids, attn, 2)
+        with model.disable_adapter():
+            disabled = FastEngine(model).prefill(ids, attn, 2)
+    assert (adapted - base_logits).abs().max() > 1e-2  # the adapter matters, and the engine saw it
+    torch.testing.assert_close(disabled, base_logits, rtol=0, atol=2e-5)
+
+
+def test_engine_for_falls_back_to_hf_and_says_why():
+    model = MODELS["qwen2 gqa tied"]()
+    assert isinstance(engine_for(model), FastEngine) and isinstance(engine_for(model, "hf"), HFEngine)
+    for over, why in (({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
+                      ({"hidden_act": "gelu"}, "hidden_act")):
+        other = build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2, **over)
+        assert why in fast_unsupported(other) and isinstance(engine_for(other), HFEngine)
+    assert "float32" in fast_unsupported(model.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="unknown decode engine"):
+        engine_for(model, "vllm")
+
+
+def test_sampler_engines_draw_the_same_rows(tiny_model_dir):
+    from forkrl.models import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = [tok(t).input_ids for t in ("12+34=", "7*8=", "99-1=")]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    seeds = list(range(100, 112))
+    fast = HFSampler(model, tok, engine="auto").sample(prompts, 4, params, seeds=seeds)
+    slow = HFSampler(model, tok, engine="hf").sample(prompts, 4, params, seeds=seeds)
+    assert torch.equal(fast.input_ids_NL, slow.input_ids_NL) and torch.equal(fast.role_NL, slow.role_NL)
+    torch.testing.assert_close(fast.sampler_logp_NL, slow.sampler_logp_NL, rtol=0, atol=1e-5)
