@@ -174,3 +174,40 @@ def test_reweight_resumed_inside_an_epoch_equals_uninterrupted(fork_run, tmp_pat
     for d in "ab":
         assert sorted(p.name for p in (tmp_path / d / "fork").glob("reweight-*")) == [
             "reweight-epoch1.safetensors", "reweight-epoch2.safetensors"]
+
+
+def test_cached_base_logits_give_the_per_step_gradient(fork_run):
+    """The base's logits computed once for the stage (``base_logits``) give the gradient that computing them in
+    every micro-batch gives, under a LoRA policy whose frozen base is itself with the adapter off."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from forkrl.algos.fork import fork_advantages
+    from forkrl.models import load_model
+    from forkrl.trainers.fork import base_logits, fork_update, step_counts
+    from forkrl.trainers.fork_data import _ROLLOUT_FIELDS, FrozenBase
+    from forkrl.types import Rollouts
+
+    out, _ = fork_run
+    t = load_file(str(out / "fork" / "base_rollouts.safetensors"))
+    rollouts = Rollouts(**{f: t[f] for f in _ROLLOUT_FIELDS})
+    model = get_peft_model(load_model(str(out / "sft" / "final")), LoraConfig(r=4, target_modules=["o_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn_like(p))  # π_θ ≠ π_b, so the anchor's KL has a gradient
+    base = FrozenBase(model, lora=True)
+    adv = fork_advantages(t["reward_N"], rollouts.group_N, t["valid_N"])
+    mask = rollouts.completion_mask_NL[:, 1:]
+    gate = (t["H_NT"] > 0.3) & mask
+    rows = torch.arange(0, rollouts.num_rows, 3)  # a step's rows, not all of them
+    cache = base_logits(base, rollouts, micro_batch_size=16)
+    assert cache is not None and cache.shape[:2] == mask.shape
+    grads = []
+    for ref in (None, cache[rows]):
+        model.zero_grad()
+        fork_update(model, base, rollouts.select(rows), adv[rows], gate[rows], kl_coef=5.0, micro_batch_size=8,
+                    totals=step_counts(gate[rows], mask[rows]), neg_floor=0.5, ref_logits_NTV=ref)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)

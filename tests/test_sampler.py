@@ -127,3 +127,21 @@ def test_counter_rng_is_splitmix64():
     for step in (1, 2, 1000):
         got = _uniform(torch.tensor(seeds, dtype=torch.int64), step).tolist()
         assert got == [reference(s, step) for s in seeds]
+
+
+def test_sampler_entropy_equals_teacher_forced_entropy(tiny_model_dir):
+    """``sample(..., entropy=True)`` reads H_t off the decode's logits; teacher forcing the same rows through
+    the model (what METHODS §4 step 3 describes) gives the same numbers at every completion target."""
+    from forkrl.models import load_model, load_tokenizer
+    from forkrl.trainers.common import completion_logprobs
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = [tok(t).input_ids for t in ("12+34=", "7*8=", "99-1=")]
+    for engine in ("auto", "hf"):
+        rollouts, H_NT = HFSampler(model, tok, batch_size=5, engine=engine).sample(
+            prompts, 3, SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=9), seeds=list(range(9)),
+            entropy=True)
+        with torch.no_grad():
+            _, H_ref, mask = completion_logprobs(model, rollouts, entropy="metric")
+        assert H_NT.shape == mask.shape and (H_NT[~mask] == 0).all() and (H_NT[mask] > 0).all()
+        torch.testing.assert_close(H_NT, (H_ref * mask).float(), rtol=1e-4, atol=1e-5)

@@ -40,8 +40,9 @@ class _RowSampler:
     there (before truncation: what the trainer recomputes). One [rows, V] buffer is held at a time.
     """
 
-    def __init__(self, params: SamplingParams, seeds: list[int]):
-        self.params = params
+    def __init__(self, params: SamplingParams, seeds: list[int], *, entropy: bool = False):
+        self.params, self.entropy = params, entropy
+        self.H: list[torch.Tensor] = []  # with ``entropy``: each step's entropy of softmax(logits), temperature 1
         self.temperature = params.temperature if not params.greedy else 1.0
         self.seeds_B = torch.tensor(seeds, dtype=torch.int64)
         self.step = 0
@@ -55,6 +56,9 @@ class _RowSampler:
     def __call__(self, input_ids, scores):
         if self.prev_logp_BV is not None:
             self.gather_last(input_ids[:, -1])
+        if self.entropy:
+            logp1 = torch.log_softmax(scores.float(), dim=-1)
+            self.H.append(-(logp1.exp() * logp1).sum(-1).cpu())
         logits = scores.float() / self.temperature
         self.prev_logp_BV = torch.log_softmax(logits, dim=-1)
         if self.params.greedy:
@@ -114,9 +118,12 @@ class HFSampler:
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-               *, seeds: list[int] | None = None) -> Rollouts:
+               *, seeds: list[int] | None = None, entropy: bool = False):
         """``seeds``: one per row (prompt-major, ``len(prompt_ids) * group_size``); by default drawn
-        from torch's global generator, so ``torch.manual_seed`` still fixes the result."""
+        from torch's global generator, so ``torch.manual_seed`` still fixes the result. With ``entropy``,
+        returns (rollouts, H_NT): the sampled model's entropy (temperature 1) at each target position
+        ``input_ids[:, 1:]`` of the completions, 0 elsewhere, taken from the decode's own logits (no second
+        teacher-forced pass)."""
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
         if seeds is None:
             seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
@@ -129,11 +136,22 @@ class HFSampler:
             for s in range(0, len(rows), self.batch_size):
                 engine = engine_for(self.model, self.engine)  # per chunk: it reads the current weights
                 chunks.append(decode_chunk([engine], [p for p, _ in rows[s : s + self.batch_size]],
-                                           seeds[s : s + self.batch_size], params, tokenizer=self.tokenizer)[0])
+                                           seeds[s : s + self.batch_size], params, tokenizer=self.tokenizer,
+                                           entropy=entropy)[0])
         finally:
             self.model.train(was_training)
         problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
-        return _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
+        rollouts = _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
+        if not entropy:
+            return rollouts
+        H_NL = torch.zeros(rollouts.input_ids_NL.shape)
+        at = 0
+        for prompts, _, _, _, H_BS in chunks:
+            for r, prompt in enumerate(prompts):
+                n = int((rollouts.role_NL[at] == Role.COMPLETION).sum())
+                H_NL[at, len(prompt) : len(prompt) + n] = H_BS[r, :n]
+                at += 1
+        return rollouts, H_NL[:, 1:]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,18 +166,19 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: SamplingParams, *, tokenizer,
-                 rule=None, rows_B: torch.Tensor | None = None):
+                 rule=None, rows_B: torch.Tensor | None = None, entropy: bool = False):
     """The decode loop ``generate`` runs, written out, over one left-padded batch.
 
     ``engines[0]`` is the model sampled from: each step's token is drawn from its logits by ``_RowSampler``.
     Any further engine is fed the same tokens, and ``rule(step, logits_0, logits_last, rows_B, seeds_B)``
     (``forkrl diff``'s substitutions) may return (where_B, token_B) to overwrite the draw at rows still
-    generating. After a row's EOS it gets padding. Returns ((prompts, new_BS, logp_BS, eos_id), subs_B)."""
+    generating. After a row's EOS it gets padding. Returns ((prompts, new_BS, logp_BS, eos_id), subs_B), and
+    with ``entropy`` the chunk gains H_BS, each step's entropy of ``engines[0]``'s distribution (temperature 1)."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     ids, attn = left_pad(prompts, pad_id)
     device = engines[0].device if hasattr(engines[0], "device") else ids.device
     ids, attn = ids.to(device), attn.to(device)
-    draw = _RowSampler(params, seeds)
+    draw = _RowSampler(params, seeds, entropy=entropy)
     seeds_B = torch.tensor(seeds, dtype=torch.int64)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     subs_B = torch.zeros(len(prompts), dtype=torch.long)
@@ -183,13 +202,14 @@ def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: Sa
     new_BS = torch.stack(new, dim=1).cpu()
     draw.gather_last(new_BS[:, -1])
     logp = torch.stack(draw.logp, dim=1).cpu()
-    return (prompts, new_BS, logp, eos_id), subs_B
+    chunk = (prompts, new_BS, logp, eos_id) + ((torch.stack(draw.H, dim=1),) if entropy else ())
+    return chunk, subs_B
 
 
 def _assemble(chunks, problem_N: torch.Tensor, *, pad_id: int) -> Rollouts:
     """Re-lay generated rows as ``[prompt | completion up to and including EOS | pad]``, right-padded."""
     rows = []
-    for prompts, new, logp, eos_id in chunks:
+    for prompts, new, logp, eos_id, *_ in chunks:
         for r, prompt in enumerate(prompts):
             is_eos = (new[r] == eos_id).nonzero()
             n = int(is_eos[0]) + 1 if len(is_eos) else new.shape[1]

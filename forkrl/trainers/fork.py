@@ -65,14 +65,38 @@ def prepare(ctx, base: FrozenBase) -> tuple[BaseRollouts, torch.Tensor, torch.Te
     return data, adv_N, gate_NT, stats
 
 
+REF_CACHE_BYTES = 1 << 30  # the base's logits over the stage's rows are held in memory up to this size
+
+
+@torch.no_grad()
+def base_logits(base, rollouts: Rollouts, micro_batch_size: int) -> torch.Tensor | None:
+    """The frozen base's logits [N, L-1, V] at every target position of every row, computed once for all
+    epochs instead of at every step (they never change). Positions before a micro-batch's first completion
+    target are 0 (prompt positions: masked out of the loss). None when they would exceed ``REF_CACHE_BYTES``
+    (a real vocabulary and real lengths): ``fork_update`` then recomputes them per micro-batch."""
+    n, length = rollouts.input_ids_NL.shape
+    out = None
+    with base.active():
+        for sl in micro_slices(n, micro_batch_size):
+            mb = rollouts.select(torch.arange(n)[sl])
+            logits, _, start = completion_logits(base.model, mb)
+            if out is None:
+                if n * (length - 1) * logits.shape[-1] * 4 > REF_CACHE_BYTES:
+                    return None
+                out = torch.zeros(n, length - 1, logits.shape[-1], dtype=torch.float32, device=logits.device)
+            out[sl, start : start + logits.shape[1]] = logits.float()
+    return out
+
+
 def fork_update(model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: float, micro_batch_size: int,
                 totals: tuple[int, int], neg_floor: float | None = None, inject: str = "none",
-                world_size: int = 1) -> dict[str, torch.Tensor]:
+                world_size: int = 1, ref_logits_NTV: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Accumulate one optimizer step's gradient over micro-batches; returns summed statistics.
 
     ``totals`` = (|D|, |¬D|) of the whole step over every rank, fixed before the loop. ``base`` has
-    ``.model`` and ``.active()`` (see ``FrozenBase``). ``inject`` reproduces the historical accumulation
-    bugs for ``forkrl check`` (METHODS §1): ``mean_of_means`` divides each micro-batch by its own counts."""
+    ``.model`` and ``.active()`` (see ``FrozenBase``); ``ref_logits_NTV``, the base's logits of these rows
+    (``base_logits``), saves its forward. ``inject`` reproduces the historical accumulation bugs for
+    ``forkrl check`` (METHODS §1): ``mean_of_means`` divides each micro-batch by its own counts."""
     sums = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "contrastive", "anchor_kl")}
     slices = micro_slices(rollouts.num_rows, micro_batch_size)
     for i, sl in enumerate(slices):
@@ -80,10 +104,13 @@ def fork_update(model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: flo
             continue
         idx = torch.arange(rollouts.num_rows)[sl]
         mb = rollouts.select(idx)
-        with torch.no_grad(), base.active():
-            ref_logits, _, _ = completion_logits(base.model, mb)  # same rows: same ``start``
         logits, targets, start = completion_logits(model, mb)
         width = mb.input_ids_NL.shape[1] - 1
+        if ref_logits_NTV is not None:
+            ref_logits = ref_logits_NTV[idx][:, start:width].to(logits.device)
+        else:
+            with torch.no_grad(), base.active():
+                ref_logits, _, _ = completion_logits(base.model, mb)  # same rows: same ``start``
         mask = (mb.role_NL[:, 1:] == Role.COMPLETION)[:, start:].to(logits.device)
         gate = gate_NT[idx][:, :width][:, start:].to(logits.device)
         counts, scale = totals, 1.0
@@ -155,6 +182,7 @@ def train_fork(ctx) -> dict:
                         engine=ctx.cfg.sampling.engine)
     log = stage_log(ctx, total, start)
     mask_NT = data.rollouts.completion_mask_NL[:, 1:]
+    ref_NTV = base_logits(base, data.rollouts, cfg.micro_batch_size)
     ctx.model.train()
     adv_base_N, ess = adv_N, None
     for step in range(start + 1, total + 1):
@@ -173,7 +201,8 @@ def train_fork(ctx) -> dict:
         mine = rows[dist.rank :: dist.world_size]
         sums = fork_update(ctx.model, base, data.select(mine).rollouts, adv_N[mine], gate_NT[mine],
                            kl_coef=cfg.kl_coef, micro_batch_size=cfg.micro_batch_size, totals=totals,
-                           neg_floor=cfg.neg_floor, inject=ctx.cfg.debug.inject, world_size=dist.world_size)
+                           neg_floor=cfg.neg_floor, inject=ctx.cfg.debug.inject, world_size=dist.world_size,
+                           ref_logits_NTV=None if ref_NTV is None else ref_NTV[mine])
         dist.sum_gradients(params)
         sums = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
         grad_norm = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)

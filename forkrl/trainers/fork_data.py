@@ -1,11 +1,13 @@
 """The fork stage's data: scored base rollouts with the base's entropy at every position, made once.
 
 METHODS §4 steps 1–3: n completions of each candidate problem from the frozen base (T = 0.6, top-p 0.95
-by default), scored by the configured rewards, teacher-forced through the base for H_t. All candidate rows
-are cached in ``<stage>/base_rollouts.safetensors`` (atomic write) under a key that covers the base's
-weights, the sampling settings, the candidate problems and the rewards. A resumed stage, or an ablation
-pointed at it with ``fork.rollouts_from``, reuses them instead of sampling again; a key mismatch is an
-error, never a silent reuse. Problem selection (step 2) happens after loading, so ablations that change
+by default), scored by the configured rewards, with the base's entropy H_t (temperature 1) at each
+completion position read off the logits the decode computed anyway (step 3's teacher forcing gives the same
+numbers, to float rounding: tested, and costs a second pass). All candidate rows are cached in
+``<stage>/base_rollouts.safetensors`` (atomic write) under a key that covers the base's weights, the
+sampling settings, the candidate problems and the rewards. A resumed stage, or an ablation pointed at it
+with ``fork.rollouts_from``, reuses them instead of sampling again; a key mismatch is an error, never a
+silent reuse. Problem selection (step 2) happens after loading, so ablations that change
 the pass-rate window reuse the cache too.
 """
 
@@ -26,7 +28,7 @@ from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
 from ..sampling import HFSampler, SamplingParams
 from ..types import Rollouts
-from .common import batch_indices, completion_logprobs, decode_completions, micro_slices, row_seeds
+from .common import batch_indices, decode_completions, row_seeds
 
 CACHE_NAME = "base_rollouts.safetensors"
 _ROLLOUT_FIELDS = ("input_ids_NL", "role_NL", "sampler_logp_NL", "group_N", "problem_N", "truncated_N")
@@ -41,7 +43,7 @@ class BaseRollouts:
     reward_N: torch.Tensor
     valid_N: torch.Tensor
     H_NT: torch.Tensor
-    seconds: float  # sampling + scoring + teacher forcing, when they were made
+    seconds: float  # sampling + scoring, when they were made
 
     def select(self, index_N: torch.Tensor) -> "BaseRollouts":
         r = self.rollouts.select(index_N)
@@ -131,10 +133,9 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_new_tokens=ctx.cfg.sampling.max_new_tokens)
     with base.active():
-        rollouts = HFSampler(base.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
-                             engine=ctx.cfg.sampling.engine).sample(
-            prompt_ids, cfg.samples_per_problem, params, seeds=seeds)
-        H_NT = _base_entropy(base.model, rollouts, cfg.micro_batch_size)
+        rollouts, H_NT = HFSampler(base.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
+                                   engine=ctx.cfg.sampling.engine).sample(
+            prompt_ids, cfg.samples_per_problem, params, seeds=seeds, entropy=True)
     texts = decode_completions(ctx.tokenizer, rollouts)
     scored, _ = score_rollouts(rollouts, texts, [problems[i] for i in pick], ctx.task,
                                [(r.name, r.weight) for r in cfg.rewards], seeds=seeds, timeout_s=cfg.reward_timeout_s)
@@ -143,16 +144,6 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
     rollouts = Rollouts(**{**{f: getattr(rollouts, f) for f in _ROLLOUT_FIELDS}, "problem_N": problem_N,
                            "group_N": problem_N.clone()})
     return BaseRollouts(rollouts, scored.reward_N, scored.valid_N, H_NT, round(time.time() - t0, 3))
-
-
-@torch.no_grad()
-def _base_entropy(model, rollouts: Rollouts, micro_batch_size: int) -> torch.Tensor:
-    H_NT = torch.zeros(rollouts.num_rows, rollouts.input_ids_NL.shape[1] - 1)
-    for sl in micro_slices(rollouts.num_rows, micro_batch_size):
-        mb = rollouts.select(torch.arange(rollouts.num_rows)[sl])
-        _, H, mask = completion_logprobs(model, mb, entropy="metric")
-        H_NT[sl, : H.shape[1]] = (H * mask).float().cpu()
-    return H_NT
 
 
 def _save(path: Path, data: BaseRollouts, key: str) -> None:
