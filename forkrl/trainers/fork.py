@@ -66,6 +66,16 @@ def prepare(ctx, base: FrozenBase) -> tuple[BaseRollouts, torch.Tensor, torch.Te
 
 
 REF_CACHE_BYTES = 1 << 30  # the base's logits over the stage's rows are held in memory up to this size
+NO_GRAD_LOGITS_BYTES = 256 << 20  # a no-grad pass takes as many rows at once as keep its logits under this
+
+
+def no_grad_rows(model, rollouts: Rollouts, micro_batch_size: int) -> int:
+    """Rows per forward for a pass without gradients: at least ``micro_batch_size``, and more while their
+    logits [rows, L, V] stay under ``NO_GRAD_LOGITS_BYTES`` (no activations are kept, and on a CPU one large
+    forward costs much less than several small ones)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_row = rollouts.input_ids_NL.shape[1] * vocab * 4
+    return max(micro_batch_size, NO_GRAD_LOGITS_BYTES // max(per_row, 1))
 
 
 @torch.no_grad()
@@ -77,7 +87,7 @@ def base_logits(base, rollouts: Rollouts, micro_batch_size: int) -> torch.Tensor
     n, length = rollouts.input_ids_NL.shape
     out = None
     with base.active():
-        for sl in micro_slices(n, micro_batch_size):
+        for sl in micro_slices(n, no_grad_rows(base.model, rollouts, micro_batch_size)):
             mb = rollouts.select(torch.arange(n)[sl])
             logits, _, start = completion_logits(base.model, mb)
             if out is None:
@@ -136,7 +146,7 @@ def policy_logratio(model, rollouts: Rollouts, temperature: float, micro_batch_s
     out = torch.zeros(rollouts.num_rows, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for sl in micro_slices(rollouts.num_rows, micro_batch_size):
+    for sl in micro_slices(rollouts.num_rows, no_grad_rows(model, rollouts, micro_batch_size)):
         mb = rollouts.select(torch.arange(rollouts.num_rows)[sl])
         logp_NT, _, mask_NT = completion_logprobs(model, mb, temperature=temperature)
         diff = (logp_NT.double().cpu() - mb.sampler_logp_NL[:, 1:].double()) * mask_NT.cpu()
