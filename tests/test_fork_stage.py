@@ -173,7 +173,7 @@ def test_reweight_resumed_inside_an_epoch_equals_uninterrupted(fork_run, tmp_pat
     assert a["reweight_adv_shift"] > 0 and a["reweight_ess"] == ess[-1]
     for d in "ab":
         assert sorted(p.name for p in (tmp_path / d / "fork").glob("reweight-*")) == [
-            "reweight-epoch1.safetensors", "reweight-epoch2.safetensors"]
+            "reweight-epoch2.safetensors", "reweight-epoch3.safetensors"]  # epochs 2 and 3 of 3
 
 
 def test_cached_base_logits_give_the_per_step_gradient(fork_run):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..algos.logprobs import entropy_from_logits
 from ..types import Role, Rollouts
 from .engine import engine_for
 
@@ -57,8 +58,7 @@ class _RowSampler:
         if self.prev_logp_BV is not None:
             self.gather_last(input_ids[:, -1])
         if self.entropy:
-            logp1 = torch.log_softmax(scores.float(), dim=-1)
-            self.H.append(-(logp1.exp() * logp1).sum(-1).cpu())
+            self.H.append(entropy_from_logits(scores.float()).cpu())
         logits = scores.float() / self.temperature
         self.prev_logp_BV = torch.log_softmax(logits, dim=-1)
         if self.params.greedy:

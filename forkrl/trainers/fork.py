@@ -157,9 +157,10 @@ def policy_logratio(model, rollouts: Rollouts, temperature: float, micro_batch_s
 
 def epoch_log_weights(ctx, rollouts: Rollouts, epoch: int, *, fresh: bool) -> torch.Tensor:
     """``fork.reweight``: each row's importance log-weight under the policy as it stands at the start of
-    ``epoch``. Computed at the epoch's first step and written to ``<stage>/reweight-epoch{epoch}.safetensors``;
-    a run resumed inside the epoch reads it back, so its advantages are those of the uninterrupted run."""
-    path = ctx.stage_dir / f"reweight-epoch{epoch}.safetensors"
+    ``epoch`` (0-based). Computed at the epoch's first step and written to
+    ``<stage>/reweight-epoch{epoch + 1}.safetensors`` (1-based, as the metrics' ``epoch``); a run resumed
+    inside the epoch reads it back, so its advantages are those of the uninterrupted run."""
+    path = ctx.stage_dir / f"reweight-epoch{epoch + 1}.safetensors"
     if not fresh:
         if not path.exists():
             raise TrainingError(f"fork.reweight: resuming inside epoch {epoch + 1}, but {path} (the importance "
