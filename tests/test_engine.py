@@ -110,3 +110,12 @@ def test_sampler_engines_draw_the_same_rows(tiny_model_dir):
     slow = HFSampler(model, tok, engine="hf").sample(prompts, 4, params, seeds=seeds)
     assert torch.equal(fast.input_ids_NL, slow.input_ids_NL) and torch.equal(fast.role_NL, slow.role_NL)
     torch.testing.assert_close(fast.sampler_logp_NL, slow.sampler_logp_NL, rtol=0, atol=1e-5)
+
+
+def test_fast_engine_with_one_token_prompts():
+    """A prefill of width 1 takes the one-query attention path; it must give the forward's logits too."""
+    model = MODELS["llama gqa biases"]()
+    ids, attn = left_pad([[5], [9]], pad_id=0)
+    with torch.no_grad():
+        a, b = HFEngine(model).prefill(ids, attn, 3), FastEngine(model).prefill(ids, attn, 3)
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-5)

@@ -149,7 +149,8 @@ class FastEngine:
         self.key_mask[:, 0, 0, :W].masked_fill_(~real, float("-inf"))
         causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()
         # a padding query attends to itself only (its output is never used; this keeps it finite)
-        mask = (causal[None, None] & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=dev)
+        allowed = (causal[None, None] & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=dev)
+        mask = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))  # additive, as steps'
         self.length = 0
         return self._forward(ids_BW, (attn_BW.cumsum(-1) - 1).clamp(min=0), mask)
 
@@ -180,10 +181,10 @@ class FastEngine:
         self.length = end
         return _rms(x[:, -1], self.norm, self.eps) @ self.head
 
-
     def _attend(self, q_BHSD, k_BKLD, v_BKLD, mask) -> torch.Tensor:
-        """softmax(q·kᵀ/√d + mask)·v with grouped-query heads, as [B, S, H, D]. One query (a decode step) goes
-        through two batched matmuls: at this size the fused CPU kernel costs more in setup than in work."""
+        """softmax(q·kᵀ/√d + mask)·v with grouped-query heads, as [B, S, H, D]; ``mask`` is additive (0 or
+        −inf). One query (a decode step) goes through two batched matmuls: at this size the fused CPU kernel
+        costs more in setup than in work."""
         B, H, S, D = q_BHSD.shape
         if S > 1:
             o = F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, attn_mask=mask, enable_gqa=self.n_kv != H)
