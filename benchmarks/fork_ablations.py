@@ -129,9 +129,9 @@ def table(results: dict, base_pass: float, grpo_pass: float | None) -> str:
         mix = ", ".join(f"{k} {v[0]:.0%}:{v[1]:.0%}" for k, v in r["strategies"].items() if v[0] >= 0.01)
         gate = "-" if r["gate_share"] is None else f"{r['gate_share']:.1%}"
         rows.append((name, f"{r['pass_at_1']:.3f}", share, f"{r['train_wall_s']:.1f}", gate, mix))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
+    from forkrl.demo import grid
+
+    lines = grid(rows)
     lines.append(f"base (SFT) pass@1 {base_pass:.3f}" + (f"; GRPO {grpo_pass:.3f}" if grpo_pass else ""))
     return "\n".join(lines)
 

@@ -46,7 +46,8 @@ def cached_base(fast: bool, tiny: dict | None = None) -> tuple[Path, float, bool
     """The SFT'd demo base: (path, SFT wall seconds when it was built, whether it came from the cache)."""
     cfg = demo_config(fast=fast, stages=("sft",), tiny=tiny)
     # The key covers the config and the code that makes the base, so an upgrade never reuses a stale one.
-    sources = ("tasks/arithmetic.py", "trainers/sft.py", "trainers/common.py", "sampling/hf.py")
+    sources = ("tasks/arithmetic.py", "trainers/sft.py", "trainers/common.py", "sampling/hf.py",
+               "sampling/engine.py")
     code = [resources.files("forkrl").joinpath(f).read_text() for f in sources]
     # Only the sections SFT and its evaluation read: tuning the grpo or fork sections keeps the base.
     spec = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "task", "sft", "sampling", "eval")}
@@ -125,7 +126,8 @@ def stage_cost(result: dict) -> dict:
             "tokens": result.get("tokens_sampled", 0) + result.get("tokens_trained", 0)}
 
 
-def _grid(rows: list[tuple[str, ...]]) -> list[str]:
+def grid(rows: list[tuple[str, ...]]) -> list[str]:
+    """A plain-text table: the first row is the header, underlined; columns padded to their widest cell."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -144,7 +146,7 @@ def tables(s: dict) -> str:
     for name, key in (("GRPO", "grpo"), ("fork (RL-free)", "fork")):
         rows.append((name, f"{s[key]['pass_at_1']:.3f}", f"{st[key]['wall_s']:.1f}", f"{st[key]['train_wall_s']:.1f}",
                      f"{st[key]['tokens']:,}", f"{s[key]['trainable_params']:,}"))
-    lines = _grid(rows)
+    lines = grid(rows)
     gain = s["grpo"]["pass_at_1"] - s["base"]["pass_at_1"]
     fork_gain = s["fork"]["pass_at_1"] - s["base"]["pass_at_1"]
     share = f"{fork_gain / gain:.0%}" if abs(gain) > 1e-9 else "n/a"
@@ -157,7 +159,7 @@ def tables(s: dict) -> str:
     for k in DIFF_KEYS:
         fmt = (lambda x: "n/a" if x is None else f"{x:.2f}") if k in ("entropy_ratio", "promoted_rank_mean") else _pct
         rows.append((k, fmt(s["diff"][k]), fmt(s["diff_fork"][k]), PAPER[k]))
-    lines += [""] + _grid(rows)
+    lines += [""] + grid(rows)
     n_key = next(k for k in s["passk"]["base"] if k.startswith("pass_at_") and k != "pass_at_1")
     lines += ["", f"pass@k over {PASSK_PROBLEMS if not s['fast'] else 10} held-out problems: "
               + "; ".join(f"{m} pass@1 {v['pass_at_1']:.3f}, {n_key.replace('_at_', '@')} {v[n_key]:.3f}, "

@@ -131,7 +131,7 @@ def decode(base, tuned, tokenizer, prompt_ids: list[list[int]], group_size: int,
         chunks.append(chunk)
         subs.append(sub_B)
     problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
-    return _assemble(chunks, problem_N, pad_id=tokenizer.pad_token_id), torch.cat(subs)
+    return _assemble(chunks, problem_N, pad_id=tokenizer.pad_token_id)[0], torch.cat(subs)
 
 
 # ---------------------------------------------------------------------------------------- the causal test

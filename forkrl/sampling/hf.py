@@ -32,8 +32,8 @@ class SamplingParams:
 class _RowSampler:
     """Samples every row from its own seeded random stream, and records sampler log-probs.
 
-    Called like a ``transformers`` logits processor, ``(input_ids, scores)``, it does temperature, top-k,
-    top-p and the draw itself and hands back a one-hot score whose argmax is the token. Why: a row's sample
+    Called with (the previous step's tokens or None, this step's logits), it does temperature, top-k, top-p
+    and the draw itself and returns the tokens (the argmax when greedy). Why: a row's sample
     depends only on its seed, not on which other rows share its batch or its rank, so rollouts are the same
     however a step is split across micro-batches, sampler chunks or processes, and a resumed run replays them.
 
@@ -54,22 +54,21 @@ class _RowSampler:
         if self.prev_logp_BV is not None:
             self.logp.append(self.prev_logp_BV.gather(1, token_B[:, None].to(self.prev_logp_BV.device)).squeeze(1))
 
-    def __call__(self, input_ids, scores):
-        if self.prev_logp_BV is not None:
-            self.gather_last(input_ids[:, -1])
+    def __call__(self, prev_token_B: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        if prev_token_B is not None:
+            self.gather_last(prev_token_B)
         if self.entropy:
             self.H.append(entropy_from_logits(scores.float()).cpu())
         logits = scores.float() / self.temperature
         self.prev_logp_BV = torch.log_softmax(logits, dim=-1)
         if self.params.greedy:
-            return scores
+            return scores.argmax(-1)
         probs = _truncate(self.prev_logp_BV.exp(), self.params.top_k, self.params.top_p).double()
         self.step += 1
         u_B = _uniform(self.seeds_B, self.step).to(probs.device)
         cdf = probs.cumsum(1)
         token = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, token, 0.0)
+        return token.squeeze(1)
 
 
 def _signed(c: int) -> int:
@@ -141,17 +140,8 @@ class HFSampler:
         finally:
             self.model.train(was_training)
         problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
-        rollouts = _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
-        if not entropy:
-            return rollouts
-        H_NL = torch.zeros(rollouts.input_ids_NL.shape)
-        at = 0
-        for prompts, _, _, _, H_BS in chunks:
-            for r, prompt in enumerate(prompts):
-                n = int((rollouts.role_NL[at] == Role.COMPLETION).sum())
-                H_NL[at, len(prompt) : len(prompt) + n] = H_BS[r, :n]
-                at += 1
-        return rollouts, H_NL[:, 1:]
+        rollouts, H_NL = _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
+        return (rollouts, H_NL[:, 1:]) if entropy else rollouts
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +166,7 @@ def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: Sa
     with ``entropy`` the chunk gains H_BS, each step's entropy of ``engines[0]``'s distribution (temperature 1)."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     ids, attn = left_pad(prompts, pad_id)
-    device = engines[0].device if hasattr(engines[0], "device") else ids.device
+    device = engines[0].device
     ids, attn = ids.to(device), attn.to(device)
     draw = _RowSampler(params, seeds, entropy=entropy)
     seeds_B = torch.tensor(seeds, dtype=torch.int64)
@@ -184,9 +174,9 @@ def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: Sa
     subs_B = torch.zeros(len(prompts), dtype=torch.long)
     logits = [e.prefill(ids, attn, params.max_new_tokens) for e in engines]
     pos_B = attn.sum(-1) - 1  # the last prompt token's position (left padding: it is the last column)
-    new, inp = [], ids
+    new, prev = [], None
     for step in range(params.max_new_tokens):
-        token = draw(inp, logits[0]).argmax(-1)
+        token = draw(prev, logits[0])
         if rule is not None:
             sub, alt = rule(step, logits[0], logits[-1], rows_B, seeds_B)
             sub = sub.to(device) & ~finished
@@ -197,7 +187,7 @@ def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: Sa
         finished |= token == eos_id
         if step == params.max_new_tokens - 1 or bool(finished.all()):
             break
-        inp, pos_B = token[:, None], pos_B + 1
+        prev, pos_B = token, pos_B + 1
         logits = [e.step(token, pos_B) for e in engines]
     new_BS = torch.stack(new, dim=1).cpu()
     draw.gather_last(new_BS[:, -1])
@@ -206,23 +196,29 @@ def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: Sa
     return chunk, subs_B
 
 
-def _assemble(chunks, problem_N: torch.Tensor, *, pad_id: int) -> Rollouts:
-    """Re-lay generated rows as ``[prompt | completion up to and including EOS | pad]``, right-padded."""
+def _assemble(chunks, problem_N: torch.Tensor, *, pad_id: int) -> tuple[Rollouts, torch.Tensor | None]:
+    """Re-lay generated rows as ``[prompt | completion up to and including EOS | pad]``, right-padded; with
+    the chunks' per-step entropies (``decode_chunk(entropy=True)``) also H_NL, laid out like the sampler
+    log-probs (at each completion token's input position), else None."""
     rows = []
-    for prompts, new, logp, eos_id, *_ in chunks:
+    for prompts, new, logp, eos_id, *H in chunks:
         for r, prompt in enumerate(prompts):
             is_eos = (new[r] == eos_id).nonzero()
             n = int(is_eos[0]) + 1 if len(is_eos) else new.shape[1]
-            rows.append((prompt, new[r, :n].tolist(), logp[r, :n], not len(is_eos)))
-    width = max(len(p) + len(c) for p, c, _, _ in rows)
+            rows.append((prompt, new[r, :n].tolist(), logp[r, :n], H[0][r, :n] if H else None, not len(is_eos)))
+    width = max(len(p) + len(c) for p, c, *_ in rows)
     N = len(rows)
     ids = torch.full((N, width), pad_id, dtype=torch.long)
     role = torch.full((N, width), int(Role.PAD), dtype=torch.int8)
     slogp = torch.zeros(N, width)
-    for r, (p, c, lp, _) in enumerate(rows):
+    H_NL = torch.zeros(N, width) if rows[0][3] is not None else None
+    for r, (p, c, lp, h, _) in enumerate(rows):
         ids[r, : len(p) + len(c)] = torch.tensor(p + c)
         role[r, : len(p)] = Role.PROMPT
         role[r, len(p) : len(p) + len(c)] = Role.COMPLETION
         slogp[r, len(p) : len(p) + len(c)] = lp
-    return Rollouts(input_ids_NL=ids, role_NL=role, sampler_logp_NL=slogp, group_N=problem_N.clone(),
-                    problem_N=problem_N, truncated_N=torch.tensor([t for *_, t in rows]))
+        if H_NL is not None:
+            H_NL[r, len(p) : len(p) + len(c)] = h
+    rollouts = Rollouts(input_ids_NL=ids, role_NL=role, sampler_logp_NL=slogp, group_N=problem_N.clone(),
+                        problem_N=problem_N, truncated_N=torch.tensor([t for *_, t in rows]))
+    return rollouts, H_NL
