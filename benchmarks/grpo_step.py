@@ -117,11 +117,69 @@ def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
     return rows * length / statistics.median(times[1:])
 
 
-def worker_tail(model, spec: dict, prompt_len: int, vocab: int) -> dict:
+def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grads: bool, repeats: int = 3) -> dict:
+    """Seconds of a step's matrix multiplies alone, at the step's own shapes, on this machine (the best of
+    ``repeats``): a lower bound for any fp32 implementation of the same work, tighter than FLOPs ÷ peak
+    because a decode step multiplies ``rows``-row matrices, which run below the 2048² peak.
+
+    Each decoder layer as a fused decoder runs it (x·[q|k|v], o, x·[gate|up], down; distinct random weights per
+    layer, so they stream from memory as a real model's do) plus the LM head. Sampling: ceil(tokens / rows)
+    one-token steps of all ``rows`` rows. Training: the forward over every row's prompt and completion tokens
+    (no padding; the head on completion tokens only), and the backward's input gradients plus, unless only an
+    adapter trains (LoRA: its own matmuls are left out), weight gradients. Attention, norms, activations,
+    sampling and the optimizer are left out: the true floor is higher."""
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    H, nq, nk, inter = cfg.hidden_size, cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    layer = [(H, nq + 2 * nk), (nq, H), (H, 2 * inter), (inter, H)]
+    g = torch.Generator().manual_seed(0)
+    weights = [[torch.randn(i, o, generator=g) for i, o in layer] for _ in range(cfg.num_hidden_layers)]
+    head = torch.randn(H, cfg.vocab_size, generator=g)
+    widths = {i for i, _ in layer} | {o for _, o in layer}
+    steps, seq, comp = math.ceil(tokens / rows), rows * prompt_len + int(tokens), int(tokens)
+    xs = {n: torch.randn(rows, n, generator=g) for n in widths}
+    X = {n: torch.randn(seq, n, generator=g) for n in widths}
+    Xc, dYc = torch.randn(comp, H, generator=g), torch.randn(comp, cfg.vocab_size, generator=g)
+
+    def sample():
+        for _ in range(steps):
+            for ws in weights:
+                for w in ws:
+                    xs[w.shape[0]] @ w
+            xs[H] @ head
+
+    def train():
+        for ws in weights:  # forward
+            for w in ws:
+                X[w.shape[0]] @ w
+        Xc @ head
+        dYc @ head.t()
+        if weight_grads:
+            Xc.t() @ dYc
+        for ws in reversed(weights):  # backward: dX = dY·Wᵀ, dW = Xᵀ·dY
+            for w in reversed(ws):
+                X[w.shape[1]] @ w.t()
+                if weight_grads:
+                    X[w.shape[0]].t() @ X[w.shape[1]]
+
+    def best(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return {"sample_s": best(sample), "train_s": best(train)}
+
+
+def worker_tail(model, spec: dict, prompt_len: int, vocab: int, tokens: float) -> dict:
+    rows = spec["prompts"] * spec["group"]
     return {"params": sum(p.numel() for p in model.parameters()), "prompt_len": prompt_len,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "forward_tokens_per_s": forward_tokens_per_s(model, spec["prompts"] * spec["group"],
-                                                         prompt_len + spec["max_new_tokens"], vocab),
+            "forward_tokens_per_s": forward_tokens_per_s(model, rows, prompt_len + spec["max_new_tokens"], vocab),
+            "shape_floor": shape_floor(model, rows, prompt_len, tokens, weight_grads=not spec["lora"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "matmul_gflops": matmul_gflops()}
 
@@ -154,7 +212,8 @@ def run_forkrl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
 
     prompt = next(iter(build_task(cfg.task).problems("train"))).prompt
     plen = len(seen["tok"](prompt).input_ids)
-    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"])), **seen["counts"]}
+    tokens = statistics.median(s["tokens"] for s in per_step)
+    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"]), tokens), **seen["counts"]}
 
 
 def trl_args(spec: dict, steps: int, out: Path, **over):
@@ -237,7 +296,8 @@ def run_trl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
         prev = end
     model = trainer.model
     return {"steps": per_step, "gradient_checkpointing": checkpointing,
-            **worker_tail(model, spec, len(tok(prompt).input_ids), len(tok))}
+            **worker_tail(model, spec, len(tok(prompt).input_ids), len(tok),
+                          statistics.median(s["tokens"] for s in per_step))}
 
 
 def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
@@ -303,8 +363,13 @@ def summarize(runs: list[dict], warmup: int, peak_gflops: float, forward_tps: fl
     seq_tokens = spec_rows * first["prompt_len"] + tokens
     floor_sample, floor_train = (2 * first["params"] * seq_tokens / (peak_gflops * 1e9),
                                  6 * first["params"] * seq_tokens / (peak_gflops * 1e9))
+    # the tighter floor: the same matmuls timed at the step's own shapes (``shape_floor``), the best worker's
+    shape_sample = min(r["shape_floor"]["sample_s"] for r in runs)
+    shape_train = min(r["shape_floor"]["train_s"] for r in runs)
     return {"s_per_step": s_step, "sample_s": sample_s, "train_s": train_s, "other_s": other_s,
             "floor_s": floor_sample + floor_train, "floor_sample_s": floor_sample, "floor_train_s": floor_train,
+            "shape_floor_s": shape_sample + shape_train, "shape_floor_sample_s": shape_sample,
+            "shape_floor_train_s": shape_train,
             "s_per_step_all": [s["s"] for s in steps], "steps_timed": len(steps),
             "tokens_per_step": tokens, "tokens_per_s": tokens / s_step, "sample_tokens_per_s": sample_tps,
             "train_tokens_per_s": tokens / train_s,
@@ -438,6 +503,9 @@ def print_table(r: dict) -> None:
     print(f"  floor at the matmul peak (2·P·tokens sampling + 6·P·tokens training, no attention or optimizer): "
           f"{f['floor_s']:.3f} s/step ({f['floor_sample_s']:.3f} + {f['floor_train_s']:.3f}); "
           f"TRL's step ÷ floor = {r['trl']['s_per_step'] / f['floor_s']:.2f}")
+    print(f"  floor at the step's own shapes (its matmuls alone, timed: {s['prompts'] * s['group']}-row decode steps, "
+          f"unpadded training tokens): {f['shape_floor_s']:.3f} s/step ({f['shape_floor_sample_s']:.3f} + "
+          f"{f['shape_floor_train_s']:.3f}); half of TRL's step: {r['trl']['s_per_step'] / 2:.3f}")
     lc = r["first_step_losses_same_batch"]
     if lc:
         print(f"  first-step loss on the same batch (probe reward): forkrl {lc['forkrl']['loss']:.8g} "

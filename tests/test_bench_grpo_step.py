@@ -32,8 +32,26 @@ def test_tiny_run_writes_both_libraries(tmp_path):
         # the floor is the two phases' matmul FLOPs at the peak: below the measured step, in a 1:3 split
         assert 0 < r[lib]["floor_s"] < r[lib]["s_per_step"]
         assert r[lib]["floor_train_s"] == pytest.approx(3 * r[lib]["floor_sample_s"], rel=1e-12)
+        # the floor at the step's own shapes is timed: only its parts' presence and sum are checked
+        assert r[lib]["shape_floor_sample_s"] > 0 and r[lib]["shape_floor_train_s"] > 0
+        assert r[lib]["shape_floor_s"] == pytest.approx(r[lib]["shape_floor_sample_s"] + r[lib]["shape_floor_train_s"])
     assert r["ratio"] > 0 and r["machine"]["matmul_gflops_peak"] > 0
     lc = r["first_step_losses_same_batch"]
     # same batch, same model, same advantages: the two gradients agree (the loss itself is ~0 on-policy)
     assert lc["grad_norm_rel_diff"] < 1e-4, lc
     assert "forkrl" in proc.stdout and "trl" in proc.stdout
+
+
+def test_cpu_levers_smoke(tmp_path):
+    out = tmp_path / "levers.json"
+    script = SCRIPT.parent / "cpu_levers.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--skip-compile", "--repeats", "2", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    levers = json.loads(out.read_text())["levers"]
+    assert "AdamW step: fused" in levers and not any("compile" in k for k in levers)
+    for name, v in levers.items():
+        assert len(v["baseline_s"]) >= 2 and len(v["lever_s"]) >= 2, name
+        assert v["ratio"] == pytest.approx(v["baseline_median_s"] / v["lever_median_s"]), name
+    assert "AdamW step: fused" in proc.stdout
