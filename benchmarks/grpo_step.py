@@ -18,6 +18,8 @@ for ``--rounds``) so drift of the machine hits both.
   4 · parameters · tokens, no weight gradients, so this overstates it by about 1.5×; prompt and padding
   positions are computed but not counted); sampling efficiency = sampled tokens/s ÷ the tokens/s of one
   batched no-grad forward over the same rows × (prompt + new tokens), the median over every worker.
+  Two floors of a step: its matmul FLOPs at that peak, and its matmuls timed at their own shapes
+  (``shape_floor``: ``rows``-row decode steps, the unpadded training tokens), the best of every worker's.
 * losses: one subprocess samples forkrl's first-step batch once (``HFSampler``, forkrl's row seeds),
   gives it advantages from a probe reward (the parity of each completion's token-id sum: the untrained
   model never answers correctly, so the task reward is all 0 and both losses would be a trivial 0), and
