@@ -8,7 +8,8 @@ The sampler (``hf.HFSampler``) and ``forkrl diff``'s lockstep decoding drive the
   ``logits_to_keep=1``).
 * ``FastEngine`` runs the Llama/Qwen2 decoder (RMSNorm, rotary embeddings with the default rope, grouped-query
   attention, SwiGLU) as a few fused tensor operations per layer: q/k/v in one matmul, gate/up in one, a key/value
-  cache preallocated for the whole completion and written in place, a precomputed rotary table. On a CPU a
+  cache preallocated for the whole completion and written in place, a precomputed rotary table applied to queries
+  and keys at once, elementwise steps in place where that changes no rounding. On a CPU a
   one-token step of a small model is dominated by per-operation and per-module overhead, not by FLOPs; fusing
   removes most of it (``benchmarks/grpo_step.py`` measures the effect). Weights are read at construction, with
   a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives the base), so an
@@ -91,7 +92,8 @@ def _weight(linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    """transformers' RMSNorm, w·(x·rsqrt(mean(x²) + eps)), the same operations with fewer temporaries."""
+    return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(w)
 
 
 
@@ -173,14 +175,14 @@ class FastEngine:
             h = _rms(x, ln1, self.eps).view(B * S, -1)
             qkv = h @ w_qkv if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
             qk = qkv[:, : nq + nk].view(B, S, H + K, d).transpose(1, 2)  # queries and keys rotated together
-            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+            qk = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))
             self.k[i][:, :, at:end] = qk[:, H:]
             self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
             o = self._attend(qk[:, :H], self.k[i][:, :, :end], self.v[i][:, :, :end], mask).reshape(B * S, nq)
-            x = x + (o @ w_o if b_o is None else torch.addmm(b_o, o, w_o)).view(B, S, -1)
+            x.add_((o @ w_o if b_o is None else torch.addmm(b_o, o, w_o)).view(B, S, -1))  # x: this call's own
             gu = _rms(x, ln2, self.eps).view(B * S, -1) @ w_gu
             half = gu.shape[1] // 2
-            x = x + ((F.silu(gu[:, :half]) * gu[:, half:]) @ w_down).view(B, S, -1)
+            x.add_((F.silu(gu[:, :half]).mul_(gu[:, half:]) @ w_down).view(B, S, -1))
         self.length = end
         return _rms(x[:, -1], self.norm, self.eps) @ self.head
 
@@ -194,7 +196,7 @@ class FastEngine:
             return o.transpose(1, 2)
         K, L = self.n_kv, k_BKLD.shape[2]
         q = q_BHSD.reshape(B, K, H // K, D)  # query heads h = k·(H/K) + j share key/value head k
-        scores = torch.matmul(q, k_BKLD.transpose(2, 3)) * D**-0.5 + mask.view(B, 1, 1, L)
+        scores = torch.matmul(q, k_BKLD.transpose(2, 3)).mul_(D**-0.5).add_(mask.view(B, 1, 1, L))
         return torch.matmul(torch.softmax(scores, dim=-1), v_BKLD).view(B, 1, H, D)
 
 
