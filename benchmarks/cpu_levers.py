@@ -59,12 +59,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="grpo_step.py's tiny model and batch (a smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (it compiles for 30-70 s)")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its first call compiles for 20-90 s)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     from forkrl import models
     from forkrl.sampling import HFSampler
-    from forkrl.trainers.common import completion_logprobs
+    from forkrl.tasks import build_task
+    from forkrl.trainers.common import completion_logprobs, sampling_params
 
     spec = {**grpo_step.SIZES["tiny" if args.tiny else "default"], "lora": False}
     rows = spec["prompts"] * spec["group"]
@@ -72,9 +73,6 @@ def main() -> None:
         model_dir = grpo_step.build_model(spec, Path(tmp))
         model, tok = models.load_model(str(model_dir)), models.load_tokenizer(str(model_dir))
     cfg = grpo_step.forkrl_config(spec, "unused", 1)
-    from forkrl.tasks import build_task
-    from forkrl.trainers.common import sampling_params
-
     problems = list(build_task(cfg.task).problems("train"))[: spec["prompts"]]
     prompts = [tok(p.prompt).input_ids for p in problems]
     params_s = sampling_params(cfg)

@@ -46,8 +46,8 @@ def test_cpu_levers_smoke(tmp_path):
     out = tmp_path / "levers.json"
     script = SCRIPT.parent / "cpu_levers.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--skip-compile", "--repeats", "2", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(script), "--tiny", "--skip-compile", "--repeats", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     levers = json.loads(out.read_text())["levers"]
     assert "AdamW step: fused" in levers and not any("compile" in k for k in levers)

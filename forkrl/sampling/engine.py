@@ -96,8 +96,6 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(w)
 
 
-
-
 class FastEngine:
     def __init__(self, model):
         why = fast_unsupported(model)
