@@ -59,7 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="grpo_step.py's tiny model and batch (a smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its first call compiles for 20-90 s)")
+    ap.add_argument("--skip-compile", action="store_true",
+                    help="leave out torch.compile (its first call compiles for 20-90 s)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     from forkrl import models

@@ -121,8 +121,9 @@ def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
 
 def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grads: bool, repeats: int = 3) -> dict:
     """Seconds of a step's matrix multiplies alone, at the step's own shapes, on this machine (the best of
-    ``repeats``): a lower bound for any fp32 implementation of the same work, tighter than FLOPs ÷ peak
-    because a decode step multiplies ``rows``-row matrices, which run below the 2048² peak.
+    ``repeats``): a lower bound for any fp32 implementation of the same work through this BLAS, closer to what
+    is reachable than FLOPs ÷ peak because a decode step multiplies ``rows``-row matrices, which run below the
+    2048² peak (under LoRA, whose FLOP floor counts weight gradients, it can come out lower).
 
     Each decoder layer as a fused decoder runs it (x·[q|k|v], o, x·[gate|up], down; distinct random weights per
     layer, so they stream from memory as a real model's do) plus the LM head. Sampling: ceil(tokens / rows)
@@ -176,8 +177,8 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
     return {"sample_s": best(sample), "train_s": best(train)}
 
 
-def worker_tail(model, spec: dict, prompt_len: int, vocab: int, tokens: float) -> dict:
-    rows = spec["prompts"] * spec["group"]
+def worker_tail(model, spec: dict, prompt_len: int, vocab: int, per_step: list[dict]) -> dict:
+    rows, tokens = spec["prompts"] * spec["group"], statistics.median(s["tokens"] for s in per_step)
     return {"params": sum(p.numel() for p in model.parameters()), "prompt_len": prompt_len,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "forward_tokens_per_s": forward_tokens_per_s(model, rows, prompt_len + spec["max_new_tokens"], vocab),
@@ -214,8 +215,7 @@ def run_forkrl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
 
     prompt = next(iter(build_task(cfg.task).problems("train"))).prompt
     plen = len(seen["tok"](prompt).input_ids)
-    tokens = statistics.median(s["tokens"] for s in per_step)
-    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"]), tokens), **seen["counts"]}
+    return {"steps": per_step, **worker_tail(seen["model"], spec, plen, len(seen["tok"]), per_step), **seen["counts"]}
 
 
 def trl_args(spec: dict, steps: int, out: Path, **over):
@@ -298,8 +298,7 @@ def run_trl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
         prev = end
     model = trainer.model
     return {"steps": per_step, "gradient_checkpointing": checkpointing,
-            **worker_tail(model, spec, len(tok(prompt).input_ids), len(tok),
-                          statistics.median(s["tokens"] for s in per_step))}
+            **worker_tail(model, spec, len(tok(prompt).input_ids), len(tok), per_step)}
 
 
 def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
@@ -365,7 +364,7 @@ def summarize(runs: list[dict], warmup: int, peak_gflops: float, forward_tps: fl
     seq_tokens = spec_rows * first["prompt_len"] + tokens
     floor_sample, floor_train = (2 * first["params"] * seq_tokens / (peak_gflops * 1e9),
                                  6 * first["params"] * seq_tokens / (peak_gflops * 1e9))
-    # the tighter floor: the same matmuls timed at the step's own shapes (``shape_floor``), the best worker's
+    # the other floor: the same matmuls timed at the step's own shapes (``shape_floor``), the best worker's
     shape_sample = min(r["shape_floor"]["sample_s"] for r in runs)
     shape_train = min(r["shape_floor"]["train_s"] for r in runs)
     return {"s_per_step": s_step, "sample_s": sample_s, "train_s": train_s, "other_s": other_s,
