@@ -183,6 +183,9 @@ class GrpoCfg(Strict):
     reduction: Reduction = "token_mean"
     t_max: Pos | None = None  # for seq_mean_token_sum_norm; default sampling.max_new_tokens
     inner_iterations: Pos = 1  # μ: optimizer steps per batch, on stored old log-probs
+    # the first update replays the fused decoder's forward (sampling/trace.py) instead of running the model's
+    # again, where that decoder sampled the batch; false: always the model's forward
+    reuse_decode: bool = True
     filter_zero_variance: bool = False
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
     reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable

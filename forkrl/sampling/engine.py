@@ -97,7 +97,12 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class FastEngine:
-    def __init__(self, model):
+    """``record``: also keep every layer's matmul outputs of the prefill and each step (``self.record``, time-major
+    ``[position, row, features]``), so the update can replay this forward instead of running it again
+    (``sampling/trace.py``)."""
+
+    def __init__(self, model, *, record: bool = False):
+        self.recording = record
         why = fast_unsupported(model)
         if why is not None:
             raise ValueError(f"FastEngine does not support this model: {why}")
@@ -156,11 +161,29 @@ class FastEngine:
         allowed = (causal[None, None] & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=dev)
         mask = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))  # additive, as steps'
         self.length = 0
+        if self.recording:
+            self._start_record(B, cap, dev)
+            self.record["real_BW"] = real
         return self._forward(ids_BW, (attn_BW.cumsum(-1) - 1).clamp(min=0), mask)
 
     @torch.no_grad()
     def step(self, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         return self._forward(token_B[:, None], pos_B[:, None], self.key_mask[..., : self.length + 1])
+
+    def _start_record(self, B: int, cap: int, dev) -> None:
+        """Per layer, time-major buffers of the four matmul outputs: qkv (bias included), the attention's
+        output projection, gate|up and down; plus the tokens fed and their positions."""
+        d = self.head_dim
+        widths = {"qkv": (self.n_heads + 2 * self.n_kv) * d, "o": self.cfg.hidden_size,
+                  "gu": 2 * self.cfg.intermediate_size, "down": self.cfg.hidden_size}
+        self.record = {"layers": [{k: torch.empty(cap, B, w, device=dev) for k, w in widths.items()}
+                                  for _ in self.layers],
+                       "ids": torch.empty(cap, B, dtype=torch.long, device=dev),
+                       "pos": torch.empty(cap, B, dtype=torch.long, device=dev)}
+
+    def _keep(self, i: int, key: str, out: torch.Tensor, B: int, S: int) -> None:
+        if self.recording:
+            self.record["layers"][i][key][self.length : self.length + S].copy_(out.view(B, S, -1).transpose(0, 1))
 
     def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, mask) -> torch.Tensor:
         B, S = ids_BS.shape
@@ -168,19 +191,28 @@ class FastEngine:
         nq, nk = H * d, K * d
         at, end = self.length, self.length + S
         cos, sin = self.cos[pos_BS][:, None], self.sin[pos_BS][:, None]  # sin: signed, see _signed_sin
+        if self.recording:
+            self.record["ids"][at:end].copy_(ids_BS.t())
+            self.record["pos"][at:end].copy_(pos_BS.t())
         x = F.embedding(ids_BS, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
             h = _rms(x, ln1, self.eps).view(B * S, -1)
             qkv = h @ w_qkv if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
+            self._keep(i, "qkv", qkv, B, S)
             qk = qkv[:, : nq + nk].view(B, S, H + K, d).transpose(1, 2)  # queries and keys rotated together
             qk = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))
             self.k[i][:, :, at:end] = qk[:, H:]
             self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
             o = self._attend(qk[:, :H], self.k[i][:, :, :end], self.v[i][:, :, :end], mask).reshape(B * S, nq)
-            x.add_((o @ w_o if b_o is None else torch.addmm(b_o, o, w_o)).view(B, S, -1))  # x: this call's own
+            proj = o @ w_o if b_o is None else torch.addmm(b_o, o, w_o)
+            self._keep(i, "o", proj, B, S)
+            x.add_(proj.view(B, S, -1))  # x: this call's own
             gu = _rms(x, ln2, self.eps).view(B * S, -1) @ w_gu
+            self._keep(i, "gu", gu, B, S)
             half = gu.shape[1] // 2
-            x.add_((F.silu(gu[:, :half]).mul_(gu[:, half:]) @ w_down).view(B, S, -1))
+            down = F.silu(gu[:, :half]).mul_(gu[:, half:]) @ w_down
+            self._keep(i, "down", down, B, S)
+            x.add_(down.view(B, S, -1))
         self.length = end
         return _rms(x[:, -1], self.norm, self.eps) @ self.head
 

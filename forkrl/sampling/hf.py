@@ -14,7 +14,8 @@ import torch
 
 from ..algos.logprobs import entropy_from_logits
 from ..types import Role, Rollouts
-from .engine import engine_for
+from .engine import FastEngine, engine_for, fast_unsupported
+from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, replay_unsupported, trace_bytes
 
 
 @dataclass(frozen=True)
@@ -114,34 +115,58 @@ class HFSampler:
 
     def __init__(self, model, tokenizer, *, batch_size: int = 256, engine: str = "auto"):
         self.model, self.tokenizer, self.batch_size, self.engine = model, tokenizer, batch_size, engine
+        self.untraced_why: str | None = None  # why the last sample(trace=True) call returned no trace
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-               *, seeds: list[int] | None = None, entropy: bool = False):
+               *, seeds: list[int] | None = None, entropy: bool = False, trace: bool = False):
         """``seeds``: one per row (prompt-major, ``len(prompt_ids) * group_size``); by default drawn
         from torch's global generator, so ``torch.manual_seed`` still fixes the result. With ``entropy``,
         returns (rollouts, H_NT): the sampled model's entropy (temperature 1) at each target position
         ``input_ids[:, 1:]`` of the completions, 0 elsewhere, taken from the decode's own logits (no second
-        teacher-forced pass)."""
+        teacher-forced pass). With ``trace`` (and not ``entropy``), returns (rollouts, ``RolloutTrace`` or None):
+        the decode's record for the update to replay (``trace.py``); None, with the reason in
+        ``self.untraced_why``, where the fused decoder does not run this model or a record does not apply."""
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
         if seeds is None:
             seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
         if len(seeds) != len(rows):
             raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows")
+        record = trace and self._traceable(prompt_ids, params)
         was_training = self.model.training
         self.model.eval()
         try:
-            chunks = []
+            chunks, traces = [], []
             for s in range(0, len(rows), self.batch_size):
-                engine = engine_for(self.model, self.engine)  # per chunk: it reads the current weights
-                chunks.append(decode_chunk([engine], [p for p, _ in rows[s : s + self.batch_size]],
-                                           seeds[s : s + self.batch_size], params, tokenizer=self.tokenizer,
-                                           entropy=entropy)[0])
+                # per chunk: an engine reads the current weights
+                engine = FastEngine(self.model, record=True) if record else engine_for(self.model, self.engine)
+                prompts = [p for p, _ in rows[s : s + self.batch_size]]
+                chunks.append(decode_chunk([engine], prompts, seeds[s : s + self.batch_size], params,
+                                           tokenizer=self.tokenizer, entropy=entropy)[0])
+                if record:
+                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1]))
         finally:
             self.model.train(was_training)
         problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
         rollouts, H_NL = _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
-        return (rollouts, H_NL[:, 1:]) if entropy else rollouts
+        if entropy:
+            return rollouts, H_NL[:, 1:]
+        if trace:
+            return rollouts, RolloutTrace(traces, self.batch_size) if record else None
+        return rollouts
+
+    def _traceable(self, prompt_ids: list[list[int]], params: SamplingParams) -> bool:
+        """Whether this call's decode can be recorded for the update; if not, why goes to ``untraced_why``."""
+        rows = min(self.batch_size, len(prompt_ids))
+        size = trace_bytes(self.model, rows, max(len(p) for p in prompt_ids) + params.max_new_tokens)
+        checks = [(self.engine == "auto", "sampling.engine is 'hf'"),
+                  (fast_unsupported(self.model) is None, f"the fused decoder does not run this model "
+                                                         f"({fast_unsupported(self.model)})"),
+                  (replay_unsupported(self.model) is None, f"{replay_unsupported(self.model)} in training"),
+                  (size <= MAX_TRACE_BYTES, f"a record of {size / 2**30:.1f} GiB per chunk (over "
+                                            f"{MAX_TRACE_BYTES / 2**30:.0f} GiB; lower sampling.batch_size)")]
+        self.untraced_why = next((why for ok, why in checks if not ok), None)
+        return self.untraced_why is None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,11 +51,13 @@ def frozen_logprobs(model, batch: Rollouts, *, temperature: float, micro_batch_s
 
 
 def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, *, temperature: float,
-                  t_max: int, totals: tuple[int, int], inject: str = "none",
-                  world_size: int = 1) -> dict[str, torch.Tensor]:
+                  t_max: int, totals: tuple[int, int], inject: str = "none", world_size: int = 1,
+                  trace=None, rows_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Accumulate this rank's gradient of one optimizer step over micro-batches; returns summed statistics.
 
-    ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop (METHODS §1)."""
+    ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop (METHODS §1).
+    ``trace``: the sampler's ``RolloutTrace`` of the rows ``rows_N`` that make up ``batch``; the log-probs are
+    then replayed from the decode instead of a forward of ``model`` (same values and gradient, tested)."""
     objective = get_objective(cfg.objective)
     kl_fn = get_kl(cfg.kl.estimator) if cfg.kl.active else None
     eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
@@ -67,8 +69,11 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
             continue
         idx = torch.arange(batch.num_rows)[sl]
         mb = batch.select(idx)
-        logp, H, mask = completion_logprobs(model, mb, temperature=temperature,
-                                            entropy="grad" if cfg.entropy_coef > 0 else "metric")
+        entropy = "grad" if cfg.entropy_coef > 0 else "metric"
+        if trace is not None:
+            logp, H, mask = trace.completion_logprobs(mb, rows_N[idx], temperature=temperature, entropy=entropy)
+        else:
+            logp, H, mask = completion_logprobs(model, mb, temperature=temperature, entropy=entropy)
         old = logp.detach() if old_logp_NT is None else _fit(old_logp_NT[idx], logp)
         loss_NT, clip_low, clip_high = objective(logp, old, adv_N[idx].to(logp.device), mask,
                                                  eps_low=eps_low, eps_high=eps_high, dual_clip=cfg.dual_clip)
@@ -120,7 +125,10 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, se
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     temperature = run_cfg.sampling.temperature
     t0 = time.time()
-    rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
+    if cfg.reuse_decode:  # trace: the decode's record for the update to replay, or None where it does not apply
+        rollouts, trace = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds, trace=True)
+    else:
+        rollouts, trace = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds), None
     sample_s = time.time() - t0
     texts = decode_completions(ctx.tokenizer, rollouts)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
@@ -144,14 +152,17 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, se
     totals = global_totals(batch.completion_mask_NL, dist)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     stats = {}
-    for _ in range(cfg.inner_iterations if totals[1] else 0):
+    for it in range(cfg.inner_iterations if totals[1] else 0):
         stats = policy_update(ctx.model, batch, adv_N[keep_N], _rows(old_logp, keep_N), _rows(ref_logp, keep_N), cfg,
                               temperature=temperature, t_max=cfg.t_max or run_cfg.sampling.max_new_tokens,
-                              totals=totals, inject=run_cfg.debug.inject, world_size=dist.world_size)
+                              totals=totals, inject=run_cfg.debug.inject, world_size=dist.world_size,
+                              trace=trace if it == 0 else None, rows_N=keep_N.nonzero().squeeze(1))
         dist.sum_gradients(params)
         stats = {k: dist.all_reduce_sum(v) for k, v in stats.items()}
         stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
     stats["tokens"] = totals[0]
+    stats["replayed_decode"] = trace is not None and totals[1] > 0
+    del trace  # its record is the step's largest allocation
     train_s = time.time() - t1
     gathered = {k: dist.all_gather(v) for k, v in (
         ("reward", scored.reward_N), ("valid", scored.valid_N), ("adv", adv_N), ("keep", keep_N),
@@ -212,4 +223,5 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "denominator_value": stats["tokens"] if cfg.reduction == "token_mean" else int(g["keep"].sum()),
         "micro_batches": len(micro_slices(int(g["keep"].sum()) // world_size, cfg.micro_batch_size)),
         "world_size": world_size,
+        "replayed_decode": bool(stats.get("replayed_decode", False)),  # the update replayed the decode's forward
     }

@@ -1,0 +1,158 @@
+"""The update replayed from the decode (sampling/trace.py) is the update the model's own forward gives: the same
+log-probs and entropies, and the same gradient for every trainable parameter, on the architectures and
+adapters the fused decoder runs (Llama and Qwen2, GQA, biases, untied heads, LoRA with and without biases in
+the base), for any subset and order of the sampled rows, across sampler chunks, under temperature, with an
+entropy bonus; and a trace refuses to replay after the weights moved."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, Qwen2Config
+
+from forkrl.sampling import HFSampler, SamplingParams
+from forkrl.sampling.trace import trace_bytes
+from forkrl.trainers.common import completion_logprobs
+
+from test_engine import build
+
+EOS = 1
+
+
+class _Tok:
+    pad_token_id, eos_token_id = 0, EOS
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+MODELS = {
+    "qwen2 gqa tied": lambda: build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2,
+                                    tie_word_embeddings=True),
+    "llama gqa biases untied": lambda: build(LlamaConfig, num_attention_heads=6, num_key_value_heads=2,
+                                             attention_bias=True, tie_word_embeddings=False),
+    "llama head_dim": lambda: build(LlamaConfig, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                    rope_theta=500.0),
+}
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20], [30, 31, 32, 33]]
+
+
+def lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
+    m = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
+    with torch.no_grad():  # peft starts B at zero; a nonzero B makes A's gradient and the delta visible
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    return m
+
+
+def sample(model, *, batch_size=64, temperature=1.0, new=7):
+    sampler = HFSampler(model, _Tok(), batch_size=batch_size)
+    seeds = list(range(100, 100 + 3 * len(PROMPTS)))
+    rollouts, trace = sampler.sample(PROMPTS, 3, SamplingParams(temperature=temperature, max_new_tokens=new),
+                                     seeds=seeds, trace=True)
+    assert trace is not None, sampler.untraced_why
+    return rollouts, trace
+
+
+def grads_of(model, logp_NT, H_NT, mask_NT, weight_NT):
+    model.zero_grad(set_to_none=True)
+    ((logp_NT * weight_NT + 0.3 * H_NT) * mask_NT).sum().backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def compare(model, rollouts, trace, rows, *, temperature=1.0):
+    """max relative differences (log-probs, entropies, worst parameter gradient) of trace vs HF forward."""
+    batch = rollouts.select(rows)
+    model.train()
+    ours = trace.completion_logprobs(batch, rows, temperature=temperature, entropy="grad")
+    ref = completion_logprobs(model, batch, temperature=temperature, entropy="grad")
+    mask = ref[2]
+    assert torch.equal(ours[2], mask)
+    weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    rel = lambda a, b: float((a - b).detach().abs().max() / b.abs().max().clamp(min=1e-12))  # noqa: E731
+    d_logp = rel(ours[0][mask], ref[0][mask])
+    d_H = rel(ours[1][mask], ref[1][mask])
+    g_ours, g_ref = grads_of(model, *ours, weight), grads_of(model, *ref, weight)
+    assert g_ours.keys() == g_ref.keys() and g_ref
+    worst = max(rel(g_ours[n], g_ref[n]) for n in g_ref)
+    return d_logp, d_H, worst
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_replayed_update_equals_the_forward(name):
+    model = MODELS[name]()
+    rollouts, trace = sample(model)
+    for d in compare(model, rollouts, trace, torch.arange(rollouts.num_rows)):
+        assert d < 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen2 gqa tied", "llama gqa biases untied"])
+def test_replayed_update_under_lora(name):
+    model = lora(MODELS[name]())
+    rollouts, trace = sample(model, temperature=0.7)
+    d_logp, d_H, worst = compare(model, rollouts, trace, torch.arange(rollouts.num_rows), temperature=0.7)
+    assert max(d_logp, d_H, worst) < 1e-4
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_rows_in_any_order_and_across_chunks():
+    model = MODELS["qwen2 gqa tied"]()
+    rollouts, trace = sample(model, batch_size=5)  # 12 rows in chunks of 5, 5, 2
+    assert len(trace.chunks) == 3
+    rows = torch.tensor([11, 0, 7, 3, 4, 9])
+    for d in compare(model, rollouts, trace, rows):
+        assert d < 1e-4
+
+
+def test_the_comparison_can_fail():
+    """Weights moved after the decode (the staleness guard re-stamped to let it through): the replay's recorded
+    products are the old weights', the forward's the new ones', and the comparison sees it."""
+    model = MODELS["qwen2 gqa tied"]()
+    rollouts, trace = sample(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.05)
+    chunk = trace.chunks[0]
+    chunk.stamp = [float(p.detach().double().sum()) for p in chunk.params]
+    d_logp, _, _ = compare(model, rollouts, trace, torch.arange(rollouts.num_rows))
+    assert d_logp > 1e-4
+
+
+def test_a_stale_trace_refuses_to_replay():
+    model = MODELS["qwen2 gqa tied"]()
+    rollouts, trace = sample(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    batch = rollouts.select(torch.arange(rollouts.num_rows))
+    logp, _, mask = trace.completion_logprobs(batch, torch.arange(rollouts.num_rows))
+    (logp * mask).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="stale"):
+        trace.completion_logprobs(batch, torch.arange(rollouts.num_rows))
+
+
+def test_no_trace_where_it_does_not_apply():
+    model = MODELS["qwen2 gqa tied"]()
+    sampler = HFSampler(model, _Tok(), engine="hf")
+    _, trace = sampler.sample(PROMPTS, 2, SamplingParams(max_new_tokens=3), seeds=list(range(8)), trace=True)
+    assert trace is None and "engine" in sampler.untraced_why
+    dropout = build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1)
+    sampler = HFSampler(dropout, _Tok())
+    _, trace = sampler.sample(PROMPTS, 2, SamplingParams(max_new_tokens=3), seeds=list(range(8)), trace=True)
+    assert trace is None and "dropout" in sampler.untraced_why
+
+
+def test_recording_leaves_the_samples_unchanged():
+    model = MODELS["llama gqa biases untied"]()
+    rollouts, _ = sample(model)
+    plain = HFSampler(model, _Tok()).sample(PROMPTS, 3, SamplingParams(max_new_tokens=7),
+                                            seeds=list(range(100, 112)))
+    assert torch.equal(rollouts.input_ids_NL, plain.input_ids_NL)
+    assert torch.equal(rollouts.sampler_logp_NL, plain.sampler_logp_NL)
+
+
+def test_trace_bytes_counts_the_buffers():
+    model = MODELS["qwen2 gqa tied"]()
+    _, trace = sample(model)
+    held = sum(t.numel() * t.element_size() for layer in trace.chunks[0].record["layers"] for t in layer.values())
+    assert held == trace_bytes(model, 12, 6 + 7)
