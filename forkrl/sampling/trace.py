@@ -45,7 +45,7 @@ def replay_unsupported(model) -> str | None:
     if getattr(hf.config, "attention_dropout", 0.0):
         return "attention dropout"
     for name, m in hf.named_modules():
-        for adapter, drop in getattr(m, "lora_dropout", {}).items():
+        for drop in getattr(m, "lora_dropout", {}).values():
             if not isinstance(drop, torch.nn.Identity) and getattr(drop, "p", 0.0) > 0:
                 return f"LoRA dropout at {name}"
     return None
