@@ -20,6 +20,12 @@ for ``--rounds``) so drift of the machine hits both.
   batched no-grad forward over the same rows × (prompt + new tokens), the median over every worker.
   Two floors of a step: its matmul FLOPs at that peak, and its matmuls timed at their own shapes
   (``shape_floor``: ``rows``-row decode steps, the unpadded training tokens), the best of every worker's.
+* rewards of the timed steps (``--reward``): ``random`` (the default), a Bernoulli(0.5) reward per row in both
+  libraries (forkrl's ``random`` reward, seeded per row; in TRL a seeded ``random.Random``), so nearly every
+  group has reward variance and every row carries a gradient; ``task``, the arithmetic answer's
+  correctness, which the untrained model never earns: every group's rewards are equal, every advantage is 0,
+  and forkrl skips those rows' backward (``grpo.skip_zero_advantage``) while TRL computes it. The table's
+  ``no-bwd rows`` column is forkrl's median count of such rows per step.
 * losses: one subprocess samples forkrl's first-step batch once (``HFSampler``, forkrl's row seeds),
   gives it advantages from a probe reward (the parity of each completion's token-id sum: the untrained
   model never answers correctly, so the task reward is all 0 and both losses would be a trivial 0), and
@@ -38,6 +44,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -75,6 +82,7 @@ def forkrl_config(spec: dict, model_dir: str, steps: int):
         "task": TASK,
         "sampling": {"temperature": 1.0, "max_new_tokens": spec["max_new_tokens"], "batch_size": 256},
         "grpo": {"steps": steps, "prompts_per_step": spec["prompts"], "group_size": spec["group"],
+                 "rewards": [{"name": {"random": "random", "task": "correct"}[spec.get("reward", "random")]}],
                  "micro_batch_size": n, "reduction": "token_mean", "kl": {"beta": 0.0},
                  "optim": {"lr": LR, "betas": list(BETAS), "weight_decay": 0.0, "grad_clip": GRAD_CLIP}},
         "eval": {"num_problems": 1, "samples_per_problem": 1},
@@ -210,7 +218,8 @@ def run_forkrl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
     for prev, row in zip([None, *rows], rows):
         wall = row["time"] - prev["time"] if prev else row["sample_s"] + row["train_s"]
         per_step.append({"s": wall, "sample_s": row["sample_s"], "train_s": row["train_s"],
-                         "tokens": row["tokens_sampled"], "loss": row["loss"]})
+                         "tokens": row["tokens_sampled"], "loss": row["loss"],
+                         "rows_no_backward": row.get("rows_no_backward", 0)})
     from forkrl.tasks import build_task
 
     prompt = next(iter(build_task(cfg.task).problems("train"))).prompt
@@ -233,7 +242,8 @@ def trl_args(spec: dict, steps: int, out: Path, **over):
 
 
 def trl_trainer(spec: dict, model_dir: str, steps: int, work: Path):
-    """A GRPOTrainer fed forkrl's prompts in forkrl's per-step order (shuffle off), rewarded by the task."""
+    """A GRPOTrainer fed forkrl's prompts in forkrl's per-step order (shuffle off), rewarded as ``spec["reward"]``
+    says: the task's correctness, or a seeded Bernoulli(0.5) per completion."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOTrainer
@@ -251,11 +261,16 @@ def trl_trainer(spec: dict, model_dir: str, steps: int, work: Path):
     def correct(prompts, completions, idx, **_):
         return [float(task.score(problems[i], c) or 0.0) for i, c in zip(idx, completions)]
 
+    rng = random.Random(0)
+
+    def bernoulli(prompts, completions, **_):
+        return [float(rng.random() < 0.5) for _ in completions]
+
     model = models.load_model(model_dir)
     tok = models.load_tokenizer(model_dir)
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM") if spec["lora"] else None
-    trainer = GRPOTrainer(model=model, reward_funcs=[correct], args=trl_args(spec, steps, work / "trl"),
+    trainer = GRPOTrainer(model=model, reward_funcs=[correct if spec.get("reward") == "task" else bernoulli], args=trl_args(spec, steps, work / "trl"),
                           train_dataset=data, processing_class=tok, peft_config=peft)
     return trainer, tok, problems[order[0]].prompt
 
@@ -380,6 +395,7 @@ def summarize(runs: list[dict], warmup: int, peak_gflops: float, forward_tps: fl
             "params": first["params"], "trainable_params": first["trainable_params"],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "first_step_loss_logged": first["steps"][0]["loss"], "rows_per_step": spec_rows,
+            "rows_no_backward": statistics.median(s.get("rows_no_backward", 0) for s in steps),
             "gradient_checkpointing": any(r.get("gradient_checkpointing", False) for r in runs)}
 
 
@@ -426,6 +442,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run, after --warmup")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="alternating (forkrl, TRL) process pairs")
+    ap.add_argument("--reward", choices=("random", "task"), default="random",
+                    help="the timed steps' reward: random (every row has a gradient) or task (none has: all wrong)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each worker (0: torch's)")
     ap.add_argument("--profile", help="write a cProfile of each worker's whole run into this directory")
     ap.add_argument("--skip-losscheck", action="store_true")
@@ -444,7 +462,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         spec = {**base, "lora": args.config == "lora", "threads": args.threads, "steps": args.warmup + args.steps,
-                "work": str(work), "profile": args.profile}
+                "work": str(work), "profile": args.profile, "reward": args.reward}
         spec["model_dir"] = str(build_model(spec, work))
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -466,7 +484,7 @@ def main() -> None:
     results["first_step_losses_same_batch"] = losses
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
                         "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
-                        "warmup": args.warmup, "rounds": args.rounds, "lr": LR, "model": base["size"],
+                        "warmup": args.warmup, "rounds": args.rounds, "reward": args.reward, "lr": LR, "model": base["size"],
                         "lora": LORA if args.config == "lora" else None}
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
                           "torch": torch.__version__, "python": platform.python_version(),
@@ -491,11 +509,12 @@ def print_table(r: dict) -> None:
     print(f"GRPO step, {s['config']}: {r['forkrl']['params'] / 1e6:.2f}M params "
           f"({r['forkrl']['trainable_params'] / 1e6:.3f}M trainable), {s['prompts']}×{s['group']} rows, "
           f"{s['max_new_tokens']} new tokens, median of {r['forkrl']['steps_timed']} steps; "
-          f"{m['torch_threads']} threads, matmul {m['matmul_gflops_peak']:.0f} GFLOP/s")
+          f"{m['torch_threads']} threads, matmul {m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward")
     cols = [("s/step", "s_per_step", ".3f"), ("sample s", "sample_s", ".3f"), ("train s", "train_s", ".3f"),
             ("other s", "other_s", ".3f"), ("tok/s", "tokens_per_s", ".0f"),
             ("sample tok/s", "sample_tokens_per_s", ".0f"), ("samp eff", "sampling_efficiency", ".3f"),
-            ("train MFU", "mfu_train", ".3f"), ("RSS MB", "peak_rss_mb", ".0f")]
+            ("train MFU", "mfu_train", ".3f"), ("RSS MB", "peak_rss_mb", ".0f"),
+            ("no-bwd rows", "rows_no_backward", ".0f")]
     print(f"  {'':<8}" + "".join(f"{c:>13}" for c, _, _ in cols))
     for lib in ("forkrl", "trl"):
         print(f"  {lib:<8}" + "".join(f"{r[lib][k]:>13{f}}" for _, k, f in cols))
@@ -513,7 +532,7 @@ def print_table(r: dict) -> None:
               f"(grad norm {lc['forkrl']['grad_norm']:.8g}), TRL {lc['trl']['loss']:.8g} "
               f"(grad norm {lc['trl']['grad_norm']:.8g}); |Δ loss| {lc['abs_diff']:.2e}, "
               f"grad norm rel. diff {lc['grad_norm_rel_diff']:.2e}")
-    print(f"  first-step loss as logged (task reward): forkrl {r['forkrl']['first_step_loss_logged']}, "
+    print(f"  first-step loss as logged ({s['reward']} reward, each library's own samples): forkrl {r['forkrl']['first_step_loss_logged']}, "
           f"TRL {r['trl']['first_step_loss_logged']}")
 
 

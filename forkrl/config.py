@@ -186,6 +186,9 @@ class GrpoCfg(Strict):
     # the first update replays the fused decoder's forward (sampling/trace.py) instead of running the model's
     # again, where that decoder sampled the batch; false: always the model's forward
     reuse_decode: bool = True
+    # rows whose advantage is 0 get a no-grad pass (their statistics) and no backward, where their loss and
+    # gradient are exactly 0 (no KL or entropy term in the loss); false: every row gets a backward
+    skip_zero_advantage: bool = True
     filter_zero_variance: bool = False
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
     reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable

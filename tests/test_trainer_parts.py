@@ -1,5 +1,6 @@
 """Trainer plumbing on a real tiny model: the SFT/GRPO gradient does not depend on the micro-batch
-split, unscorable rewards get advantage 0 and are counted, LoRA's reference is the adapter-off base."""
+split nor on skipping the backward of zero-advantage rows, unscorable rewards get advantage 0 and are
+counted, LoRA's reference is the adapter-off base."""
 
 import math
 
@@ -61,6 +62,56 @@ def test_grpo_gradient_independent_of_micro_batches(model64):
         grads.append(_grads(model))
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("objective", ["ppo_clip", "gspo"])
+def test_zero_advantage_rows_get_no_backward_and_the_same_gradient(model64, objective):
+    model, tok = model64
+    torch.manual_seed(0)
+    r = HFSampler(model, tok).sample([tok("12+34=").input_ids, tok("5+5=").input_ids, tok("7+1=").input_ids], 4,
+                                     SamplingParams(max_new_tokens=10))
+    adv_N = torch.linspace(-1.5, 1.5, r.num_rows, dtype=torch.float64)
+    adv_N[4:8] = 0.0  # a zero-variance group, interleaved with live ones in every micro-batch split
+    adv_N[1] = 0.0
+    # old log-probs off the current ones: ratios away from 1, so clipping and the clip flags are exercised
+    old = frozen_logprobs(model, r, temperature=1.0, micro_batch_size=12, adapter_off=False).double()
+    old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1), dtype=old.dtype)
+    eps = {"ppo_clip": (0.2, 0.28), "gspo": (3e-4, 4e-4)}[objective]  # GSPO's sequence ratios are near 1
+    runs = {}
+    for skip in (False, True):
+        cfg = GrpoCfg(prompts_per_step=3, group_size=4, micro_batch_size=6, dual_clip=3.0, objective=objective,
+                      eps_low=eps[0], eps_high=eps[1], skip_zero_advantage=skip)
+        model.zero_grad()
+        stats = policy_update(model, r, adv_N, old, None, cfg, temperature=1.0, t_max=10,
+                              totals=step_totals(r.completion_mask_NL))
+        runs[skip] = stats, _grads(model)
+    (full, g_full), (skipped, g_skip) = runs[False], runs[True]
+    assert int(full["rows_no_backward"]) == 0 and int(skipped["rows_no_backward"]) == 5
+    assert torch.allclose(g_skip, g_full, rtol=1e-10, atol=1e-14)
+    for key in ("loss", "entropy", "logp_mismatch", "clip_low", "clip_high"):
+        assert torch.allclose(skipped[key], full[key], rtol=1e-10, atol=1e-14), key
+    assert float(full["clip_low"] + full["clip_high"]) > 0  # the clip statistics are not trivially 0
+    assert float(full["entropy"]) > 0
+
+
+def test_all_zero_advantages_leave_zero_gradients_and_terms_in_the_loss_disable_the_skip(model64):
+    model, tok = model64
+    torch.manual_seed(0)
+    r = HFSampler(model, tok).sample([tok("12+34=").input_ids], 4, SamplingParams(max_new_tokens=8))
+    zero_N = torch.zeros(r.num_rows, dtype=torch.float64)
+    cfg = GrpoCfg(prompts_per_step=1, group_size=4, micro_batch_size=4)
+    model.zero_grad(set_to_none=True)
+    stats = policy_update(model, r, zero_N, None, None, cfg, temperature=1.0, t_max=8,
+                          totals=step_totals(r.completion_mask_NL))
+    assert int(stats["rows_no_backward"]) == 4
+    # as the full batch's backward leaves them: zeros, not None (AdamW still applies momentum and decay)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    # an entropy bonus reaches rows whose advantage is 0: every row gets its backward
+    cfg = GrpoCfg(prompts_per_step=1, group_size=4, micro_batch_size=4, entropy_coef=0.01)
+    model.zero_grad(set_to_none=True)
+    stats = policy_update(model, r, zero_N, None, None, cfg, temperature=1.0, t_max=8,
+                          totals=step_totals(r.completion_mask_NL))
+    assert int(stats["rows_no_backward"]) == 0 and _grads(model).abs().max() > 0
 
 
 class FlakyTask(ArithmeticTask):

@@ -182,8 +182,16 @@ class FastEngine:
                        "pos": torch.empty(cap, B, dtype=torch.long, device=dev)}
 
     def _keep(self, i: int, key: str, out: torch.Tensor, B: int, S: int) -> None:
-        if self.recording:
+        """Record a prefill's output (time-major: a transposing copy); a step's matmuls write theirs in place."""
+        if self.recording and S > 1:  # (S = 1 was written by _mm)
             self.record["layers"][i][key][self.length : self.length + S].copy_(out.view(B, S, -1).transpose(0, 1))
+
+    def _mm(self, i: int, key: str, S: int, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+        """a·w (+ bias); in a recorded one-token step (S = 1), straight into the record at this position."""
+        out = self.record["layers"][i][key][self.length] if self.recording and S == 1 else None
+        if bias is None:
+            return torch.mm(a, w, out=out) if out is not None else a @ w
+        return torch.addmm(bias, a, w, out=out) if out is not None else torch.addmm(bias, a, w)
 
     def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, mask) -> torch.Tensor:
         B, S = ids_BS.shape
@@ -197,20 +205,20 @@ class FastEngine:
         x = F.embedding(ids_BS, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
             h = _rms(x, ln1, self.eps).view(B * S, -1)
-            qkv = h @ w_qkv if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
+            qkv = self._mm(i, "qkv", S, h, w_qkv, b_qkv)
             self._keep(i, "qkv", qkv, B, S)
             qk = qkv[:, : nq + nk].view(B, S, H + K, d).transpose(1, 2)  # queries and keys rotated together
             qk = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))
             self.k[i][:, :, at:end] = qk[:, H:]
             self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
             o = self._attend(qk[:, :H], self.k[i][:, :, :end], self.v[i][:, :, :end], mask).reshape(B * S, nq)
-            proj = o @ w_o if b_o is None else torch.addmm(b_o, o, w_o)
+            proj = self._mm(i, "o", S, o, w_o, b_o)
             self._keep(i, "o", proj, B, S)
             x.add_(proj.view(B, S, -1))  # x: this call's own
-            gu = _rms(x, ln2, self.eps).view(B * S, -1) @ w_gu
+            gu = self._mm(i, "gu", S, _rms(x, ln2, self.eps).view(B * S, -1), w_gu)
             self._keep(i, "gu", gu, B, S)
             half = gu.shape[1] // 2
-            down = F.silu(gu[:, :half]).mul_(gu[:, half:]) @ w_down
+            down = self._mm(i, "down", S, F.silu(gu[:, :half]).mul_(gu[:, half:]), w_down)
             self._keep(i, "down", down, B, S)
             x.add_(down.view(B, S, -1))
         self.length = end

@@ -156,16 +156,18 @@ class DecodeTrace:
             a, mlp = layer.self_attn, layer.mlp
             qkv = _replay(_rms(x, layer.input_layernorm.weight, e.eps), pick(rec_l["qkv"]),
                           (a.q_proj, a.k_proj, a.v_proj))
-            qk = qkv[..., : (H + K) * d].view(L, R, H + K, d)
+            # split and chunk, not slices: their backward concatenates, where a slice's fills a zero tensor first
+            qk, v = qkv.split([(H + K) * d, K * d], dim=-1)
+            qk = qk.view(L, R, H + K, d)
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
-            q, k = qk[:, :, :H].permute(1, 2, 0, 3), qk[:, :, H:].permute(1, 2, 0, 3)
-            v = qkv[..., (H + K) * d :].view(L, R, K, d).permute(1, 2, 0, 3)
+            q, k = (t.permute(1, 2, 0, 3) for t in qk.split([H, K], dim=2))
+            v = v.view(L, R, K, d).permute(1, 2, 0, 3)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # [R, H, L, d]
             x = x + _replay(o.permute(2, 0, 1, 3).reshape(L, R, H * d), pick(rec_l["o"]), (a.o_proj,))
             gu = _replay(_rms(x, layer.post_attention_layernorm.weight, e.eps), pick(rec_l["gu"]),
                          (mlp.gate_proj, mlp.up_proj))
-            half = gu.shape[-1] // 2
-            x = x + _replay(F.silu(gu[..., :half]) * gu[..., half:], pick(rec_l["down"]), (mlp.down_proj,))
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + _replay(F.silu(gate) * up, pick(rec_l["down"]), (mlp.down_proj,))
         # position W - 1 + j predicts completion token j; the last sampled token was never fed
         logits_SRV = hf.lm_head(_rms(x[W - 1 :], hf.model.norm.weight, e.eps))
         targets_SR = self.new_BS[rows, : logits_SRV.shape[0]].t().to(logits_SRV.device)

@@ -57,23 +57,34 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
 
     ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop (METHODS §1).
     ``trace``: the sampler's ``RolloutTrace`` of the rows ``rows_N`` that make up ``batch``; the log-probs are
-    then replayed from the decode instead of a forward of ``model`` (same values and gradient, tested)."""
+    then replayed from the decode instead of a forward of ``model`` (same values and gradient, tested).
+
+    Rows whose advantage is exactly 0 contribute exactly 0 to the loss and its gradient when nothing else in
+    the loss reaches them (see ``zero_advantage_skippable``): they keep their place in the denominators (the
+    totals), and their statistics (entropy, KL, log-prob mismatch) are still computed, by a no-grad pass, but
+    they get no backward. The gradient equals the full batch's to float rounding (tests/test_grpo.py)."""
     objective = get_objective(cfg.objective)
     kl_fn = get_kl(cfg.kl.estimator) if cfg.kl.active else None
     eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
     sums = {k: torch.zeros((), dtype=torch.float64) for k in
             ("loss", "entropy", "kl", "clip_low", "clip_high", "logp_mismatch")}
-    slices = micro_slices(batch.num_rows, cfg.micro_batch_size)
-    for i, sl in enumerate(slices):
+    rows = torch.arange(batch.num_rows)
+    idle_N = (adv_N == 0) if zero_advantage_skippable(cfg, inject) else torch.zeros(batch.num_rows, dtype=torch.bool)
+    live, idle = rows[~idle_N], rows[idle_N]
+    # live rows first, then the idle ones in micro-batches of their own; without idle rows this is the plain split
+    slices = [(live[sl], True) for sl in micro_slices(len(live), cfg.micro_batch_size)]
+    slices += [(idle[sl], False) for sl in micro_slices(len(idle), cfg.micro_batch_size)]
+    sums["rows_no_backward"] = torch.tensor(float(len(idle)), dtype=torch.float64)
+    for i, (idx, grad) in enumerate(slices):
         if skip_micro_batch(inject, i):
             continue
-        idx = torch.arange(batch.num_rows)[sl]
         mb = batch.select(idx)
         entropy = "grad" if cfg.entropy_coef > 0 else "metric"
-        if trace is not None:
-            logp, H, mask = trace.completion_logprobs(mb, rows_N[idx], temperature=temperature, entropy=entropy)
-        else:
-            logp, H, mask = completion_logprobs(model, mb, temperature=temperature, entropy=entropy)
+        with torch.enable_grad() if grad else torch.no_grad():
+            if trace is not None:
+                logp, H, mask = trace.completion_logprobs(mb, rows_N[idx], temperature=temperature, entropy=entropy)
+            else:
+                logp, H, mask = completion_logprobs(model, mb, temperature=temperature, entropy=entropy)
         old = logp.detach() if old_logp_NT is None else _fit(old_logp_NT[idx], logp)
         loss_NT, clip_low, clip_high = objective(logp, old, adv_N[idx].to(logp.device), mask,
                                                  eps_low=eps_low, eps_high=eps_high, dual_clip=cfg.dual_clip)
@@ -84,14 +95,28 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
             loss_NT = loss_NT - cfg.entropy_coef * H
         tokens, seqs, scale = micro_denominators(inject, totals, mask, len(slices), world_size)
         loss = scale * reduce_loss(loss_NT, mask, cfg.reduction, total_tokens=tokens, total_seqs=seqs, t_max=t_max)
-        loss.backward()
+        if grad:
+            loss.backward()
         m = mask.double()
         sampler_logp = mb.sampler_logp_NL[:, 1:].to(logp.device)
         for key, val in (("entropy", H), ("kl", kl_NT), ("clip_low", clip_low), ("clip_high", clip_high),
                          ("logp_mismatch", (logp.detach() - sampler_logp).abs())):
             sums[key] += (val.detach().double() * m).sum().cpu()
         sums["loss"] += loss.detach().double().cpu()
+    if not len(live):  # the full batch's backward would have left zeros, which AdamW still steps on (momentum, decay)
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     return sums
+
+
+def zero_advantage_skippable(cfg, inject: str) -> bool:
+    """Whether a row with advantage 0 has exactly zero loss and gradient: both objectives are −A·(a function of
+    the ratio), and their clip flags need A ≠ 0, so it holds unless a KL or entropy term is in the loss (or a
+    fault injection, which must see the step as written)."""
+    kl_in_loss = cfg.kl.active and cfg.kl.where == "loss"
+    return (cfg.skip_zero_advantage and cfg.objective in ("ppo_clip", "gspo") and not kl_in_loss
+            and cfg.entropy_coef == 0 and inject == "none")
 
 
 def train_grpo(ctx) -> dict:
@@ -224,4 +249,6 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "micro_batches": len(micro_slices(int(g["keep"].sum()) // world_size, cfg.micro_batch_size)),
         "world_size": world_size,
         "replayed_decode": bool(stats.get("replayed_decode", False)),  # the update replayed the decode's forward
+        # rows with advantage 0 that got a no-grad pass and no backward (their gradient is exactly 0)
+        "rows_no_backward": int(stats.get("rows_no_backward", 0)),
     }
