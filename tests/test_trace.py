@@ -156,3 +156,33 @@ def test_trace_bytes_counts_the_buffers():
     _, trace = sample(model)
     held = sum(t.numel() * t.element_size() for layer in trace.chunks[0].record["layers"] for t in layer.values())
     assert held == trace_bytes(model, 12, 6 + 7)
+
+
+def test_the_record_memory_is_reused_only_when_no_trace_reads_it():
+    model = MODELS["qwen2 gqa tied"]()
+    sampler = HFSampler(model, _Tok())
+    params = SamplingParams(max_new_tokens=7)
+
+    def run(seed):
+        return sampler.sample(PROMPTS, 3, params, seeds=list(range(seed, seed + 12)), trace=True)
+
+    def storage(trace):
+        return trace.chunks[0].record["layers"][0]["qkv"].untyped_storage().data_ptr()
+
+    first = run(100)
+    rows = torch.arange(first[0].num_rows)
+    batch = first[0].select(rows)
+    with torch.no_grad():
+        before = first[1].completion_logprobs(batch, rows)[0]
+    second = run(200)  # the first trace is alive: its record must survive the second decode
+    assert storage(second[1]) != storage(first[1])
+    with torch.no_grad():
+        assert torch.equal(first[1].completion_logprobs(batch, rows)[0], before)
+    del first, second
+    third = run(300)  # the arena has the size the last call wanted; no trace holds it now
+    kept = storage(third[1])
+    del third
+    fourth = run(400)
+    assert storage(fourth[1]) == kept
+    for d in compare(model, fourth[0], fourth[1], torch.arange(fourth[0].num_rows)):
+        assert d < 1e-4

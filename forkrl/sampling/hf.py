@@ -14,8 +14,8 @@ import torch
 
 from ..algos.logprobs import entropy_from_logits
 from ..types import Role, Rollouts
-from .engine import FastEngine, engine_for, fast_unsupported
-from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, replay_unsupported, trace_bytes
+from .engine import FastEngine, RecordArena, engine_for, fast_unsupported
+from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, fingerprint, replay_unsupported, trace_bytes
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class HFSampler:
     def __init__(self, model, tokenizer, *, batch_size: int = 256, engine: str = "auto"):
         self.model, self.tokenizer, self.batch_size, self.engine = model, tokenizer, batch_size, engine
         self.untraced_why: str | None = None  # why the last sample(trace=True) call returned no trace
+        self.arena = RecordArena()  # the traces' record memory, reused across calls (engine.RecordArena)
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
@@ -137,14 +138,19 @@ class HFSampler:
         self.model.eval()
         try:
             chunks, traces = [], []
+            stamp = fingerprint([p for p in self.model.parameters() if p.requires_grad]) if record else None
+            if record:
+                self.arena.start()
             for s in range(0, len(rows), self.batch_size):
                 # per chunk: an engine reads the current weights
-                engine = FastEngine(self.model, record=True) if record else engine_for(self.model, self.engine)
+                engine = FastEngine(self.model, record=True, arena=self.arena) if record \
+                    else engine_for(self.model, self.engine)
                 prompts = [p for p, _ in rows[s : s + self.batch_size]]
                 chunks.append(decode_chunk([engine], prompts, seeds[s : s + self.batch_size], params,
                                            tokenizer=self.tokenizer, entropy=entropy)[0])
                 if record:
-                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1]))
+                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1], stamp))
+                    self.arena.hold(traces[-1])
         finally:
             self.model.train(was_training)
         problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)

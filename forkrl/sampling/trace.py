@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..algos.logprobs import entropy_from_logits, token_logprobs
 from ..types import Role, Rollouts
+from .engine import causal_mask
 
 MAX_TRACE_BYTES = 4 << 30  # a decode whose recorded outputs would exceed this is not recorded
 
@@ -51,7 +52,8 @@ def replay_unsupported(model) -> str | None:
     return None
 
 
-def _fingerprint(params: list[torch.Tensor]) -> list[float]:
+def fingerprint(params: list[torch.Tensor]) -> list[float]:
+    """Each parameter's float64 sum: it changes when an optimizer step does (fused AdamW bumps no ``_version``)."""
     with torch.no_grad():
         return [float(p.detach().double().sum()) for p in params]
 
@@ -98,8 +100,34 @@ class _Replayed(torch.autograd.Function):
                 grads.append(scale * (dy.t() @ (x_MI @ a.detach().t())) if bb.requires_grad else None)
             weights.append(w_eff)
             at += width
+        if not ctx.needs_input_grad[0]:  # e.g. the first layer's input under LoRA: nothing below it trains
+            return (None, None, None, None, *grads)
         dx = dy_MF @ (weights[0] if len(weights) == 1 else torch.cat(weights))
         return (dx, None, None, None, *grads)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g)·u of ``gu`` = [g | u] (the recorded gate|up output). Backward writes dg and du into one gradient of
+    ``gu``'s shape, where autograd through ``chunk`` would concatenate them: a copy of the layer's widest
+    activation. It keeps ``gu`` only (a view of the record) and recomputes the sigmoid; the formulas are
+    torch's: d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        ctx.save_for_backward(gu)
+        g, u = gu.chunk(2, dim=-1)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dh):
+        (gu,) = ctx.saved_tensors
+        g, u = gu.chunk(2, dim=-1)
+        dgu = torch.empty_like(gu)
+        dg, du = dgu.chunk(2, dim=-1)
+        sig = torch.sigmoid(g)
+        torch.mul(dh, g * sig, out=du)
+        torch.mul(dh * u, sig * (1 + g * (1 - sig)), out=dg)
+        return dgu
 
 
 def _replay(x_LRI: torch.Tensor, y_LRF: torch.Tensor, linears) -> torch.Tensor:
@@ -127,19 +155,25 @@ class DecodeTrace:
     its sampled tokens ``new_BS``, the engine (rotary tables, layer layout) and the model whose parameters get
     the gradient."""
 
-    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor):
+    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor, stamp: list[float] | None = None):
+        """``stamp``: the trainable parameters' fingerprint at the decode, when the caller has it already."""
         self.model, self.engine, self.prompts, self.new_BS = model, engine, prompts, new_BS
         self.record, self.length = engine.record, engine.length
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.stamp = _fingerprint(self.params)
+        self.stamp = stamp if stamp is not None else fingerprint(self.params)
 
-    def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none"):
-        """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
-        model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
-        carry finite values that a loss must mask."""
-        if _fingerprint(self.params) != self.stamp:
+    def check_fresh(self, now: list[float] | None = None) -> None:
+        """RuntimeError unless the trainable parameters (fingerprint ``now``, computed if None) are the decode's."""
+        if (now if now is not None else fingerprint(self.params)) != self.stamp:
             raise RuntimeError("this decode trace is stale: the trainable parameters changed since the decode, so "
                                "replaying it would give the gradient at the old weights (use the model's forward)")
+
+    def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none", checked: bool = False):
+        """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
+        model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
+        carry finite values that a loss must mask. ``checked``: the caller ran ``check_fresh`` already."""
+        if not checked:
+            self.check_fresh()
         e, rec = self.engine, self.record
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         L, W = self.length, rec["real_BW"].shape[1]
@@ -147,7 +181,9 @@ class DecodeTrace:
         pick = (lambda t: t[:L]) if every else (lambda t: t[:L].index_select(1, rows))
         ids_LR, pos_LR = pick(rec["ids"]), pick(rec["pos"])
         cos, sin = e.cos[pos_LR][:, :, None], e.sin[pos_LR][:, :, None]  # [L, R, 1, d]
-        mask = self._mask(rows, L, W)
+        real = torch.ones(rows.numel(), L, dtype=torch.bool, device=ids_LR.device)  # generated tokens are real
+        real[:, :W] = rec["real_BW"][rows.to(rec["real_BW"].device)].to(real.device)
+        mask = causal_mask(real)
         H, K, d = e.n_heads, e.n_kv, e.head_dim
         R = ids_LR.shape[1]
         emb = hf.model.embed_tokens  # its padding_idx row gets no gradient from lookups, as in nn.Embedding
@@ -166,8 +202,7 @@ class DecodeTrace:
             x = x + _replay(o.permute(2, 0, 1, 3).reshape(L, R, H * d), pick(rec_l["o"]), (a.o_proj,))
             gu = _replay(_rms(x, layer.post_attention_layernorm.weight, e.eps), pick(rec_l["gu"]),
                          (mlp.gate_proj, mlp.up_proj))
-            gate, up = gu.chunk(2, dim=-1)
-            x = x + _replay(F.silu(gate) * up, pick(rec_l["down"]), (mlp.down_proj,))
+            x = x + _replay(_SwiGLU.apply(gu), pick(rec_l["down"]), (mlp.down_proj,))
         # position W - 1 + j predicts completion token j; the last sampled token was never fed
         logits_SRV = hf.lm_head(_rms(x[W - 1 :], hf.model.norm.weight, e.eps))
         targets_SR = self.new_BS[rows, : logits_SRV.shape[0]].t().to(logits_SRV.device)
@@ -176,16 +211,6 @@ class DecodeTrace:
             return logp_RS, torch.zeros_like(logp_RS)
         src = logits_SRV if entropy == "grad" else logits_SRV.detach()
         return logp_RS, entropy_from_logits(src, temperature=temperature).t()
-
-    def _mask(self, rows: torch.Tensor, L: int, W: int) -> torch.Tensor:
-        """Additive [R, 1, L, L]: causal over real keys (left padding masked), each padding query to itself,
-        as ``FastEngine`` attends in its prefill and steps."""
-        real = torch.ones(rows.numel(), L, dtype=torch.bool)
-        real[:, :W] = self.record["real_BW"][rows].cpu()
-        real = real.to(self.record["ids"].device)
-        causal = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
-        allowed = (causal[None] & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device)
-        return torch.zeros(allowed.shape, device=real.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 class RolloutTrace:
@@ -204,10 +229,13 @@ class RolloutTrace:
         prompt_N = (batch.role_NL == Role.PROMPT).sum(1)
         comp_N = batch.completion_len_N
         chunk_N, local_N = rows_N // self.chunk_rows, rows_N % self.chunk_rows
+        now = fingerprint(self.chunks[0].params)  # once for every chunk: they share the model
         parts, order = [], []
         for c in chunk_N.unique().tolist():
             sel = (chunk_N == c).nonzero().squeeze(1)
-            logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], temperature=temperature, entropy=entropy)
+            self.chunks[c].check_fresh(now)
+            logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], temperature=temperature, entropy=entropy,
+                                                    checked=True)
             j_S = torch.arange(logp_RS.shape[1])
             # completion token j of a row sits at target index prompt_len - 1 + j; j past its EOS goes to column T
             index_RS = torch.where(j_S < comp_N[sel, None], prompt_N[sel, None] - 1 + j_S, T).to(logp_RS.device)
