@@ -116,17 +116,21 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, gu):
         ctx.save_for_backward(gu)
         g, u = gu.chunk(2, dim=-1)
-        return F.silu(g) * u
+        return F.silu(g).mul_(u)
 
     @staticmethod
     def backward(ctx, dh):
+        # in place in the gradient's own halves, one temporary (σ): each fresh activation-sized buffer costs
+        # its page faults (about 10 ms for 64 × 70 × 768 floats here), more than the arithmetic
         (gu,) = ctx.saved_tensors
         g, u = gu.chunk(2, dim=-1)
         dgu = torch.empty_like(gu)
         dg, du = dgu.chunk(2, dim=-1)
         sig = torch.sigmoid(g)
-        torch.mul(dh, g * sig, out=du)
-        torch.mul(dh * u, sig * (1 + g * (1 - sig)), out=dg)
+        torch.mul(g, sig, out=du)  # silu(g)
+        torch.sub(1.0, sig, out=dg).mul_(du).add_(sig)  # σ + silu(g)·(1 − σ) = σ·(1 + g·(1 − σ))
+        dg.mul_(dh).mul_(u)
+        du.mul_(dh)
         return dgu
 
 
