@@ -120,8 +120,8 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh):
-        # in place in the gradient's own halves, one temporary (σ): each fresh activation-sized buffer costs
-        # its page faults (about 10 ms for 64 × 70 × 768 floats here), more than the arithmetic
+        # in place in the gradient's own halves, one temporary (σ): this elementwise work is bound by memory
+        # traffic, not arithmetic, so each pass and each fresh buffer saved counts
         (gu,) = ctx.saved_tensors
         g, u = gu.chunk(2, dim=-1)
         dgu = torch.empty_like(gu)

@@ -62,7 +62,7 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
     Rows whose advantage is exactly 0 contribute exactly 0 to the loss and its gradient when nothing else in
     the loss reaches them (see ``zero_advantage_skippable``): they keep their place in the denominators (the
     totals), and their statistics (entropy, KL, log-prob mismatch) are still computed, by a no-grad pass, but
-    they get no backward. The gradient equals the full batch's to float rounding (tests/test_grpo.py)."""
+    they get no backward. The gradient equals the full batch's to float rounding (tests/test_trainer_parts.py)."""
     objective = get_objective(cfg.objective)
     kl_fn = get_kl(cfg.kl.estimator) if cfg.kl.active else None
     eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
