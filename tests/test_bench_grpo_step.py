@@ -1,4 +1,5 @@
-"""Plumbing check of benchmarks/grpo_step.py: a tiny run of both libraries exits 0 and writes its JSON.
+"""Plumbing checks of the benchmarks: a tiny run of grpo_step.py (both libraries), cpu_levers.py and
+zero_advantage.py exits 0 and writes its JSON.
 
 No timing is asserted (the machine is shared); the numbers themselves are checked for shape only."""
 
@@ -55,3 +56,18 @@ def test_cpu_levers_smoke(tmp_path):
         assert len(v["baseline_s"]) >= 2 and len(v["lever_s"]) >= 2, name
         assert v["ratio"] == pytest.approx(v["baseline_median_s"] / v["lever_median_s"]), name
     assert "AdamW step: fused" in proc.stdout
+
+
+def test_zero_advantage_smoke(tmp_path):
+    out = tmp_path / "zero_adv.json"
+    script = SCRIPT.parent / "zero_advantage.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(script), "--models", "tiny", "--fractions", "0", "0.5", "--rounds", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["zero_group_frac"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert r["skip_s"] > 0 and r["full_s"] > 0 and r["ratio"] == pytest.approx(r["full_s"] / r["skip_s"])
+    assert "full ÷ skip" in proc.stdout
