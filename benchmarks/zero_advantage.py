@@ -94,7 +94,8 @@ def main() -> None:
         results = [row for m in args.models for row in measure(m, args.fractions, args.rounds, Path(tmp))]
     print(f"policy_update, zero-advantage rows skipped vs not, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} alternating rounds")
-    print(f"  {'model':<8} {'params':>9} {'rows':>5} {'zero groups':>12} {'skip s':>9} {'full s':>9} {'full ÷ skip':>12}")
+    head = ("model", "params", "rows", "zero groups", "skip s", "full s", "full ÷ skip")
+    print(f"  {head[0]:<8} {head[1]:>9} {head[2]:>5} {head[3]:>12} {head[4]:>9} {head[5]:>9} {head[6]:>12}")
     for r in results:
         print(f"  {r['model']:<8} {r['params'] / 1e6:>8.2f}M {r['rows']:>5} {r['zero_group_frac']:>12.3f} "
               f"{r['skip_s']:>9.4f} {r['full_s']:>9.4f} {r['ratio']:>12.2f}")

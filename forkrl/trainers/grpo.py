@@ -69,7 +69,9 @@ def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, 
     sums = {k: torch.zeros((), dtype=torch.float64) for k in
             ("loss", "entropy", "kl", "clip_low", "clip_high", "logp_mismatch")}
     rows = torch.arange(batch.num_rows)
-    idle_N = (adv_N == 0) if zero_advantage_skippable(cfg, inject) else torch.zeros(batch.num_rows, dtype=torch.bool)
+    idle_N = torch.zeros(batch.num_rows, dtype=torch.bool)
+    if zero_advantage_skippable(cfg, inject):
+        idle_N = (adv_N == 0).cpu()
     live, idle = rows[~idle_N], rows[idle_N]
     # live rows first, then the idle ones in micro-batches of their own; without idle rows this is the plain split
     slices = [(live[sl], True) for sl in micro_slices(len(live), cfg.micro_batch_size)]
