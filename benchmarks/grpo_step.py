@@ -270,7 +270,8 @@ def trl_trainer(spec: dict, model_dir: str, steps: int, work: Path):
     tok = models.load_tokenizer(model_dir)
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM") if spec["lora"] else None
-    trainer = GRPOTrainer(model=model, reward_funcs=[correct if spec.get("reward") == "task" else bernoulli], args=trl_args(spec, steps, work / "trl"),
+    reward = correct if spec.get("reward") == "task" else bernoulli
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=trl_args(spec, steps, work / "trl"),
                           train_dataset=data, processing_class=tok, peft_config=peft)
     return trainer, tok, problems[order[0]].prompt
 
@@ -484,8 +485,8 @@ def main() -> None:
     results["first_step_losses_same_batch"] = losses
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
                         "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
-                        "warmup": args.warmup, "rounds": args.rounds, "reward": args.reward, "lr": LR, "model": base["size"],
-                        "lora": LORA if args.config == "lora" else None}
+                        "warmup": args.warmup, "rounds": args.rounds, "reward": args.reward, "lr": LR,
+                        "model": base["size"], "lora": LORA if args.config == "lora" else None}
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
                           "torch": torch.__version__, "python": platform.python_version(),
                           "processor": platform.processor() or platform.machine(),
