@@ -113,8 +113,7 @@ def test_the_comparison_can_fail():
     rollouts, trace = sample(model)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(1.05)
-    chunk = trace.chunks[0]
-    chunk.stamp = [float(p.detach().double().sum()) for p in chunk.params]
+    trace.stamp = [float(p.detach().double().sum()) for p in trace.params]
     d_logp, _, _ = compare(model, rollouts, trace, torch.arange(rollouts.num_rows))
     assert d_logp > 1e-4
 

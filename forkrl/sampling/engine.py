@@ -221,17 +221,18 @@ class FastEngine:
                        "ids": torch.empty(cap, B, dtype=torch.long, device=dev),
                        "pos": torch.empty(cap, B, dtype=torch.long, device=dev)}
 
-    def _keep(self, i: int, key: str, out: torch.Tensor, B: int, S: int) -> None:
-        """Record a prefill's output (time-major: a transposing copy); a step's matmuls write theirs in place."""
-        if self.recording and S > 1:  # (S = 1 was written by _mm)
-            self.record["layers"][i][key][self.length : self.length + S].copy_(out.view(B, S, -1).transpose(0, 1))
-
-    def _mm(self, i: int, key: str, S: int, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
-        """a·w (+ bias); in a recorded one-token step (S = 1), straight into the record at this position."""
-        out = self.record["layers"][i][key][self.length] if self.recording and S == 1 else None
+    def _mm(self, i: int, key: str, B: int, S: int, a: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+        """a·w (+ bias), kept in layer ``i``'s record under ``key`` when recording: a one-token step's straight
+        into the record (the time-major row of this position), a prefill's by a transposing copy."""
+        rec = self.record["layers"][i][key] if self.recording else None
+        out = rec[self.length] if rec is not None and S == 1 else None
         if bias is None:
-            return torch.mm(a, w, out=out) if out is not None else a @ w
-        return torch.addmm(bias, a, w, out=out) if out is not None else torch.addmm(bias, a, w)
+            y = torch.mm(a, w, out=out)
+        else:
+            y = torch.addmm(bias, a, w, out=out)
+        if rec is not None and S > 1:
+            rec[self.length : self.length + S].copy_(y.view(B, S, -1).transpose(0, 1))
+        return y
 
     def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, mask) -> torch.Tensor:
         B, S = ids_BS.shape
@@ -245,21 +246,17 @@ class FastEngine:
         x = F.embedding(ids_BS, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
             h = _rms(x, ln1, self.eps).view(B * S, -1)
-            qkv = self._mm(i, "qkv", S, h, w_qkv, b_qkv)
-            self._keep(i, "qkv", qkv, B, S)
+            qkv = self._mm(i, "qkv", B, S, h, w_qkv, b_qkv)
             qk = qkv[:, : nq + nk].view(B, S, H + K, d).transpose(1, 2)  # queries and keys rotated together
             qk = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))
             self.k[i][:, :, at:end] = qk[:, H:]
             self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
             o = self._attend(qk[:, :H], self.k[i][:, :, :end], self.v[i][:, :, :end], mask).reshape(B * S, nq)
-            proj = self._mm(i, "o", S, o, w_o, b_o)
-            self._keep(i, "o", proj, B, S)
+            proj = self._mm(i, "o", B, S, o, w_o, b_o)
             x.add_(proj.view(B, S, -1))  # x: this call's own
-            gu = self._mm(i, "gu", S, _rms(x, ln2, self.eps).view(B * S, -1), w_gu)
-            self._keep(i, "gu", gu, B, S)
+            gu = self._mm(i, "gu", B, S, _rms(x, ln2, self.eps).view(B * S, -1), w_gu)
             half = gu.shape[1] // 2
-            down = self._mm(i, "down", S, F.silu(gu[:, :half]).mul_(gu[:, half:]), w_down)
-            self._keep(i, "down", down, B, S)
+            down = self._mm(i, "down", B, S, F.silu(gu[:, :half]).mul_(gu[:, half:]), w_down)
             x.add_(down.view(B, S, -1))
         self.length = end
         return _rms(x[:, -1], self.norm, self.eps) @ self.head

@@ -15,7 +15,7 @@ import torch
 from ..algos.logprobs import entropy_from_logits
 from ..types import Role, Rollouts
 from .engine import FastEngine, RecordArena, engine_for, fast_unsupported
-from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, fingerprint, replay_unsupported, trace_bytes
+from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, replay_unsupported, trace_bytes
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,6 @@ class HFSampler:
         self.model.eval()
         try:
             chunks, traces = [], []
-            stamp = fingerprint([p for p in self.model.parameters() if p.requires_grad]) if record else None
             if record:
                 self.arena.start()
             for s in range(0, len(rows), self.batch_size):
@@ -149,7 +148,7 @@ class HFSampler:
                 chunks.append(decode_chunk([engine], prompts, seeds[s : s + self.batch_size], params,
                                            tokenizer=self.tokenizer, entropy=entropy)[0])
                 if record:
-                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1], stamp))
+                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1]))
                     self.arena.hold(traces[-1])
         finally:
             self.model.train(was_training)

@@ -159,25 +159,14 @@ class DecodeTrace:
     its sampled tokens ``new_BS``, the engine (rotary tables, layer layout) and the model whose parameters get
     the gradient."""
 
-    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor, stamp: list[float] | None = None):
-        """``stamp``: the trainable parameters' fingerprint at the decode, when the caller has it already."""
+    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor):
         self.model, self.engine, self.prompts, self.new_BS = model, engine, prompts, new_BS
         self.record, self.length = engine.record, engine.length
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.stamp = stamp if stamp is not None else fingerprint(self.params)
 
-    def check_fresh(self, now: list[float] | None = None) -> None:
-        """RuntimeError unless the trainable parameters (fingerprint ``now``, computed if None) are the decode's."""
-        if (now if now is not None else fingerprint(self.params)) != self.stamp:
-            raise RuntimeError("this decode trace is stale: the trainable parameters changed since the decode, so "
-                               "replaying it would give the gradient at the old weights (use the model's forward)")
-
-    def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none", checked: bool = False):
+    def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none"):
         """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
         model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
-        carry finite values that a loss must mask. ``checked``: the caller ran ``check_fresh`` already."""
-        if not checked:
-            self.check_fresh()
+        carry finite values that a loss must mask. At the decode's weights only: ``RolloutTrace`` checks."""
         e, rec = self.engine, self.record
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         L, W = self.length, rec["real_BW"].shape[1]
@@ -219,10 +208,13 @@ class DecodeTrace:
 
 class RolloutTrace:
     """The traces of a sampling call's chunks (``HFSampler.sample(trace=True)``): row n of the returned
-    rollouts is row ``n % chunk_rows`` of chunk ``n // chunk_rows``."""
+    rollouts is row ``n % chunk_rows`` of chunk ``n // chunk_rows``. Built right after the decode (which changes
+    no weight), it stamps the trainable parameters' fingerprint, and refuses to replay once they moved."""
 
     def __init__(self, chunks: list[DecodeTrace], chunk_rows: int):
         self.chunks, self.chunk_rows = chunks, chunk_rows
+        self.params = [p for p in chunks[0].model.parameters() if p.requires_grad]
+        self.stamp = fingerprint(self.params)
 
     def completion_logprobs(self, batch: Rollouts, rows_N: torch.Tensor, *, temperature: float = 1.0,
                             entropy: str = "none"):
@@ -232,14 +224,14 @@ class RolloutTrace:
         T = mask_NT.shape[1]
         prompt_N = (batch.role_NL == Role.PROMPT).sum(1)
         comp_N = batch.completion_len_N
+        if fingerprint(self.params) != self.stamp:
+            raise RuntimeError("this decode trace is stale: the trainable parameters changed since the decode, so "
+                               "replaying it would give the gradient at the old weights (use the model's forward)")
         chunk_N, local_N = rows_N // self.chunk_rows, rows_N % self.chunk_rows
-        now = fingerprint(self.chunks[0].params)  # once for every chunk: they share the model
         parts, order = [], []
         for c in chunk_N.unique().tolist():
             sel = (chunk_N == c).nonzero().squeeze(1)
-            self.chunks[c].check_fresh(now)
-            logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], temperature=temperature, entropy=entropy,
-                                                    checked=True)
+            logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], temperature=temperature, entropy=entropy)
             j_S = torch.arange(logp_RS.shape[1])
             # completion token j of a row sits at target index prompt_len - 1 + j; j past its EOS goes to column T
             index_RS = torch.where(j_S < comp_N[sel, None], prompt_N[sel, None] - 1 + j_S, T).to(logp_RS.device)
