@@ -1,5 +1,5 @@
-"""Plumbing checks of the benchmarks: a tiny run of grpo_step.py (both libraries), cpu_levers.py and
-zero_advantage.py exits 0 and writes its JSON.
+"""Plumbing checks of the benchmarks: a tiny run of grpo_step.py (both libraries), cpu_levers.py,
+zero_advantage.py and replay_profile.py exits 0 and writes its JSON.
 
 No timing is asserted (the machine is shared); the numbers themselves are checked for shape only."""
 
@@ -71,3 +71,17 @@ def test_zero_advantage_smoke(tmp_path):
     for r in rows:
         assert r["skip_s"] > 0 and r["full_s"] > 0 and r["ratio"] == pytest.approx(r["full_s"] / r["skip_s"])
     assert "full ÷ skip" in proc.stdout
+
+
+def test_replay_profile_smoke(tmp_path):
+    out = tmp_path / "replay.json"
+    script = SCRIPT.parent / "replay_profile.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(script), "--model", "tiny", "--rounds", "1", "--top", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["median_s"]) == {"sample_recorded", "sample_plain", "update_replayed", "update_forward"}
+    assert all(v > 0 for v in r["median_s"].values())
+    assert len(r["profile_top"]) == 3 and any(o["op"] == "aten::mm" for o in r["profile_top"])
+    assert "forward ÷ replayed" in proc.stdout
