@@ -52,7 +52,7 @@ def replay_unsupported(model) -> str | None:
     return None
 
 
-def fingerprint(params: list[torch.Tensor]) -> list[float]:
+def _fingerprint(params: list[torch.Tensor]) -> list[float]:
     """Each parameter's float64 sum: it changes when an optimizer step does (fused AdamW bumps no ``_version``)."""
     with torch.no_grad():
         return [float(p.detach().double().sum()) for p in params]
@@ -214,7 +214,7 @@ class RolloutTrace:
     def __init__(self, chunks: list[DecodeTrace], chunk_rows: int):
         self.chunks, self.chunk_rows = chunks, chunk_rows
         self.params = [p for p in chunks[0].model.parameters() if p.requires_grad]
-        self.stamp = fingerprint(self.params)
+        self.stamp = _fingerprint(self.params)
 
     def completion_logprobs(self, batch: Rollouts, rows_N: torch.Tensor, *, temperature: float = 1.0,
                             entropy: str = "none"):
@@ -224,7 +224,7 @@ class RolloutTrace:
         T = mask_NT.shape[1]
         prompt_N = (batch.role_NL == Role.PROMPT).sum(1)
         comp_N = batch.completion_len_N
-        if fingerprint(self.params) != self.stamp:
+        if _fingerprint(self.params) != self.stamp:
             raise RuntimeError("this decode trace is stale: the trainable parameters changed since the decode, so "
                                "replaying it would give the gradient at the old weights (use the model's forward)")
         chunk_N, local_N = rows_N // self.chunk_rows, rows_N % self.chunk_rows
