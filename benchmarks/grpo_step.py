@@ -100,6 +100,23 @@ def build_model(spec: dict, root: Path) -> Path:
                              **spec["size"])
 
 
+def local_setup(spec: dict, root: Path, seed_key: str):
+    """For the in-process benchmarks (zero_advantage.py, replay_profile.py): the model ``spec`` sizes, built
+    under ``root`` and loaded in training mode, its tokenizer, forkrl's config, the first ``spec["prompts"]``
+    training prompts' ids and one seed per row (``seed_key``)."""
+    from forkrl import models
+    from forkrl.tasks import build_task
+    from forkrl.trainers.common import row_seeds
+
+    model_dir = build_model(spec, root)
+    cfg = forkrl_config(spec, str(model_dir), 1)
+    model, tok = models.load_model(str(model_dir)), models.load_tokenizer(str(model_dir))
+    model.train()
+    problems = list(build_task(cfg.task).problems("train"))[: spec["prompts"]]
+    seeds = row_seeds(seed_key, list(range(len(problems))), spec["group"])
+    return model, tok, cfg, [tok(p.prompt).input_ids for p in problems], seeds
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 8) -> float:
     """fp32 GFLOP/s of an n×n matmul, the best of ``repeats`` (a peak: the host is shared and noisy)."""
     a, b = torch.randn(n, n), torch.randn(n, n)

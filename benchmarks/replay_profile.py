@@ -35,23 +35,17 @@ import grpo_step  # noqa: E402
 def run(model_name: str, rounds: int, top: int, work: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from forkrl import models
     from forkrl.sampling import HFSampler
-    from forkrl.tasks import build_task
-    from forkrl.trainers.common import row_seeds, sampling_params
+    from forkrl.trainers.common import sampling_params
     from forkrl.trainers.grpo import policy_update
     from forkrl.types import Role
 
     spec = {**grpo_step.SIZES[model_name], "lora": False}
-    model_dir = grpo_step.build_model(spec, work)
-    cfg = grpo_step.forkrl_config(spec, str(model_dir), 1)
-    model, tok = models.load_model(str(model_dir)), models.load_tokenizer(str(model_dir))
-    P, G = spec["prompts"], spec["group"]
-    prompt_ids = [tok(p.prompt).input_ids for p in list(build_task(cfg.task).problems("train"))[:P]]
-    seeds, rows = row_seeds("replay-profile", list(range(P)), G), P * G
+    model, tok, cfg, prompt_ids, seeds = grpo_step.local_setup(spec, work, "replay-profile")
+    G = spec["group"]
+    rows = spec["prompts"] * G
     sampler = HFSampler(model, tok)
     adv_N = torch.randn(rows, generator=torch.Generator().manual_seed(0))  # every row live
-    model.train()
 
     def sample(trace: bool):
         t0 = time.perf_counter()

@@ -37,24 +37,16 @@ GROUP = 8
 
 
 def measure(name: str, fractions: list[float], rounds: int, work: Path) -> list[dict]:
-    from forkrl import models
     from forkrl.sampling import HFSampler
-    from forkrl.tasks import build_task
-    from forkrl.trainers.common import row_seeds, sampling_params
+    from forkrl.trainers.common import sampling_params
     from forkrl.trainers.grpo import policy_update
     from forkrl.types import Role
 
     size, prompts, new = MODELS[name]
     spec = {**grpo_step.SIZES["default"], "size": size, "prompts": prompts, "group": GROUP, "max_new_tokens": new,
             "lora": False}
-    model_dir = grpo_step.build_model(spec, work / name)
-    cfg = grpo_step.forkrl_config(spec, str(model_dir), 1)
-    model, tok = models.load_model(str(model_dir)), models.load_tokenizer(str(model_dir))
-    problems = list(build_task(cfg.task).problems("train"))[:prompts]
-    prompt_ids = [tok(p.prompt).input_ids for p in problems]
-    seeds = row_seeds("zero-advantage", list(range(prompts)), GROUP)
+    model, tok, cfg, prompt_ids, seeds = grpo_step.local_setup(spec, work / name, "zero-advantage")
     sampler, rows = HFSampler(model, tok), prompts * GROUP
-    model.train()
     out = []
     for frac in fractions:
         adv_N = torch.randn(rows, generator=torch.Generator().manual_seed(0))
