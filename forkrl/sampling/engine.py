@@ -29,6 +29,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .replay import Scratch
+
 FAST_MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -118,6 +120,7 @@ class RecordArena:
 
     def __init__(self):
         self.flat, self.used, self.wanted, self.holders = torch.empty(0), 0, 0, []
+        self.scratch = Scratch()  # the replayed backward's temporaries (replay.Scratch), kept with the record's memory
 
     def start(self) -> None:
         if any(ref() is not None for ref in self.holders):

@@ -21,11 +21,10 @@ decode (a fingerprint of their values), instead of giving a gradient at stale we
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..algos.logprobs import entropy_from_logits, token_logprobs
 from ..types import Role, Rollouts
 from .engine import causal_mask
+from .replay import Inputs, Plan, Scratch, replay
 
 MAX_TRACE_BYTES = 4 << 30  # a decode whose recorded outputs would exceed this is not recorded
 
@@ -58,102 +57,6 @@ def _fingerprint(params: list[torch.Tensor]) -> list[float]:
         return [float(p.detach().double().sum()) for p in params]
 
 
-def _lora_terms(linear) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A [r, in], B [out, r], scaling) of each active, unmerged adapter of a peft LoRA layer (none for nn.Linear)."""
-    if getattr(linear, "base_layer", None) is None or linear.disable_adapters or linear.merged:
-        return []
-    return [(linear.lora_A[n].weight, linear.lora_B[n].weight, float(linear.scaling[n]))
-            for n in linear.active_adapters if n in linear.lora_A]
-
-
-class _Replayed(torch.autograd.Function):
-    """y = x·[W₁; W₂; …]ᵀ (+ biases, + LoRA terms), whose value the decode already computed: forward returns
-    the recorded ``y_MF``; backward is the linear layers' own gradient. ``layout``: per linear, (its output
-    width, has bias, number of LoRA adapters); ``params``: per linear, W, then b, then each adapter's A, B; and
-    ``scalings`` the adapters' scale factors, in the same order."""
-
-    @staticmethod
-    def forward(ctx, x_MI, y_MF, layout, scalings, *params):
-        ctx.layout, ctx.scalings = layout, scalings
-        ctx.save_for_backward(x_MI, *params)
-        return y_MF.view_as(y_MF)
-
-    @staticmethod
-    def backward(ctx, dy_MF):
-        x_MI, *params = ctx.saved_tensors
-        dy_MF = dy_MF.contiguous()
-        grads, weights, at, p, s = [], [], 0, 0, 0
-        for width, has_bias, n_lora in ctx.layout:
-            dy = dy_MF[:, at : at + width]
-            w, b = params[p], params[p + 1] if has_bias else None
-            p += 1 + has_bias
-            w_eff = w.detach()
-            grads.append(dy.t() @ x_MI if w.requires_grad else None)
-            if has_bias:
-                grads.append(dy.sum(0) if b.requires_grad else None)
-            for _ in range(n_lora):
-                a, bb, scale = params[p], params[p + 1], ctx.scalings[s]
-                p, s = p + 2, s + 1
-                w_eff = w_eff + scale * (bb.detach() @ a.detach())
-                dyb = dy @ bb.detach()  # [M, r]
-                grads.append(scale * (dyb.t() @ x_MI) if a.requires_grad else None)
-                grads.append(scale * (dy.t() @ (x_MI @ a.detach().t())) if bb.requires_grad else None)
-            weights.append(w_eff)
-            at += width
-        if not ctx.needs_input_grad[0]:  # e.g. the first layer's input under LoRA: nothing below it trains
-            return (None, None, None, None, *grads)
-        dx = dy_MF @ (weights[0] if len(weights) == 1 else torch.cat(weights))
-        return (dx, None, None, None, *grads)
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(g)·u of ``gu`` = [g | u] (the recorded gate|up output). Backward writes dg and du into one gradient of
-    ``gu``'s shape, where autograd through ``chunk`` would concatenate them: a copy of the layer's widest
-    activation. It keeps ``gu`` only (a view of the record) and recomputes the sigmoid; the formulas are
-    torch's: d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))."""
-
-    @staticmethod
-    def forward(ctx, gu):
-        ctx.save_for_backward(gu)
-        g, u = gu.chunk(2, dim=-1)
-        return F.silu(g).mul_(u)
-
-    @staticmethod
-    def backward(ctx, dh):
-        # in place in the gradient's own halves, one temporary (σ): this elementwise work is bound by memory
-        # traffic, not arithmetic, so each pass and each fresh buffer saved counts
-        (gu,) = ctx.saved_tensors
-        g, u = gu.chunk(2, dim=-1)
-        dgu = torch.empty_like(gu)
-        dg, du = dgu.chunk(2, dim=-1)
-        sig = torch.sigmoid(g)
-        torch.mul(g, sig, out=du)  # silu(g)
-        torch.sub(1.0, sig, out=dg).mul_(du).add_(sig)  # σ + silu(g)·(1 − σ) = σ·(1 + g·(1 − σ))
-        dg.mul_(dh).mul_(u)
-        du.mul_(dh)
-        return dgu
-
-
-def _replay(x_LRI: torch.Tensor, y_LRF: torch.Tensor, linears) -> torch.Tensor:
-    layout, scalings, params = [], [], []
-    for lin in linears:
-        base = getattr(lin, "base_layer", lin)
-        lora = _lora_terms(lin)
-        layout.append((base.weight.shape[0], base.bias is not None, len(lora)))
-        params += [base.weight] + ([base.bias] if base.bias is not None else [])
-        for a, b, scale in lora:
-            params += [a, b]
-            scalings.append(scale)
-    L, R = x_LRI.shape[:2]
-    y = _Replayed.apply(x_LRI.reshape(L * R, -1), y_LRF.reshape(L * R, -1), tuple(layout), tuple(scalings), *params)
-    return y.view(L, R, -1)
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm, w·(x·rsqrt(mean(x²) + eps)), differentiable (``engine._rms`` is the in-place one)."""
-    return x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * w
-
-
 class DecodeTrace:
     """One decode chunk's record (``FastEngine(record=True)``) and what replaying it needs: the chunk's prompts,
     its sampled tokens ``new_BS``, the engine (rotary tables, layer layout) and the model whose parameters get
@@ -162,48 +65,30 @@ class DecodeTrace:
     def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor):
         self.model, self.engine, self.prompts, self.new_BS = model, engine, prompts, new_BS
         self.record, self.length = engine.record, engine.length
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.plan = Plan(hf)  # the parameters as the decode computed with them (adapters active then)
+        self.scratch = engine.arena.scratch if engine.arena is not None else Scratch()
 
     def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none"):
         """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
         model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
         carry finite values that a loss must mask. At the decode's weights only: ``RolloutTrace`` checks."""
         e, rec = self.engine, self.record
-        hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         L, W = self.length, rec["real_BW"].shape[1]
         every = rows.numel() == rec["ids"].shape[1] and bool((rows == torch.arange(rows.numel())).all())
         pick = (lambda t: t[:L]) if every else (lambda t: t[:L].index_select(1, rows))
         ids_LR, pos_LR = pick(rec["ids"]), pick(rec["pos"])
-        cos, sin = e.cos[pos_LR][:, :, None], e.sin[pos_LR][:, :, None]  # [L, R, 1, d]
+        d = e.head_dim
         real = torch.ones(rows.numel(), L, dtype=torch.bool, device=ids_LR.device)  # generated tokens are real
         real[:, :W] = rec["real_BW"][rows.to(rec["real_BW"].device)].to(real.device)
-        mask = causal_mask(real)
-        H, K, d = e.n_heads, e.n_kv, e.head_dim
-        R = ids_LR.shape[1]
-        emb = hf.model.embed_tokens  # its padding_idx row gets no gradient from lookups, as in nn.Embedding
-        x = F.embedding(ids_LR, emb.weight, padding_idx=emb.padding_idx)
-        for layer, rec_l in zip(hf.model.layers, rec["layers"]):
-            a, mlp = layer.self_attn, layer.mlp
-            qkv = _replay(_rms(x, layer.input_layernorm.weight, e.eps), pick(rec_l["qkv"]),
-                          (a.q_proj, a.k_proj, a.v_proj))
-            # split and chunk, not slices: their backward concatenates, where a slice's fills a zero tensor first
-            qk, v = qkv.split([(H + K) * d, K * d], dim=-1)
-            qk = qk.view(L, R, H + K, d)
-            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
-            q, k = (t.permute(1, 2, 0, 3) for t in qk.split([H, K], dim=2))
-            v = v.view(L, R, K, d).permute(1, 2, 0, 3)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # [R, H, L, d]
-            x = x + _replay(o.permute(2, 0, 1, 3).reshape(L, R, H * d), pick(rec_l["o"]), (a.o_proj,))
-            gu = _replay(_rms(x, layer.post_attention_layernorm.weight, e.eps), pick(rec_l["gu"]),
-                         (mlp.gate_proj, mlp.up_proj))
-            x = x + _replay(_SwiGLU.apply(gu), pick(rec_l["down"]), (mlp.down_proj,))
-        # position W - 1 + j predicts completion token j; the last sampled token was never fed
-        logits_SRV = hf.lm_head(_rms(x[W - 1 :], hf.model.norm.weight, e.eps))
-        targets_SR = self.new_BS[rows, : logits_SRV.shape[0]].t().to(logits_SRV.device)
-        logp_RS = token_logprobs(logits_SRV, targets_SR, temperature=temperature).t()
-        if entropy == "none":
-            return logp_RS, torch.zeros_like(logp_RS)
-        src = logits_SRV if entropy == "grad" else logits_SRV.detach()
-        return logp_RS, entropy_from_logits(src, temperature=temperature).t()
+        inp = Inputs(ids_LR=ids_LR, cos_M1D=e.cos[pos_LR].view(-1, 1, d), sin_M1D=e.sin[pos_LR].view(-1, 1, d),
+                     mask_R1LL=causal_mask(real), records=[{k: pick(v) for k, v in layer.items()}
+                                                           for layer in rec["layers"]],
+                     width=W, targets_SR=self.new_BS[rows, : L - W + 1].t().to(ids_LR.device),
+                     temperature=temperature, entropy=entropy != "none", eps=e.eps, n_heads=e.n_heads,
+                     n_kv=e.n_kv, head_dim=d, scratch=self.scratch)
+        logp_SR, H_SR = replay(inp, self.plan)
+        return logp_SR.t(), (H_SR if entropy == "grad" else H_SR.detach()).t()
 
 
 class RolloutTrace:

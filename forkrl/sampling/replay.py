@@ -1,0 +1,339 @@
+"""The replayed update's forward and backward, written out (``trace.DecodeTrace.logprobs`` calls ``replay``).
+
+**Forward.** The decode recorded every layer's matmul outputs, so the policy's log-probs need no matmul but the
+LM head's, and no attention, norm or activation at all: the residual stream is x₀ = E[ids], x′ₗ = xₗ + oₗ,
+xₗ₊₁ = x′ₗ + downₗ (oₗ and downₗ read from the record, added in the decode's order, so x_L is the decode's own),
+and log π = log_softmax(lm_head(RMSNorm(x_L)) / T) at the completion-predicting positions. This is the whole
+no-grad pass (rows whose advantage is 0), and the forward of the differentiable one.
+
+**Backward**, by hand, per layer from the top, dx the gradient of the layer's output (time-major rows m = l·R + r):
+
+    down:     dW_d = dxᵀ·a,      da = dx·W_d          a = silu(g)·u, from the recorded gate|up [g | u]
+    SwiGLU:   du = da·silu(g),   dg = da·u·(σ + silu(g)·(1 − σ)),   σ = sigmoid(g)
+    gate|up:  dW_gu = dguᵀ·h₂,   dh₂ = dgu·W_gu       h₂ = w₂·x̂′, x̂′ = x′·r′, r′ = (mean(x′²) + ε)^−½
+    RMSNorm:  dw₂ = Σ dh₂·x̂′,    dx′ = dx + r′·(ĝ − x̂′·mean(ĝ·x̂′)),   ĝ = w₂·dh₂
+    o:        dW_o = dx′ᵀ·o_att,  do_att = dx′·W_o     o_att: attention recomputed here (torch's SDPA and its
+                                                       backward) from the recorded q|k|v, rotated
+    rotary:   d(q|k) = dq′·cos + roll(dq′·sin, d/2)    (the rotation's transpose; sin carries the engine's signs)
+    q|k|v:    dW_qkv = dqkvᵀ·h₁,  dh₁ = dqkv·W_qkv;    RMSNorm as above, into dxₗ = dx′ + …
+    head:     dz = dlogp·(onehot(y) − p) − dH·p·(log p + H),  dlogits = dz / T;  E gets dx₀ at each token's row
+
+Biases, LoRA adapters (A, B, scale of each active adapter) and frozen parameters are handled per linear layer
+(``Linears``). Every parameter's gradient equals autograd's through the Hugging Face forward to float rounding
+(``tests/test_trace.py``). Why by hand: autograd through the same functions spent about half of the update
+outside the matrix multiplies (fresh activation-sized temporaries, a recomputed forward, concatenations), where
+this does the elementwise work in a few passes over buffers it reuses layer to layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _index(params: list[torch.Tensor], p: torch.Tensor) -> int:
+    """p's position in ``params``, appended if new (a tied embedding and head share one position)."""
+    for i, q in enumerate(params):
+        if q is p:
+            return i
+    params.append(p)
+    return len(params) - 1
+
+
+def _acc(grads: list, i: int, g: torch.Tensor) -> None:
+    grads[i] = g if grads[i] is None else grads[i].add_(g)
+
+
+class Scratch:
+    """Named buffers the backward reuses for its activation-sized temporaries, from one layer and one replay to the
+    next. Why: a fresh tensor of that size pays a page fault per 4 KiB on first touch, and the elementwise work
+    here is bound by memory traffic already. Only for temporaries of one backward (backwards run one at a time)."""
+
+    def __init__(self):
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.flat[name] = torch.empty(n)
+        return buf[:n].view(shape)
+
+
+def lora_terms(linear) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A [r, in], B [out, r], scaling) of each active, unmerged adapter of a peft LoRA layer (none for nn.Linear)."""
+    if getattr(linear, "base_layer", None) is None or linear.disable_adapters or linear.merged:
+        return []
+    return [(linear.lora_A[n].weight, linear.lora_B[n].weight, float(linear.scaling[n]))
+            for n in linear.active_adapters if n in linear.lora_A]
+
+
+class Linears:
+    """Linear layers that read one input and whose outputs lie side by side (q|k|v, gate|up, or a single one), as
+    positions in a flat parameter list: per layer its output width, weight, bias (or None), and each active LoRA
+    adapter's (A, B, scaling)."""
+
+    def __init__(self, modules, params: list[torch.Tensor]):
+        self.parts = []
+        for m in modules:
+            base = getattr(m, "base_layer", m)
+            bias = None if base.bias is None else _index(params, base.bias)
+            adapters = [(_index(params, a), _index(params, b), s) for a, b, s in lora_terms(m)]
+            self.parts.append((base.weight.shape[0], _index(params, base.weight), bias, adapters))
+
+    def weight(self, P) -> torch.Tensor:
+        """The [out, in] weight the layers compute with: adapters' deltas added, detached."""
+        ws = []
+        for _, w, _, adapters in self.parts:
+            w = P[w].detach()
+            for a, b, s in adapters:
+                w = w + s * (P[b].detach() @ P[a].detach())
+            ws.append(w)
+        return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+    def bias(self, P) -> torch.Tensor | None:
+        if all(b is None for _, _, b, _ in self.parts):
+            return None
+        return torch.cat([P[b].detach() if b is not None else P[w].new_zeros(width) for width, w, b, _ in self.parts])
+
+    def backward(self, dy_MF, x_MI, P, needs, grads: list, *, dx: torch.Tensor | None) -> torch.Tensor | None:
+        """Accumulate the gradients of y = x·Wᵀ (+ b, + Σ s·x·Aᵀ·Bᵀ) into ``grads``; write dx into ``dx`` (if
+        given) and return it."""
+        at = 0
+        for width, w, b, adapters in self.parts:
+            dy = dy_MF if len(self.parts) == 1 else dy_MF[:, at : at + width]
+            if needs[w]:
+                _acc(grads, w, dy.t() @ x_MI)
+            if b is not None and needs[b]:
+                _acc(grads, b, dy.sum(0))
+            for a, bb, s in adapters:
+                A, B = P[a].detach(), P[bb].detach()
+                if needs[a]:
+                    _acc(grads, a, s * ((dy @ B).t() @ x_MI))
+                if needs[bb]:
+                    _acc(grads, bb, s * (dy.t() @ (x_MI @ A.t())))
+            at += width
+        return torch.mm(dy_MF, self.weight(P), out=dx) if dx is not None else None
+
+
+@dataclass(frozen=True)
+class Layer:
+    ln1: int
+    qkv: Linears
+    o: Linears
+    ln2: int
+    gu: Linears
+    down: Linears
+
+
+class Plan:
+    """Where a Llama/Qwen2 model's parameters sit in the flat list ``params`` that the replay differentiates."""
+
+    def __init__(self, hf):
+        self.params: list[torch.Tensor] = []
+        emb = hf.model.embed_tokens
+        self.embed, self.padding_idx = _index(self.params, emb.weight), emb.padding_idx
+        self.layers = []
+        for layer in hf.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            self.layers.append(Layer(
+                _index(self.params, layer.input_layernorm.weight), Linears((a.q_proj, a.k_proj, a.v_proj), self.params),
+                Linears((a.o_proj,), self.params), _index(self.params, layer.post_attention_layernorm.weight),
+                Linears((mlp.gate_proj, mlp.up_proj), self.params), Linears((mlp.down_proj,), self.params)))
+        self.norm = _index(self.params, hf.model.norm.weight)
+        self.head = Linears((hf.lm_head,), self.params)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What one replay reads, for R rows over L positions (time-major): the tokens fed ``ids_LR``, the rotary tables
+    at their positions ``cos_M1D``/``sin_M1D`` (M = L·R; sin signed as the engine's), the additive attention mask
+    ``mask_R1LL``, per layer the recorded outputs {"qkv", "o", "gu", "down"} as [L, R, F], the prompt width W, the
+    targets of the completion-predicting positions W − 1 … L − 1 (``targets_SR``), and the model's shape."""
+
+    ids_LR: torch.Tensor
+    cos_M1D: torch.Tensor
+    sin_M1D: torch.Tensor
+    mask_R1LL: torch.Tensor
+    records: list[dict[str, torch.Tensor]]
+    width: int
+    targets_SR: torch.Tensor
+    temperature: float
+    entropy: bool
+    eps: float
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scratch: Scratch
+
+
+def _head_forward(inp: Inputs, plan: Plan, P, x_MD: torch.Tensor):
+    """(logp_SR, H_SR or None, and what the head's backward needs) at the completion-predicting positions."""
+    L, R = inp.ids_LR.shape
+    xs = x_MD[(inp.width - 1) * R :]
+    r = xs.pow(2).mean(-1, keepdim=True).add_(inp.eps).rsqrt_()
+    xhat = xs * r
+    h = xhat * P[plan.norm].detach()
+    b = plan.head.bias(P)
+    logits = h @ plan.head.weight(P).t() if b is None else torch.addmm(b, h, plan.head.weight(P).t())
+    if inp.temperature != 1.0:
+        logits.div_(inp.temperature)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    targets = inp.targets_SR.reshape(-1, 1)
+    logp = logp_all.gather(1, targets).view(-1, R)
+    H = -(logp_all.exp() * logp_all).sum(-1).view(-1, R) if inp.entropy else None
+    return logp, H, (xhat, r, h, logp_all, H)
+
+
+def forward(inp: Inputs, plan: Plan, P, *, keep: bool):
+    """(logp_SR, H_SR or zeros, the residual stream's layer inputs when ``keep``, the head's saved tensors)."""
+    L, R = inp.ids_LR.shape
+    x = F.embedding(inp.ids_LR.reshape(-1), P[plan.embed].detach())
+    xs = []
+    for rec in inp.records:
+        if keep:
+            xs.append(x)
+        x = (x + rec["o"].reshape(x.shape)).add_(rec["down"].reshape(x.shape))  # the decode's x.add_(o), x.add_(down)
+    logp, H, head = _head_forward(inp, plan, P, x)
+    return logp, (H if H is not None else torch.zeros_like(logp)), xs, head
+
+
+def _normed(x_MD, w, eps: float, ws: Scratch):
+    """(x̂, r, h) of h = w·(x·r), r = (mean(x²) + ε)^−½, the engine's operations, in scratch buffers."""
+    r = torch.mul(x_MD, x_MD, out=ws.get("h", *x_MD.shape)).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    xhat = torch.mul(x_MD, r, out=ws.get("xhat", *x_MD.shape))
+    return xhat, r, torch.mul(xhat, w, out=ws.get("h", *x_MD.shape))
+
+
+def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | None, ws: Scratch):
+    """Gradients of h = w·(x·r): returns dw (or None); adds dx = r·(ĝ − x̂·mean(ĝ·x̂)), ĝ = w·dh, into ``dx_MD``
+    (if given). Overwrites ``dh_MD``."""
+    dw = torch.mul(dh_MD, xhat_MD, out=ws.get("rms", *dh_MD.shape)).sum(0) if need_w else None
+    if dx_MD is not None:
+        g = dh_MD.mul_(w)
+        c = torch.mul(g, xhat_MD, out=ws.get("rms", *dh_MD.shape)).mean(-1, keepdim=True)
+        dx_MD.addcmul_(g.addcmul_(xhat_MD, c, value=-1.0), r_M1)
+    return dw
+
+
+def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_SR, dH_SR, D: int) -> torch.Tensor:
+    """The gradient reaching the final residual stream x_L [M, D] from the log-probs and entropies."""
+    R = inp.ids_LR.shape[1]
+    xhat, r, h, logp_all, H = head
+    # log-softmax and entropy at temperature T: dz = dlogp·(onehot(y) − p) − dH·p·(log p + H), dlogits = dz/T
+    p = logp_all.exp()
+    dlogp = dlogp_SR.reshape(-1, 1) if dlogp_SR is not None else torch.zeros_like(p[:, :1])
+    dz = p * -dlogp
+    dz.scatter_add_(1, inp.targets_SR.reshape(-1, 1), dlogp)
+    if dH_SR is not None:
+        dz.sub_(p.mul_(logp_all.add(H.reshape(-1, 1))).mul_(dH_SR.reshape(-1, 1)))
+    if inp.temperature != 1.0:
+        dz.div_(inp.temperature)
+    dh = plan.head.backward(dz, h, P, needs, grads, dx=torch.empty(h.shape))
+    dx = torch.zeros(inp.ids_LR.numel(), D)
+    dw = _rms_backward(dh, xhat, r, P[plan.norm].detach(), needs[plan.norm], dx[(inp.width - 1) * R :], inp.scratch)
+    if dw is not None:
+        _acc(grads, plan.norm, dw)
+    return dx
+
+
+def _mlp_backward(lay: Layer, rec, x, dx, P, needs, grads: list, inp: Inputs) -> None:
+    """down, SwiGLU, gate|up and the second RMSNorm; turns ``dx`` (the layer output's gradient) into x′'s."""
+    ws, M, D = inp.scratch, *x.shape
+    g, u = rec["gu"].reshape(M, -1).chunk(2, dim=-1)  # the recorded gate|up
+    I = g.shape[1]
+    silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
+    a = torch.mul(silu, u, out=ws.get("a", M, I))  # the down projection's input
+    da = lay.down.backward(dx, a, P, needs, grads, dx=ws.get("da", M, I))
+    dgu = ws.get("dgu", M, 2 * I)
+    dg, du = dgu.chunk(2, dim=-1)
+    torch.mul(da, silu, out=du)
+    torch.ops.aten.silu_backward.grad_input(torch.mul(da, u, out=a), g, grad_input=dg)  # silu'(g)·da·u
+    x2 = torch.add(x, rec["o"].reshape(M, D), out=ws.get("x2", M, D))
+    xhat, r, h = _normed(x2, P[lay.ln2].detach(), inp.eps, ws)
+    dh = lay.gu.backward(dgu, h, P, needs, grads, dx=ws.get("dh", M, D))
+    dw = _rms_backward(dh, xhat, r, P[lay.ln2].detach(), needs[lay.ln2], dx, ws)
+    if dw is not None:
+        _acc(grads, lay.ln2, dw)
+
+
+def _attention_backward(lay: Layer, rec, x, dx, P, needs, grads: list, inp: Inputs, *, need_dx: bool) -> None:
+    """o, attention (recomputed from the recorded q|k|v, rotated as the decode did, and differentiated by torch's
+    SDPA backward), rotary, q|k|v and the first RMSNorm; turns ``dx`` (x′'s gradient) into the layer input's."""
+    ws, (L, R), M, D = inp.scratch, inp.ids_LR.shape, *x.shape
+    H, K, d = inp.n_heads, inp.n_kv, inp.head_dim
+    nqk = (H + K) * d
+    qkv = rec["qkv"].reshape(M, -1)
+    qk_pre = qkv[:, :nqk].view(M, H + K, d)
+    qk = torch.mul(qk_pre, inp.cos_M1D, out=ws.get("qk", M, H + K, d))
+    qk.add_(qk_pre.roll(d // 2, dims=-1).mul_(inp.sin_M1D)).requires_grad_()
+    v = qkv[:, nqk:].detach().requires_grad_()
+    with torch.enable_grad():
+        q_, k_ = (t.view(L, R, -1, d).permute(1, 2, 0, 3) for t in qk.split([H, K], dim=1))
+        o = F.scaled_dot_product_attention(q_, k_, v.view(L, R, K, d).permute(1, 2, 0, 3), attn_mask=inp.mask_R1LL,
+                                           enable_gqa=K != H)
+    o_att = ws.get("o_att", L, R, H, d)
+    o_att.copy_(o.detach().permute(2, 0, 1, 3))  # the o projection's input
+    do = lay.o.backward(dx, o_att.view(M, H * d), P, needs, grads, dx=ws.get("do", M, H * d))
+    dqk, dv = torch.autograd.grad(o, (qk, v), do.view(L, R, H, d).permute(1, 2, 0, 3))
+    del o
+    qk.requires_grad_(False)
+    dqkv = ws.get("dqkv", M, qkv.shape[1])
+    torch.mul(dqk, inp.cos_M1D, out=dqkv[:, :nqk].view(M, H + K, d)).add_(  # the rotation's transpose
+        dqk.mul_(inp.sin_M1D).roll(d // 2, dims=-1))
+    dqkv[:, nqk:] = dv
+    del dqk, dv
+    xhat, r, h = _normed(x, P[lay.ln1].detach(), inp.eps, ws)
+    dh = lay.qkv.backward(dqkv, h, P, needs, grads, dx=ws.get("dh", M, D) if need_dx or needs[lay.ln1] else None)
+    if dh is not None:
+        dw = _rms_backward(dh, xhat, r, P[lay.ln1].detach(), needs[lay.ln1], dx if need_dx else None, ws)
+        if dw is not None:
+            _acc(grads, lay.ln1, dw)
+
+
+def backward(inp: Inputs, plan: Plan, P, needs, xs: list, head, dlogp_SR, dH_SR) -> list:
+    """The gradient of every parameter in ``P`` (None where ``needs`` says it is not wanted), given the gradients
+    of the log-probs and (or None) of the entropies."""
+    grads = [None] * len(P)
+    dx = _head_backward(inp, plan, P, needs, grads, head, dlogp_SR, dH_SR, head[0].shape[1])
+    for i in reversed(range(len(plan.layers))):
+        _mlp_backward(plan.layers[i], inp.records[i], xs[i], dx, P, needs, grads, inp)
+        _attention_backward(plan.layers[i], inp.records[i], xs[i], dx, P, needs, grads, inp,
+                            need_dx=i > 0 or needs[plan.embed])
+    if needs[plan.embed]:  # as nn.Embedding: the padding row gets no gradient from lookups
+        dE = torch.zeros_like(P[plan.embed]).index_add_(0, inp.ids_LR.reshape(-1), dx)
+        if plan.padding_idx is not None:
+            dE[plan.padding_idx] = 0
+        _acc(grads, plan.embed, dE)
+    return grads
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inp: Inputs, plan: Plan, *params):
+        logp, H, xs, head = forward(inp, plan, params, keep=True)
+        ctx.inp, ctx.plan, ctx.xs, ctx.head = inp, plan, xs, head
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*params)
+        if not inp.entropy:
+            ctx.mark_non_differentiable(H)
+        return logp, H
+
+    @staticmethod
+    def backward(ctx, dlogp, dH):
+        grads = backward(ctx.inp, ctx.plan, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.xs, ctx.head, dlogp,
+                         dH if ctx.inp.entropy else None)
+        return (None, None, *grads)
+
+
+def replay(inp: Inputs, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp_SR, H_SR) at the completion-predicting positions; differentiable in the plan's parameters when grad
+    mode is on and any of them trains (H_SR only with ``inp.entropy``, else zeros)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in plan.params):
+        return _Replay.apply(inp, plan, *plan.params)
+    with torch.no_grad():
+        logp, H, _, _ = forward(inp, plan, plan.params, keep=False)
+    return logp, H
