@@ -167,11 +167,13 @@ class FastEngine:
                 bias = None if bq is None else torch.cat([bq, bk, bv])
                 wo, bo = _weight(a.o_proj)
                 (wg, _), (wu, _), (wd, _) = _weight(mlp.gate_proj), _weight(mlp.up_proj), _weight(mlp.down_proj)
-                self.layers.append((layer.input_layernorm.weight.detach(), torch.cat([wq, wk, wv]).t().contiguous(),
-                                    bias, wo.t().contiguous(), bo, layer.post_attention_layernorm.weight.detach(),
-                                    torch.cat([wg, wu]).t().contiguous(), wd.t().contiguous()))
+                # [in, out] views of the [out, in] weights: MKL multiplies by a transposed operand as fast, and a
+                # transposing copy of every weight at every sampling call is not free
+                self.layers.append((layer.input_layernorm.weight.detach(), torch.cat([wq, wk, wv]).t(),
+                                    bias, wo.detach().t(), bo, layer.post_attention_layernorm.weight.detach(),
+                                    torch.cat([wg, wu]).t(), wd.detach().t()))
             self.norm = core.norm.weight.detach()
-            self.head = _weight(hf.lm_head)[0].t().contiguous()
+            self.head = _weight(hf.lm_head)[0].detach().t()
 
     def _rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, head_dim] as transformers' default rotary embedding computes them."""
@@ -199,9 +201,10 @@ class FastEngine:
         self.k = [torch.zeros(B, self.n_kv, cap, self.head_dim, device=dev) for _ in self.layers]
         self.v = [torch.zeros(B, self.n_kv, cap, self.head_dim, device=dev) for _ in self.layers]
         real = attn_BW.bool()
-        self.key_mask = torch.zeros(B, 1, 1, cap, device=dev)  # additive: -inf at left padding
-        self.key_mask[:, 0, 0, :W].masked_fill_(~real, float("-inf"))
-        mask = causal_mask(real)
+        # additive, -inf at left padding; one row per key/value head, the layout _attend's batched product adds
+        self.key_mask = torch.zeros(B, self.n_kv, 1, cap, device=dev)
+        self.key_mask[..., :W].masked_fill_(~real[:, None, None], float("-inf"))
+        mask = causal_mask(real) if W > 1 else self.key_mask[..., :1]  # width 1: the one-query path's layout
         self.length = 0
         if self.recording:
             self._start_record(B, cap, dev)
@@ -273,9 +276,9 @@ class FastEngine:
             o = F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, attn_mask=mask, enable_gqa=self.n_kv != H)
             return o.transpose(1, 2)
         K, L = self.n_kv, k_BKLD.shape[2]
-        q = q_BHSD.reshape(B, K, H // K, D)  # query heads h = k·(H/K) + j share key/value head k
-        scores = torch.matmul(q, k_BKLD.transpose(2, 3)).mul_(D**-0.5).add_(mask.view(B, 1, 1, L))
-        return torch.matmul(torch.softmax(scores, dim=-1), v_BKLD).view(B, 1, H, D)
+        q = q_BHSD.reshape(B * K, H // K, D)  # query heads h = k·(H/K) + j share key/value head k
+        scores = torch.baddbmm(mask.view(B * K, 1, L), q, k_BKLD.reshape(B * K, L, D).transpose(1, 2), alpha=D**-0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), v_BKLD.reshape(B * K, L, D)).view(B, 1, H, D)
 
 
 def engine_for(model, kind: str = "auto"):
