@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, Qwen2Config
 
 from forkrl.sampling import HFSampler, SamplingParams
-from forkrl.sampling.trace import trace_bytes
+from forkrl.sampling.trace import _fingerprint, trace_bytes
 from forkrl.trainers.common import completion_logprobs
 
 from test_engine import build
@@ -113,7 +113,7 @@ def test_the_comparison_can_fail():
     rollouts, trace = sample(model)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(1.05)
-    trace.stamp = [float(p.detach().double().sum()) for p in trace.params]
+    trace.stamp = _fingerprint(trace.params)
     d_logp, _, _ = compare(model, rollouts, trace, torch.arange(rollouts.num_rows))
     assert d_logp > 1e-4
 

@@ -48,6 +48,7 @@ class _RowSampler:
         self.temperature = params.temperature if not params.greedy else 1.0
         self.seeds_B = torch.tensor(seeds, dtype=torch.int64)
         self.step = 0
+        self.u_BS: torch.Tensor | None = None  # every draw's uniform, made on the first draw (one call, not one a step)
         self.prev_logp_BV: torch.Tensor | None = None
         self.logp: list[torch.Tensor] = []
 
@@ -60,13 +61,16 @@ class _RowSampler:
             self.gather_last(prev_token_B)
         if self.entropy:
             self.H.append(entropy_from_logits(scores.float()).cpu())
-        logits = scores.float() / self.temperature
+        logits = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature  # x / 1 is x
         self.prev_logp_BV = torch.log_softmax(logits, dim=-1)
         if self.params.greedy:
             return scores.argmax(-1)
         probs = _truncate(self.prev_logp_BV.exp(), self.params.top_k, self.params.top_p).double()
         self.step += 1
-        u_B = _uniform(self.seeds_B, self.step).to(probs.device)
+        if self.u_BS is None:
+            steps = torch.arange(1, self.params.max_new_tokens + 1)
+            self.u_BS = _uniform(self.seeds_B[:, None], steps[None]).to(probs.device)
+        u_B = self.u_BS[:, self.step - 1] if self.step <= self.u_BS.shape[1] else _uniform(self.seeds_B, self.step)
         cdf = probs.cumsum(1)
         token = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
         return token.squeeze(1)
@@ -85,10 +89,11 @@ def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def _uniform(seeds_B: torch.Tensor, step: int) -> torch.Tensor:
+def _uniform(seeds_B: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """A uniform [0, 1) float64 per row from (seed, step): SplitMix64 (Steele et al. 2014) on int64 tensors,
-    whose multiplications wrap mod 2^64. Counter-based, so one vectorised call serves every row."""
-    x = seeds_B + _signed(step * _GOLDEN % (1 << 64))
+    whose multiplications wrap mod 2^64. Counter-based, so one vectorised call serves every row (and, with a tensor
+    of steps broadcast against the seeds, every step)."""
+    x = seeds_B + (step * _signed(_GOLDEN) if torch.is_tensor(step) else _signed(step * _GOLDEN % (1 << 64)))
     x = (x ^ _srl(x, 30)) * _MIX1
     x = (x ^ _srl(x, 27)) * _MIX2
     x = x ^ _srl(x, 31)
@@ -212,7 +217,7 @@ def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: Sa
             sub = sub.to(device) & ~finished
             token = torch.where(sub, alt.to(device), token)
             subs_B += sub.cpu().long()
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        token = token.masked_fill(finished, pad_id)
         new.append(token)
         finished |= token == eos_id
         if step == params.max_new_tokens - 1 or bool(finished.all()):

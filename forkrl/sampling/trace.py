@@ -54,7 +54,7 @@ def replay_unsupported(model) -> str | None:
 def _fingerprint(params: list[torch.Tensor]) -> list[float]:
     """Each parameter's float64 sum: it changes when an optimizer step does (fused AdamW bumps no ``_version``)."""
     with torch.no_grad():
-        return [float(p.detach().double().sum()) for p in params]
+        return [float(torch.sum(p.detach(), dtype=torch.float64)) for p in params]  # no float64 copy
 
 
 class DecodeTrace:
