@@ -185,3 +185,44 @@ def test_the_record_memory_is_reused_only_when_no_trace_reads_it():
     assert storage(fourth[1]) == kept
     for d in compare(model, fourth[0], fourth[1], torch.arange(fourth[0].num_rows)):
         assert d < 1e-4
+
+
+def test_attention_by_hand_equals_sdpa_and_its_backward():
+    """replay._attention_forward/_backward against torch's SDPA under autograd: grouped-query heads, a causal mask
+    with left padding (a padding query sees itself only), float64 so the comparison is tight."""
+    from forkrl.sampling.engine import causal_mask
+    from forkrl.sampling.replay import Scratch, _attention_backward, _attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    R, K, G, L, d = 3, 2, 3, 7, 8
+    q, k, v, do = (torch.randn(*s, generator=g, dtype=torch.float64)
+                   for s in ((R, K, G, L, d), (R, K, L, d), (R, K, L, d), (R, K, G, L, d)))
+    real = torch.ones(R, L, dtype=torch.bool)
+    real[0, :3] = real[2, :1] = False  # left padding
+    mask = causal_mask(real).double()
+    ws = Scratch(torch.float64)
+    p, o = _attention_forward(q, k, v, mask, ws)
+    ours_o = o.clone()
+    dq, dk, dv = _attention_backward(q, k, v, p, o, do, ws)
+    qh, kh, vh = (t.clone().requires_grad_() for t in (q.view(R, K * G, L, d), k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, (qh, kh, vh), do.view(R, K * G, L, d))
+    for ours, theirs in ((ours_o, ref), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(ours.reshape(theirs.shape), theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_replayed_update_with_some_weights_of_a_fused_group_frozen():
+    """q_proj and up_proj frozen, k/v and gate training: each weight of the q|k|v and gate|up groups gets its own
+    product (the fused one applies only when all train); the frozen ones get no gradient at all."""
+    model = MODELS["llama gqa biases untied"]()
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.requires_grad_(False)
+        layer.mlp.up_proj.weight.requires_grad_(False)
+    rollouts, trace = sample(model)
+    for d in compare(model, rollouts, trace, torch.arange(rollouts.num_rows)):
+        assert d < 1e-4
+    batch = rollouts.select(torch.arange(rollouts.num_rows))
+    logp, _, mask = trace.completion_logprobs(batch, torch.arange(rollouts.num_rows))
+    (logp * mask).sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is None
+    assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
