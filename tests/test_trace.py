@@ -153,7 +153,8 @@ def test_recording_leaves_the_samples_unchanged():
 def test_trace_bytes_counts_the_buffers():
     model = MODELS["qwen2 gqa tied"]()
     _, trace = sample(model)
-    held = sum(t.numel() * t.element_size() for layer in trace.chunks[0].record["layers"] for t in layer.values())
+    record = trace.chunks[0].record
+    held = sum(t.numel() * t.element_size() for part in (*record["layers"], record["final"]) for t in part.values())
     assert held == trace_bytes(model, 12, 6 + 7)
 
 
@@ -188,10 +189,10 @@ def test_the_record_memory_is_reused_only_when_no_trace_reads_it():
 
 
 def test_attention_by_hand_equals_sdpa_and_its_backward():
-    """replay._attention_forward/_backward against torch's SDPA under autograd: grouped-query heads, a causal mask
-    with left padding (a padding query sees itself only), float64 so the comparison is tight."""
+    """replay._attention_probs/_attention_backward against torch's SDPA under autograd: grouped-query heads, a causal
+    mask with left padding (a padding query sees itself only), float64 so the comparison is tight."""
     from forkrl.sampling.engine import causal_mask
-    from forkrl.sampling.replay import Scratch, _attention_backward, _attention_forward
+    from forkrl.sampling.replay import Scratch, _attention_backward, _attention_probs
 
     g = torch.Generator().manual_seed(0)
     R, K, G, L, d = 3, 2, 3, 7, 8
@@ -201,14 +202,15 @@ def test_attention_by_hand_equals_sdpa_and_its_backward():
     real[0, :3] = real[2, :1] = False  # left padding
     mask = causal_mask(real).double()
     ws = Scratch(torch.float64)
-    p, o = _attention_forward(q, k, v, mask, ws)
-    ours_o = o.clone()
-    dq, dk, dv = _attention_backward(q, k, v, p, o, do, ws)
+    p = _attention_probs(q, k, mask, ws)
+    o = torch.bmm(p, v.view(R * K, L, d)).view(R, K, G, L, d)
+    rowsum = (do * o).sum(-1).view(R * K, G * L, 1)
+    dq, dk, dv = _attention_backward(q, k, v, p, rowsum, do, ws)
     qh, kh, vh = (t.clone().requires_grad_() for t in (q.view(R, K * G, L, d), k, v))
     ref = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
     ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, (qh, kh, vh), do.view(R, K * G, L, d))
-    for ours, theirs in ((ours_o, ref), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
-        torch.testing.assert_close(ours.reshape(theirs.shape), theirs, rtol=1e-10, atol=1e-12)
+    for ours, theirs in ((o, ref), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(ours.reshape(theirs.shape), theirs.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_replayed_update_with_some_weights_of_a_fused_group_frozen():

@@ -106,11 +106,6 @@ def _weight(linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, base.bias
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm, w·(x·rsqrt(mean(x²) + eps)), the same operations with fewer temporaries."""
-    return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(w)
-
-
 class RecordArena:
     """Memory for ``FastEngine`` records, reused from one sampling call to the next. Why: a record is the step's
     largest allocation (1.8 GB for the 30M-parameter benchmark model's 64 rows × 134 positions), and fresh memory
@@ -141,10 +136,21 @@ class RecordArena:
         self.holders.append(weakref.ref(trace))
 
 
+def record_widths(cfg) -> tuple[dict[str, int], dict[str, int]]:
+    """Features per position and row of a ``FastEngine`` record: per layer, the first norm's x̂ = x·r and r, q′|k′|v
+    (bias included, queries and keys rotated), the attention's output, the second norm's x̂ and r, and gate|up; and
+    once, the final norm's x̂ and r (the LM head's input)."""
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    D, H, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    return ({"x1": D, "r1": 1, "qkv": (H + 2 * K) * d, "att": H * d, "x2": D, "r2": 1,
+             "gu": 2 * cfg.intermediate_size}, {"xf": D, "rf": 1})
+
+
 class FastEngine:
-    """``record``: also keep every layer's matmul outputs of the prefill and each step (``self.record``, time-major
-    ``[position, row, features]``), so the update can replay this forward instead of running it again
-    (``sampling/trace.py``); ``arena``: where the record's memory comes from (a ``RecordArena``; fresh if None)."""
+    """``record``: also keep, for the prefill and each step, what the update's backward needs (``record_widths``;
+    ``self.record``, time-major ``[position, row, features]``), so the update replays this forward instead of running
+    it again (``sampling/trace.py``); ``arena``: where the record's memory comes from (a ``RecordArena``; fresh if
+    None). A one-token step writes each of them straight into the record (``out=``), a prefill by a copy."""
 
     def __init__(self, model, *, record: bool = False, arena: RecordArena | None = None):
         self.recording, self.arena = record, arena
@@ -216,61 +222,78 @@ class FastEngine:
         return self._forward(token_B[:, None], pos_B[:, None], self.key_mask[..., : self.length + 1])
 
     def _start_record(self, B: int, cap: int, dev) -> None:
-        """Per layer, time-major buffers of the four matmul outputs: qkv (bias included), the attention's
-        output projection, gate|up and down; plus the tokens fed and their positions."""
-        d = self.head_dim
-        widths = {"qkv": (self.n_heads + 2 * self.n_kv) * d, "o": self.cfg.hidden_size,
-                  "gu": 2 * self.cfg.intermediate_size, "down": self.cfg.hidden_size}
+        per_layer, final = record_widths(self.cfg)
         arena = self.arena or RecordArena()
-        self.record = {"layers": [{k: arena.take(cap, B, w, device=dev) for k, w in widths.items()}
+        self.record = {"layers": [{k: arena.take(cap, B, w, device=dev) for k, w in per_layer.items()}
                                   for _ in self.layers],
+                       "final": {k: arena.take(cap, B, w, device=dev) for k, w in final.items()},
                        "ids": torch.empty(cap, B, dtype=torch.long, device=dev),
                        "pos": torch.empty(cap, B, dtype=torch.long, device=dev)}
 
-    def _mm(self, i: int, key: str, B: int, S: int, a: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
-        """a·w (+ bias), kept in layer ``i``'s record under ``key`` when recording: a one-token step's straight
-        into the record (the time-major row of this position), a prefill's by a transposing copy."""
-        rec = self.record["layers"][i][key] if self.recording else None
-        out = rec[self.length] if rec is not None and S == 1 else None
-        if bias is None:
-            y = torch.mm(a, w, out=out)
-        else:
-            y = torch.addmm(bias, a, w, out=out)
+    def _slot(self, rec: dict | None, key: str, S: int) -> torch.Tensor | None:
+        """This position's rows of ``rec[key]`` where a one-token step writes straight into the record, else None."""
+        return rec[key][self.length] if rec is not None and S == 1 else None
+
+    def _keep(self, rec: dict | None, key: str, y: torch.Tensor, B: int, S: int) -> None:
+        """A prefill's ``y`` (rows-major, [B·S, …] or [B, S, …]) into ``rec[key]``, time-major."""
         if rec is not None and S > 1:
-            rec[self.length : self.length + S].copy_(y.view(B, S, -1).transpose(0, 1))
-        return y
+            rec[key][self.length : self.length + S].copy_(y.reshape(B, S, -1).transpose(0, 1))
+
+    def _norm(self, x_BSD, w, rec: dict | None, kx: str, kr: str, at: int | None = None) -> torch.Tensor:
+        """transformers' RMSNorm w·(x·r), r = (mean(x²) + ε)^−½, the same operations; ``rec`` keeps x̂ = x·r and r
+        (at position ``at`` for a [B, D] ``x``, else at this call's positions)."""
+        if x_BSD.dim() == 2:
+            out_r, out_x = (rec[kr][at], rec[kx][at]) if rec is not None else (None, None)
+        else:
+            B, S, D = x_BSD.shape
+            out_r, out_x = self._slot(rec, kr, S), self._slot(rec, kx, S)
+            out_r, out_x = (None, None) if out_r is None else (out_r.view(B, 1, 1), out_x.view(B, 1, D))
+        r = torch.mean(x_BSD.pow(2), -1, keepdim=True, out=out_r).add_(self.eps).rsqrt_()
+        xhat = torch.mul(x_BSD, r, out=out_x)
+        if x_BSD.dim() == 3:
+            self._keep(rec, kx, xhat, B, S)
+            self._keep(rec, kr, r, B, S)
+        return xhat * w
+
+    @staticmethod
+    def _mm(a: torch.Tensor, w: torch.Tensor, bias=None, out=None) -> torch.Tensor:
+        return torch.mm(a, w, out=out) if bias is None else torch.addmm(bias, a, w, out=out)
 
     def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, mask) -> torch.Tensor:
         B, S = ids_BS.shape
         H, K, d = self.n_heads, self.n_kv, self.head_dim
         nq, nk = H * d, K * d
         at, end = self.length, self.length + S
-        cos, sin = self.cos[pos_BS][:, None], self.sin[pos_BS][:, None]  # sin: signed, see _signed_sin
+        cos, sin = self.cos[pos_BS][:, :, None], self.sin[pos_BS][:, :, None]  # sin: signed, see _signed_sin
         if self.recording:
             self.record["ids"][at:end].copy_(ids_BS.t())
             self.record["pos"][at:end].copy_(pos_BS.t())
         x = F.embedding(ids_BS, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            h = _rms(x, ln1, self.eps).view(B * S, -1)
-            qkv = self._mm(i, "qkv", B, S, h, w_qkv, b_qkv)
-            qk = qkv[:, : nq + nk].view(B, S, H + K, d).transpose(1, 2)  # queries and keys rotated together
-            qk = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))
-            self.k[i][:, :, at:end] = qk[:, H:]
+            rec = self.record["layers"][i] if self.recording else None
+            qkv = self._mm(self._norm(x, ln1, rec, "x1", "r1").view(B * S, -1), w_qkv, b_qkv, self._slot(rec, "qkv", S))
+            qk = qkv[:, : nq + nk].view(B, S, H + K, d)
+            rolled = qk.roll(d // 2, dims=-1).mul_(sin)
+            qk.mul_(cos).add_(rolled)  # queries and keys rotated together, in place: a record keeps q′|k′|v
+            self._keep(rec, "qkv", qkv, B, S)
+            self.k[i][:, :, at:end] = qk[:, :, H:].transpose(1, 2)
             self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
-            o = self._attend(qk[:, :H], self.k[i][:, :, :end], self.v[i][:, :, :end], mask).reshape(B * S, nq)
-            proj = self._mm(i, "o", B, S, o, w_o, b_o)
-            x.add_(proj.view(B, S, -1))  # x: this call's own
-            gu = self._mm(i, "gu", B, S, _rms(x, ln2, self.eps).view(B * S, -1), w_gu)
+            o = self._attend(qk[:, :, :H].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], mask,
+                             out=self._slot(rec, "att", S)).reshape(B * S, nq)
+            self._keep(rec, "att", o, B, S)
+            x.add_(self._mm(o, w_o, b_o).view(B, S, -1))  # x: this call's own
+            gu = self._mm(self._norm(x, ln2, rec, "x2", "r2").view(B * S, -1), w_gu, out=self._slot(rec, "gu", S))
+            self._keep(rec, "gu", gu, B, S)
             half = gu.shape[1] // 2
-            down = self._mm(i, "down", B, S, F.silu(gu[:, :half]).mul_(gu[:, half:]), w_down)
-            x.add_(down.view(B, S, -1))
+            x.add_(self._mm(F.silu(gu[:, :half]).mul_(gu[:, half:]), w_down).view(B, S, -1))
         self.length = end
-        return _rms(x[:, -1], self.norm, self.eps) @ self.head
+        return self._norm(x[:, -1], self.norm, self.record["final"] if self.recording else None, "xf", "rf",
+                          at=end - 1) @ self.head
 
-    def _attend(self, q_BHSD, k_BKLD, v_BKLD, mask) -> torch.Tensor:
+    def _attend(self, q_BHSD, k_BKLD, v_BKLD, mask, out: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(q·kᵀ/√d + mask)·v with grouped-query heads, as [B, S, H, D]; ``mask`` is additive (0 or
-        −inf). One query (a decode step) goes through two batched matmuls: at this size the fused CPU kernel
-        costs more in setup than in work."""
+        −inf). One query (a decode step) goes through two batched matmuls, the second into ``out`` if given: at
+        this size the fused CPU kernel costs more in setup than in work."""
         B, H, S, D = q_BHSD.shape
         if S > 1:
             o = F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, attn_mask=mask, enable_gqa=self.n_kv != H)
@@ -278,7 +301,9 @@ class FastEngine:
         K, L = self.n_kv, k_BKLD.shape[2]
         q = q_BHSD.reshape(B * K, H // K, D)  # query heads h = k·(H/K) + j share key/value head k
         scores = torch.baddbmm(mask.view(B * K, 1, L), q, k_BKLD.reshape(B * K, L, D).transpose(1, 2), alpha=D**-0.5)
-        return torch.bmm(torch.softmax(scores, dim=-1), v_BKLD.reshape(B * K, L, D)).view(B, 1, H, D)
+        o = torch.bmm(torch.softmax(scores, dim=-1), v_BKLD.reshape(B * K, L, D),
+                      out=None if out is None else out.view(B * K, H // K, D))
+        return o.view(B, 1, H, D)
 
 
 def engine_for(model, kind: str = "auto"):

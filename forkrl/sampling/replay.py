@@ -161,14 +161,16 @@ class Plan:
 class Inputs:
     """What one replay reads, for R rows over L positions (time-major): the tokens fed ``ids_LR``, the rotary tables
     at their positions ``cos_M1D``/``sin_M1D`` (M = L·R; sin signed as the engine's), the additive attention mask
-    ``mask_R1LL``, per layer the recorded outputs {"qkv", "o", "gu", "down"} as [L, R, F], the prompt width W, the
-    targets of the completion-predicting positions W − 1 … L − 1 (``targets_SR``), and the model's shape."""
+    ``mask_R1LL``, the decode's record as [L, R, F] (per layer ``records``, and ``final``: ``engine.record_widths``),
+    the prompt width W, the targets of the completion-predicting positions W − 1 … L − 1 (``targets_SR``), and the
+    model's shape."""
 
     ids_LR: torch.Tensor
     cos_M1D: torch.Tensor
     sin_M1D: torch.Tensor
     mask_R1LL: torch.Tensor
     records: list[dict[str, torch.Tensor]]
+    final: dict[str, torch.Tensor]
     width: int
     targets_SR: torch.Tensor
     temperature: float
@@ -180,47 +182,28 @@ class Inputs:
     scratch: Scratch
 
 
-def _head_forward(inp: Inputs, plan: Plan, P, x_MD: torch.Tensor):
-    """(logp_SR, H_SR or None, and what the head's backward needs) at the completion-predicting positions."""
-    L, R = inp.ids_LR.shape
-    xs = x_MD[(inp.width - 1) * R :]
-    r = xs.pow(2).mean(-1, keepdim=True).add_(inp.eps).rsqrt_()
-    xhat = xs * r
+def _rows(t_LRF: torch.Tensor) -> torch.Tensor:
+    return t_LRF.reshape(-1, t_LRF.shape[-1])
+
+
+def forward(inp: Inputs, plan: Plan, P):
+    """(logp_SR, H_SR or zeros, what the head's backward needs): the LM head on the recorded final norm."""
+    R, W = inp.ids_LR.shape[1], inp.width
+    xhat, r = _rows(inp.final["xf"][W - 1 :]), _rows(inp.final["rf"][W - 1 :])
     h = xhat * P[plan.norm].detach()
     b = plan.head.bias(P)
     logits = h @ plan.head.weight(P).t() if b is None else torch.addmm(b, h, plan.head.weight(P).t())
     if inp.temperature != 1.0:
         logits.div_(inp.temperature)
     logp_all = torch.log_softmax(logits, dim=-1)
-    targets = inp.targets_SR.reshape(-1, 1)
-    logp = logp_all.gather(1, targets).view(-1, R)
-    H = -(logp_all.exp() * logp_all).sum(-1).view(-1, R) if inp.entropy else None
+    logp = logp_all.gather(1, inp.targets_SR.reshape(-1, 1)).view(-1, R)
+    H = -(logp_all.exp() * logp_all).sum(-1).view(-1, R) if inp.entropy else torch.zeros_like(logp)
     return logp, H, (xhat, r, h, logp_all, H)
 
 
-def forward(inp: Inputs, plan: Plan, P, *, keep: bool):
-    """(logp_SR, H_SR or zeros, the residual stream's layer inputs when ``keep``, the head's saved tensors)."""
-    L, R = inp.ids_LR.shape
-    x = F.embedding(inp.ids_LR.reshape(-1), P[plan.embed].detach())
-    xs = []
-    for rec in inp.records:
-        if keep:
-            xs.append(x)
-        x = (x + rec["o"].reshape(x.shape)).add_(rec["down"].reshape(x.shape))  # the decode's x.add_(o), x.add_(down)
-    logp, H, head = _head_forward(inp, plan, P, x)
-    return logp, (H if H is not None else torch.zeros_like(logp)), xs, head
-
-
-def _normed(x_MD, w, eps: float, ws: Scratch):
-    """(x̂, r, h) of h = w·(x·r), r = (mean(x²) + ε)^−½, the engine's operations, in scratch buffers."""
-    r = torch.mul(x_MD, x_MD, out=ws.get("h", *x_MD.shape)).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    xhat = torch.mul(x_MD, r, out=ws.get("xhat", *x_MD.shape))
-    return xhat, r, torch.mul(xhat, w, out=ws.get("h", *x_MD.shape))
-
-
 def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | None, ws: Scratch):
-    """Gradients of h = w·(x·r): returns dw (or None); adds dx = r·(ĝ − x̂·mean(ĝ·x̂)), ĝ = w·dh, into ``dx_MD``
-    (if given). Overwrites ``dh_MD``."""
+    """Gradients of h = w·(x·r), r = (mean(x²) + ε)^−½: returns dw (or None); adds dx = r·(ĝ − x̂·mean(ĝ·x̂)),
+    ĝ = w·dh, into ``dx_MD`` (if given). Overwrites ``dh_MD``."""
     dw = torch.mul(dh_MD, xhat_MD, out=ws.get("rms", *dh_MD.shape)).sum(0) if need_w else None
     if dx_MD is not None:
         g = dh_MD.mul_(w)
@@ -229,7 +212,7 @@ def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | N
     return dw
 
 
-def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_SR, dH_SR, D: int) -> torch.Tensor:
+def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_SR, dH_SR) -> torch.Tensor:
     """The gradient reaching the final residual stream x_L [M, D] from the log-probs and entropies."""
     R = inp.ids_LR.shape[1]
     xhat, r, h, logp_all, H = head
@@ -243,17 +226,17 @@ def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_S
     if inp.temperature != 1.0:
         dz.div_(inp.temperature)
     dh = plan.head.backward(dz, h, P, needs, grads, dx=torch.empty(h.shape))
-    dx = torch.zeros(inp.ids_LR.numel(), D)
+    dx = torch.zeros(inp.ids_LR.numel(), h.shape[1])
     dw = _rms_backward(dh, xhat, r, P[plan.norm].detach(), needs[plan.norm], dx[(inp.width - 1) * R :], inp.scratch)
     if dw is not None:
         _acc(grads, plan.norm, dw)
     return dx
 
 
-def _mlp_backward(lay: Layer, rec, x, dx, P, needs, grads: list, inp: Inputs) -> None:
+def _mlp_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs) -> None:
     """down, SwiGLU, gate|up and the second RMSNorm; turns ``dx`` (the layer output's gradient) into x′'s."""
-    ws, M, D = inp.scratch, *x.shape
-    g, u = rec["gu"].reshape(M, -1).chunk(2, dim=-1)  # the recorded gate|up
+    ws, (M, D) = inp.scratch, dx.shape
+    g, u = _rows(rec["gu"]).chunk(2, dim=-1)  # the recorded gate|up
     I = g.shape[1]
     silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
     a = torch.mul(silu, u, out=ws.get("a", M, I))  # the down projection's input
@@ -262,42 +245,39 @@ def _mlp_backward(lay: Layer, rec, x, dx, P, needs, grads: list, inp: Inputs) ->
     dg, du = dgu.chunk(2, dim=-1)
     torch.mul(da, silu, out=du)
     torch.ops.aten.silu_backward.grad_input(torch.mul(da, u, out=a), g, grad_input=dg)  # silu'(g)·da·u
-    x2 = torch.add(x, rec["o"].reshape(M, D), out=ws.get("x2", M, D))
-    xhat, r, h = _normed(x2, P[lay.ln2].detach(), inp.eps, ws)
-    dh = lay.gu.backward(dgu, h, P, needs, grads, dx=ws.get("dh", M, D))
-    dw = _rms_backward(dh, xhat, r, P[lay.ln2].detach(), needs[lay.ln2], dx, ws)
+    w, xhat = P[lay.ln2].detach(), _rows(rec["x2"])
+    dh = lay.gu.backward(dgu, torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads, dx=ws.get("dh", M, D))
+    dw = _rms_backward(dh, xhat, _rows(rec["r2"]), w, needs[lay.ln2], dx, ws)
     if dw is not None:
         _acc(grads, lay.ln2, dw)
 
 
-def _rotate(x, cos, sin, out, *, back: bool = False) -> None:
-    """out = x·cos + roll(x, d/2)·sin (sin signed as the engine's ``_signed_sin``), or with ``back`` the rotation's
-    transpose out = x·cos + roll(x·sin, d/2); by halves, so no rolled copy is made. ``out`` may be any layout."""
-    h = x.shape[-1] // 2
-    lo, hi = (slice(None, h), slice(h, None))
-    torch.mul(x[..., lo], cos[..., lo], out=out[..., lo]).addcmul_(x[..., hi], sin[..., hi if back else lo])
-    torch.mul(x[..., hi], cos[..., hi], out=out[..., hi]).addcmul_(x[..., lo], sin[..., lo if back else hi])
+def _rotate_back(dy, cos, sin, out) -> None:
+    """The transpose of the engine's rotation y = x·cos + roll(x, d/2)·sin (sin signed, ``engine._signed_sin``):
+    out = dy·cos + roll(dy·sin, d/2), by halves, so no rolled copy is made. ``out`` may be any layout."""
+    h = dy.shape[-1] // 2
+    torch.mul(dy[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(dy[..., h:], sin[..., h:])
+    torch.mul(dy[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(dy[..., :h], sin[..., :h])
 
 
-def _attention_forward(q, k, v, mask_R1LL, ws: Scratch):
-    """Causal grouped-query attention softmax(q·kᵀ/√d + mask)·v in the layout batched products want: q [R, K, G, L, d]
-    (query head h = k·G + g uses key/value head k), k, v [R, K, L, d]. Returns (p [R·K, G·L, L], o [R, K, G, L, d]).
-    Batched products, not torch's fused CPU kernel: 6.2 against 11.2 ms per layer for SDPA and its backward on the
-    benchmark model's shapes (R = 64, L = 70), and no layout copies around it."""
+def _attention_probs(q, k, mask_R1LL, ws: Scratch) -> torch.Tensor:
+    """p = softmax(q·kᵀ/√d + mask) [R·K, G·L, L] of causal grouped-query attention, in the layout batched products
+    want: q [R, K, G, L, d] (query head h = k·G + g uses key/value head k), k [R, K, L, d]. Batched products, not
+    torch's fused CPU kernel: 6.2 against 11.2 ms per layer for SDPA and its backward on the benchmark model's
+    shapes (R = 64, L = 70), and no layout copies around it."""
     R, K, G, L, d = q.shape
     p = torch.bmm(q.view(R * K, G * L, d), k.view(R * K, L, d).transpose(1, 2), out=ws.get("p", R * K, G * L, L))
     p.mul_(d**-0.5).view(R, K, G, L, L).add_(mask_R1LL.view(R, 1, 1, L, L))
-    p.copy_(torch.softmax(p, dim=-1))
-    return p, torch.bmm(p, v.view(R * K, L, d), out=ws.get("o", R * K, G * L, d)).view(R, K, G, L, d)
+    return p.copy_(torch.softmax(p, dim=-1))
 
 
-def _attention_backward(q, k, v, p, o, do, ws: Scratch):
-    """(dq, dk, dv) of ``_attention_forward`` given do in o's layout; ds = p·(dp − rowsum(do·o)) is the softmax's
-    backward. Overwrites o."""
+def _attention_backward(q, k, v, p, rowsum, do, ws: Scratch):
+    """(dq, dk, dv) of o = p·v given do (o's layout [R, K, G, L, d]) and rowsum(do·o) [R·K, G·L, 1]:
+    dv = pᵀ·do, ds = p·(do·vᵀ − rowsum(do·o)) (the softmax's backward), dq = ds·k/√d, dk = dsᵀ·q/√d."""
     R, K, G, L, d = q.shape
-    do, o = do.view(R * K, G * L, d), o.view(R * K, G * L, d)
+    do = do.view(R * K, G * L, d)
     ds = torch.bmm(do, v.view(R * K, L, d).transpose(1, 2), out=ws.get("ds", R * K, G * L, L))
-    ds.sub_(o.mul_(do).sum(-1, keepdim=True)).mul_(p)
+    ds.sub_(rowsum).mul_(p)
     dq = torch.bmm(ds, k.view(R * K, L, d), out=ws.get("dq", R * K, G * L, d)).mul_(d**-0.5)
     dk = torch.bmm(ds.transpose(1, 2), q.view(R * K, G * L, d), out=ws.get("dk", R * K, L, d)).mul_(d**-0.5)
     dv = torch.bmm(p.transpose(1, 2), do, out=ws.get("dv", R * K, L, d))
@@ -312,47 +292,46 @@ def _time_major(t: torch.Tensor) -> torch.Tensor:
     return t.permute(3, 0, 1, 2, 4).view(L, R, K * G, d)
 
 
-def _attention_block_backward(lay: Layer, rec, x, dx, P, needs, grads: list, inp: Inputs, *, need_dx: bool) -> None:
-    """o, attention (recomputed from the recorded q|k|v, rotated as the decode did), rotary, q|k|v and the first
-    RMSNorm; turns ``dx`` (x′'s gradient) into the layer input's."""
-    ws, (L, R), (M, D) = inp.scratch, inp.ids_LR.shape, x.shape
+def _attention_block_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs, *, need_dx: bool) -> None:
+    """o, attention (its probabilities recomputed from the recorded q′|k′), rotary, q|k|v and the first RMSNorm;
+    turns ``dx`` (x′'s gradient) into the layer input's."""
+    ws, (L, R), (M, D) = inp.scratch, inp.ids_LR.shape, dx.shape
     H, K, d = inp.n_heads, inp.n_kv, inp.head_dim
     G = H // K
-    cos, sin = inp.cos_M1D.view(L, R, 1, d), inp.sin_M1D.view(L, R, 1, d)
     q, k, v = ws.get("q", R, K, G, L, d), ws.get("k", R, K, L, d), ws.get("v", R, K, L, d)
-    q_rec, k_rec, v_rec = rec["qkv"].split([H * d, K * d, K * d], dim=-1)
-    _rotate(q_rec.view(L, R, H, d), cos, sin, _time_major(q))
-    _rotate(k_rec.view(L, R, K, d), cos, sin, _time_major(k))
-    _time_major(v).copy_(v_rec.view(L, R, K, d))
-    p, o = _attention_forward(q, k, v, inp.mask_R1LL, ws)
-    o_att = ws.get("o_att", L, R, H, d)  # the o projection's input, time-major
-    o_att.copy_(_time_major(o))
-    do_rows = lay.o.backward(dx, o_att.view(M, H * d), P, needs, grads, dx=ws.get("do_rows", M, H * d))
+    for buf, part in zip((q, k, v), rec["qkv"].split([H * d, K * d, K * d], dim=-1)):
+        _time_major(buf).copy_(part.view(L, R, -1, d))  # into the batched products' layout
+    p = _attention_probs(q, k, inp.mask_R1LL, ws)
+    att = _rows(rec["att"])  # the attention's output, the o projection's input
+    do_rows = lay.o.backward(dx, att, P, needs, grads, dx=ws.get("do_rows", M, H * d))
     do = ws.get("do", R, K, G, L, d)
     _time_major(do).copy_(do_rows.view(L, R, H, d))
-    dq, dk, dv = (_time_major(t) for t in _attention_backward(q, k, v, p, o, do, ws))
+    rowsum = torch.mul(do_rows, att, out=ws.get("do_o", M, H * d)).view(L, R, H, d).sum(-1)  # [L, R, H]
+    rowsum = rowsum.permute(1, 2, 0).reshape(R * K, G * L, 1)
+    dq, dk, dv = (_time_major(t) for t in _attention_backward(q, k, v, p, rowsum, do, ws))
+    cos, sin = inp.cos_M1D.view(L, R, 1, d), inp.sin_M1D.view(L, R, 1, d)
     dqkv = ws.get("dqkv", L, R, (H + 2 * K) * d)
     dq_t, dk_t, dv_t = dqkv.split([H * d, K * d, K * d], dim=-1)
-    _rotate(dq, cos, sin, dq_t.view(L, R, H, d), back=True)
-    _rotate(dk, cos, sin, dk_t.view(L, R, K, d), back=True)
+    _rotate_back(dq, cos, sin, dq_t.view(L, R, H, d))
+    _rotate_back(dk, cos, sin, dk_t.view(L, R, K, d))
     dv_t.view(L, R, K, d).copy_(dv)
-    xhat, r, h = _normed(x, P[lay.ln1].detach(), inp.eps, ws)
-    dh = lay.qkv.backward(dqkv.view(M, -1), h, P, needs, grads,
+    w, xhat = P[lay.ln1].detach(), _rows(rec["x1"])
+    dh = lay.qkv.backward(dqkv.view(M, -1), torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads,
                           dx=ws.get("dh", M, D) if need_dx or needs[lay.ln1] else None)
     if dh is not None:
-        dw = _rms_backward(dh, xhat, r, P[lay.ln1].detach(), needs[lay.ln1], dx if need_dx else None, ws)
+        dw = _rms_backward(dh, xhat, _rows(rec["r1"]), w, needs[lay.ln1], dx if need_dx else None, ws)
         if dw is not None:
             _acc(grads, lay.ln1, dw)
 
 
-def backward(inp: Inputs, plan: Plan, P, needs, xs: list, head, dlogp_SR, dH_SR) -> list:
+def backward(inp: Inputs, plan: Plan, P, needs, head, dlogp_SR, dH_SR) -> list:
     """The gradient of every parameter in ``P`` (None where ``needs`` says it is not wanted), given the gradients
     of the log-probs and (or None) of the entropies."""
     grads = [None] * len(P)
-    dx = _head_backward(inp, plan, P, needs, grads, head, dlogp_SR, dH_SR, head[0].shape[1])
+    dx = _head_backward(inp, plan, P, needs, grads, head, dlogp_SR, dH_SR)
     for i in reversed(range(len(plan.layers))):
-        _mlp_backward(plan.layers[i], inp.records[i], xs[i], dx, P, needs, grads, inp)
-        _attention_block_backward(plan.layers[i], inp.records[i], xs[i], dx, P, needs, grads, inp,
+        _mlp_backward(plan.layers[i], inp.records[i], dx, P, needs, grads, inp)
+        _attention_block_backward(plan.layers[i], inp.records[i], dx, P, needs, grads, inp,
                                   need_dx=i > 0 or needs[plan.embed])
     if needs[plan.embed]:  # as nn.Embedding: the padding row gets no gradient from lookups
         dE = torch.zeros_like(P[plan.embed]).index_add_(0, inp.ids_LR.reshape(-1), dx)
@@ -365,8 +344,8 @@ def backward(inp: Inputs, plan: Plan, P, needs, xs: list, head, dlogp_SR, dH_SR)
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inp: Inputs, plan: Plan, *params):
-        logp, H, xs, head = forward(inp, plan, params, keep=True)
-        ctx.inp, ctx.plan, ctx.xs, ctx.head = inp, plan, xs, head
+        logp, H, head = forward(inp, plan, params)
+        ctx.inp, ctx.plan, ctx.head = inp, plan, head
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*params)
         if not inp.entropy:
@@ -375,7 +354,7 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dH):
-        grads = backward(ctx.inp, ctx.plan, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.xs, ctx.head, dlogp,
+        grads = backward(ctx.inp, ctx.plan, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.head, dlogp,
                          dH if ctx.inp.entropy else None)
         return (None, None, *grads)
 
@@ -386,5 +365,5 @@ def replay(inp: Inputs, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.is_grad_enabled() and any(p.requires_grad for p in plan.params):
         return _Replay.apply(inp, plan, *plan.params)
     with torch.no_grad():
-        logp, H, _, _ = forward(inp, plan, plan.params, keep=False)
+        logp, H, _ = forward(inp, plan, plan.params)
     return logp, H

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..types import Role, Rollouts
-from .engine import causal_mask
+from .engine import causal_mask, record_widths
 from .replay import Inputs, Plan, Scratch, replay
 
 MAX_TRACE_BYTES = 4 << 30  # a decode whose recorded outputs would exceed this is not recorded
@@ -32,11 +32,8 @@ MAX_TRACE_BYTES = 4 << 30  # a decode whose recorded outputs would exceed this i
 def trace_bytes(model, rows: int, positions: int) -> int:
     """Bytes ``FastEngine(record=True)`` holds for ``rows`` × ``positions`` (prompt width + new tokens)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = hf.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_layer = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + 2 * cfg.hidden_size \
-        + 2 * cfg.intermediate_size
-    return 4 * rows * positions * per_layer * cfg.num_hidden_layers
+    per_layer, final = record_widths(hf.config)
+    return 4 * rows * positions * (sum(per_layer.values()) * hf.config.num_hidden_layers + sum(final.values()))
 
 
 def replay_unsupported(model) -> str | None:
@@ -84,6 +81,7 @@ class DecodeTrace:
         inp = Inputs(ids_LR=ids_LR, cos_M1D=e.cos[pos_LR].view(-1, 1, d), sin_M1D=e.sin[pos_LR].view(-1, 1, d),
                      mask_R1LL=causal_mask(real), records=[{k: pick(v) for k, v in layer.items()}
                                                            for layer in rec["layers"]],
+                     final={k: pick(v) for k, v in rec["final"].items()},
                      width=W, targets_SR=self.new_BS[rows, : L - W + 1].t().to(ids_LR.device),
                      temperature=temperature, entropy=entropy != "none", eps=e.eps, n_heads=e.n_heads,
                      n_kv=e.n_kv, head_dim=d, scratch=self.scratch)
