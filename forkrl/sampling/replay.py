@@ -1,31 +1,32 @@
 """The replayed update's forward and backward, written out (``trace.DecodeTrace.logprobs`` calls ``replay``).
 
-**Forward.** The decode recorded every layer's matmul outputs, so the policy's log-probs need no matmul but the
-LM head's, and no attention, norm or activation at all: the residual stream is x₀ = E[ids], x′ₗ = xₗ + oₗ,
-xₗ₊₁ = x′ₗ + downₗ (oₗ and downₗ read from the record, added in the decode's order, so x_L is the decode's own),
-and log π = log_softmax(lm_head(RMSNorm(x_L)) / T) at the completion-predicting positions. This is the whole
-no-grad pass (rows whose advantage is 0), and the forward of the differentiable one.
+The decode kept, for every position of every sampled row, what the backward needs (``engine.record_widths``): per
+layer the two RMSNorms' x̂ = x·r and r, q′|k′|v (bias added, q and k rotated), the attention's output and gate|up;
+and the final norm's x̂ and r. So nothing the decode computed is computed again:
+
+**Forward**: log π = log_softmax(lm_head(w·x̂_f) / T) at the completion-predicting positions, from the recorded
+final norm. This is the whole no-grad pass (rows whose advantage is 0) and the forward of the differentiable one.
 
 **Backward**, by hand, per layer from the top, dx the gradient of the layer's output (time-major rows m = l·R + r):
 
     down:     dW_d = dxᵀ·a,      da = dx·W_d          a = silu(g)·u, from the recorded gate|up [g | u]
     SwiGLU:   du = da·silu(g),   dg = da·u·(σ + silu(g)·(1 − σ)),   σ = sigmoid(g)
-    gate|up:  dW_gu = dguᵀ·h₂,   dh₂ = dgu·W_gu       h₂ = w₂·x̂′, x̂′ = x′·r′, r′ = (mean(x′²) + ε)^−½
-    RMSNorm:  dw₂ = Σ dh₂·x̂′,    dx′ = dx + r′·(ĝ − x̂′·mean(ĝ·x̂′)),   ĝ = w₂·dh₂
-    o:        dW_o = dx′ᵀ·o_att,  do_att = dx′·W_o     o_att = p·v: attention recomputed from the recorded q|k|v,
-                                                       rotated, p = softmax(q·kᵀ/√d + mask)
-    attention: dv = pᵀ·do,  ds = p·(do·vᵀ − rowsum(do·o)),  dq = ds·k/√d,  dk = dsᵀ·q/√d
+    gate|up:  dW_gu = dguᵀ·h₂,   dh₂ = dgu·W_gu       h₂ = w₂·x̂₂
+    RMSNorm:  dw₂ = Σ dh₂·x̂₂,    dx′ = dx + r₂·(ĝ − x̂₂·mean(ĝ·x̂₂)),   ĝ = w₂·dh₂   (x′ = x + o, its input)
+    o:        dW_o = dx′ᵀ·o,      do = dx′·W_o         o: the recorded attention output
+    attention: p = softmax(q′·k′ᵀ/√d + mask) (recomputed), dv = pᵀ·do, ds = p·(do·vᵀ − rowsum(do·o)),
+              dq′ = ds·k′/√d,  dk′ = dsᵀ·q′/√d
     rotary:   d(q|k) = dq′·cos + roll(dq′·sin, d/2)    (the rotation's transpose; sin carries the engine's signs)
-    q|k|v:    dW_qkv = dqkvᵀ·h₁,  dh₁ = dqkv·W_qkv;    RMSNorm as above, into dxₗ = dx′ + …
+    q|k|v:    dW_qkv = dqkvᵀ·h₁,  dh₁ = dqkv·W_qkv;    RMSNorm as above, into the layer input's dx
     head:     dz = dlogp·(onehot(y) − p) − dH·p·(log p + H),  dlogits = dz / T;  E gets dx₀ at each token's row
 
 Biases, LoRA adapters (A, B, scale of each active adapter) and frozen parameters are handled per linear layer
 (``Linears``). Every parameter's gradient equals autograd's through the Hugging Face forward to float rounding
 (``tests/test_trace.py``). Why by hand: autograd through the same functions spent about half of the update
 outside the matrix multiplies (a recomputed forward, fresh activation-sized temporaries that each pay their page
-faults, concatenations, SDPA's layout copies); here the forward is additions, the elementwise work runs in few
-passes over buffers reused from layer to layer and from step to step, and the weight gradients of a fused group
-(q|k|v, gate|up) are one product. On the benchmark model's 64-row update: 0.61-0.68 s before, about 0.52 s now.
+faults, concatenations, SDPA's layout copies); here the elementwise work runs in few passes over buffers reused
+from layer to layer and from step to step, and the weight gradients of a fused group (q|k|v, gate|up) are one
+product. On the benchmark model's 64-row update: 0.61-0.68 s through autograd, about 0.50 s here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 def _index(params: list[torch.Tensor], p: torch.Tensor) -> int:

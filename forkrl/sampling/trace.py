@@ -1,16 +1,15 @@
 """The update's forward, taken from the decode: ``DecodeTrace`` holds what the fused decoder computed while it
-sampled (every layer's matmul outputs, time-major), and ``DecodeTrace.completion_logprobs`` rebuilds the
-policy's differentiable log-probs of the sampled rows from it without running those matmuls again.
+sampled (``engine.record_widths``: per layer the norms' normalized inputs, q′|k′|v, the attention output and
+gate|up, time-major), and ``DecodeTrace.completion_logprobs`` gives the policy's differentiable log-probs of the
+sampled rows from it without running the model's forward again (``replay.py``).
 
 Why: with μ = 1 (one optimizer step per batch) the update differentiates the very function the sampler just
 evaluated, at the very same weights. A Hugging Face forward over the batch repeats the decode's matrix
-multiplies (2·P FLOPs per token of the 6·P a training token costs); here each linear layer is a ``_Replayed``
-autograd node whose forward returns the recorded output and whose backward is the ordinary one (dX = dY·W,
-dW = dYᵀ·X, LoRA's dA and dB). Everything between the matmuls (RMSNorm, rotary embeddings, attention, SwiGLU,
-the residual adds, the LM head and the log-softmax) is recomputed under autograd, from the same inputs in the
-same order of operations as ``FastEngine``; so the log-probs equal a teacher-forced forward's to float rounding
-(about 1e-6; ``tests/test_trace.py`` compares log-probs and every parameter's gradient with the Hugging Face
-forward's, full fine-tuning and LoRA).
+multiplies (2·P FLOPs per token of the 6·P a training token costs) and everything between them; here the
+forward is the LM head on the recorded final norm, and the backward (written out in ``replay.py``) reads the
+record for every activation it needs. The log-probs equal a teacher-forced forward's to float rounding (about
+1e-6; ``tests/test_trace.py`` compares log-probs and every parameter's gradient with the Hugging Face forward's,
+full fine-tuning and LoRA).
 
 Where it does not apply the trainer runs the model's forward as before: another decode engine (bf16, GPU,
 an architecture ``FastEngine`` does not run), dropout active, μ > 1 after the first iteration, or a trace
