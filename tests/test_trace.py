@@ -228,3 +228,37 @@ def test_replayed_update_with_some_weights_of_a_fused_group_frozen():
     (logp * mask).sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is None
     assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
+
+
+def test_rows_that_end_early_and_rows_that_share_a_prompt():
+    """The backward keeps one copy of each prompt's positions and drops positions past each row's EOS
+    (replay.Packing); with a frequent EOS many rows end early, and the gradient is still the forward's."""
+    model = MODELS["llama gqa biases untied"]()
+    with torch.no_grad():
+        model.lm_head.weight[7].mul_(6.0)  # token 7 frequent: the EOS of this test
+    sampler = HFSampler(model, type("Tok", (_Tok,), {"eos_token_id": 7})(), batch_size=64)
+    rollouts, trace = sampler.sample(PROMPTS, 4, SamplingParams(max_new_tokens=9), seeds=list(range(16)), trace=True)
+    lens = rollouts.completion_len_N
+    assert (lens < 9).sum() >= 4 and (lens == 9).any()  # rows end early, and some run to the end
+    for d in compare(model, rollouts, trace, torch.arange(rollouts.num_rows)):
+        assert d < 1e-4
+    for d in compare(model, rollouts, trace, torch.tensor([13, 2, 5, 9])):  # a subset: its own representatives
+        assert d < 1e-4
+
+
+def test_packing_keeps_each_prompt_once_and_no_position_past_eos():
+    from forkrl.sampling.replay import packing
+
+    # rows 0 and 2 share a prompt of width 3 (row 2's first position is left padding in both), row 1 has its own
+    real = torch.tensor([[False, True, True, True, True, True], [True, True, True, True, True, True],
+                         [False, True, True, True, True, True]])
+    pk = packing(real, 3, torch.tensor([2, 4, 1]), [(5, 6), (7, 8, 9), (5, 6)])
+    kept = {(int(m) // 3, int(m) % 3) for m in pk.idx_P}  # (position, row)
+    assert kept == {(1, 0), (2, 0), (3, 0),  # row 0: its prompt, then the one completion token fed before EOS
+                    (0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1),  # row 1: prompt and 3 completion tokens fed
+                    }  # row 2: its prompt is row 0's, and its first token is its EOS: nothing of its own
+    src = pk.src_M.view(6, 3)
+    own = pk.own_M.view(6, 3)
+    assert torch.equal(src[1:3, 2], own[1:3, 0])  # row 2's prompt positions take row 0's kept rows
+    assert int(src[0, 0]) == int(src[0, 2]) == pk.size  # left padding: nothing reaches it
+    assert int(src[3, 2]) == pk.size  # row 2 past its EOS

@@ -158,12 +158,54 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Packing:
+    """The positions the backward works on, out of the L·R of the record (flat time-major m = l·R + r): every
+    position some loss term depends on, once. A position past a row's last completion token predicts nothing and
+    no later position of its row is live, so no gradient reaches it: left out. Rows with the same prompt have the
+    same activations at its positions (causal attention): one copy of each prompt is kept, and the gradients
+    reaching the others are added into it (the backward is linear in the incoming gradient). Attention still runs
+    over each row's own positions.
+
+    ``idx_P``: the flat positions kept (P of them); ``src_M``: for each flat position, the kept row whose values it
+    has (its own, or its prompt's representative), or P where no gradient reaches it; ``own_M``: its own kept row,
+    or P (a zero row) where it is not kept."""
+
+    idx_P: torch.Tensor
+    src_M: torch.Tensor
+    own_M: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.idx_P.numel()
+
+
+def packing(real_RL: torch.Tensor, width: int, completion_len_R: torch.Tensor, prompt_key_R: list) -> Packing:
+    """``real_RL``: not left padding (prompt positions; later positions are generated); ``width`` W the prompt width;
+    ``completion_len_R`` n_r the sampled tokens up to and including EOS: positions W … W + n_r − 2 feed completion
+    tokens that predict later ones; ``prompt_key_R``: equal for rows with the same prompt."""
+    R, L = real_RL.shape
+    l_L1 = torch.arange(L)[:, None]
+    live_LR = torch.where(l_L1 < width, real_RL.t(), l_L1 <= width + completion_len_R[None] - 2)
+    first: dict = {}
+    rep_R = torch.tensor([first.setdefault(key, r) for r, key in enumerate(prompt_key_R)])
+    shared_LR = (l_L1 < width) & (rep_R != torch.arange(R))[None]  # a prompt position a representative row holds
+    own_LR = live_LR & ~shared_LR
+    idx_P = own_LR.flatten().nonzero().squeeze(1)
+    own_M = torch.full((L * R,), idx_P.numel(), dtype=torch.long)
+    own_M[idx_P] = torch.arange(idx_P.numel())
+    src_LR = own_M.view(L, R).clone()
+    src_LR[:width] = torch.where(shared_LR[:width], own_M.view(L, R)[:width, rep_R], src_LR[:width])
+    src_LR[~live_LR] = idx_P.numel()
+    return Packing(idx_P, src_LR.flatten(), own_M)
+
+
+@dataclass(frozen=True)
 class Inputs:
     """What one replay reads, for R rows over L positions (time-major): the tokens fed ``ids_LR``, the rotary tables
     at their positions ``cos_M1D``/``sin_M1D`` (M = L·R; sin signed as the engine's), the additive attention mask
     ``mask_R1LL``, the decode's record as [L, R, F] (per layer ``records``, and ``final``: ``engine.record_widths``),
-    the prompt width W, the targets of the completion-predicting positions W − 1 … L − 1 (``targets_SR``), and the
-    model's shape."""
+    the prompt width W, the targets of the completion-predicting positions W − 1 … L − 1 (``targets_SR``), the
+    model's shape, and which positions the backward works on (``packing``)."""
 
     ids_LR: torch.Tensor
     cos_M1D: torch.Tensor
@@ -180,6 +222,7 @@ class Inputs:
     n_kv: int
     head_dim: int
     scratch: Scratch
+    packing: Packing
 
 
 def _rows(t_LRF: torch.Tensor) -> torch.Tensor:
@@ -212,9 +255,16 @@ def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | N
     return dw
 
 
+def _packed(t_LRF: torch.Tensor, inp: Inputs, key: str) -> torch.Tensor:
+    """The kept positions' rows [P, F] of a record [L, R, F], in a scratch buffer."""
+    rows = _rows(t_LRF)
+    return torch.index_select(rows, 0, inp.packing.idx_P, out=inp.scratch.get(key, inp.packing.size, rows.shape[1]))
+
+
 def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_SR, dH_SR) -> torch.Tensor:
-    """The gradient reaching the final residual stream x_L [M, D] from the log-probs and entropies."""
-    R = inp.ids_LR.shape[1]
+    """The gradient reaching the final residual stream at the kept positions, [P + 1, D] (the last row collects
+    what reaches positions no loss depends on, and is never read)."""
+    R, pk = inp.ids_LR.shape[1], inp.packing
     xhat, r, h, logp_all, H = head
     # log-softmax and entropy at temperature T: dz = dlogp·(onehot(y) − p) − dH·p·(log p + H), dlogits = dz/T
     p = logp_all.exp()
@@ -226,17 +276,18 @@ def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_S
     if inp.temperature != 1.0:
         dz.div_(inp.temperature)
     dh = plan.head.backward(dz, h, P, needs, grads, dx=torch.empty(h.shape))
-    dx = torch.zeros(inp.ids_LR.numel(), h.shape[1])
-    dw = _rms_backward(dh, xhat, r, P[plan.norm].detach(), needs[plan.norm], dx[(inp.width - 1) * R :], inp.scratch)
+    dx_tail = torch.zeros(h.shape)
+    dw = _rms_backward(dh, xhat, r, P[plan.norm].detach(), needs[plan.norm], dx_tail, inp.scratch)
     if dw is not None:
         _acc(grads, plan.norm, dw)
-    return dx
+    return torch.zeros(pk.size + 1, h.shape[1]).index_add_(0, pk.src_M[(inp.width - 1) * R :], dx_tail)
 
 
 def _mlp_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs) -> None:
-    """down, SwiGLU, gate|up and the second RMSNorm; turns ``dx`` (the layer output's gradient) into x′'s."""
-    ws, (M, D) = inp.scratch, dx.shape
-    g, u = _rows(rec["gu"]).chunk(2, dim=-1)  # the recorded gate|up
+    """down, SwiGLU, gate|up and the second RMSNorm at the kept positions; turns ``dx`` [P, D] (the layer output's
+    gradient) into x′'s."""
+    ws, pk, (M, D) = inp.scratch, inp.packing, dx.shape
+    g, u = _packed(rec["gu"], inp, "rec_gu").chunk(2, dim=-1)  # the recorded gate|up
     I = g.shape[1]
     silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
     a = torch.mul(silu, u, out=ws.get("a", M, I))  # the down projection's input
@@ -245,9 +296,9 @@ def _mlp_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs) -> No
     dg, du = dgu.chunk(2, dim=-1)
     torch.mul(da, silu, out=du)
     torch.ops.aten.silu_backward.grad_input(torch.mul(da, u, out=a), g, grad_input=dg)  # silu'(g)·da·u
-    w, xhat = P[lay.ln2].detach(), _rows(rec["x2"])
+    w, xhat = P[lay.ln2].detach(), _packed(rec["x2"], inp, "rec_x2")
     dh = lay.gu.backward(dgu, torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads, dx=ws.get("dh", M, D))
-    dw = _rms_backward(dh, xhat, _rows(rec["r2"]), w, needs[lay.ln2], dx, ws)
+    dw = _rms_backward(dh, xhat, _packed(rec["r2"], inp, "rec_r2"), w, needs[lay.ln2], dx, ws)
     if dw is not None:
         _acc(grads, lay.ln2, dw)
 
@@ -266,9 +317,9 @@ def _attention_probs(q, k, mask_R1LL, ws: Scratch) -> torch.Tensor:
     torch's fused CPU kernel: 6.2 against 11.2 ms per layer for SDPA and its backward on the benchmark model's
     shapes (R = 64, L = 70), and no layout copies around it."""
     R, K, G, L, d = q.shape
-    p = torch.bmm(q.view(R * K, G * L, d), k.view(R * K, L, d).transpose(1, 2), out=ws.get("p", R * K, G * L, L))
-    p.mul_(d**-0.5).view(R, K, G, L, L).add_(mask_R1LL.view(R, 1, 1, L, L))
-    return p.copy_(torch.softmax(p, dim=-1))
+    s = torch.bmm(q.view(R * K, G * L, d), k.view(R * K, L, d).transpose(1, 2), out=ws.get("s", R * K, G * L, L))
+    s.mul_(d**-0.5).view(R, K, G, L, L).add_(mask_R1LL.view(R, 1, 1, L, L))
+    return torch.ops.aten._softmax.out(s, -1, False, out=ws.get("p", R * K, G * L, L))
 
 
 def _attention_backward(q, k, v, p, rowsum, do, ws: Scratch):
@@ -293,33 +344,38 @@ def _time_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_block_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs, *, need_dx: bool) -> None:
-    """o, attention (its probabilities recomputed from the recorded q′|k′), rotary, q|k|v and the first RMSNorm;
-    turns ``dx`` (x′'s gradient) into the layer input's."""
-    ws, (L, R), (M, D) = inp.scratch, inp.ids_LR.shape, dx.shape
+    """o, attention (its probabilities recomputed from the recorded q′|k′, over each row's positions), rotary,
+    q|k|v and the first RMSNorm at the kept positions; turns ``dx`` [P, D] (x′'s gradient) into the layer input's."""
+    ws, pk, (L, R), (M, D) = inp.scratch, inp.packing, inp.ids_LR.shape, dx.shape
     H, K, d = inp.n_heads, inp.n_kv, inp.head_dim
     G = H // K
     q, k, v = ws.get("q", R, K, G, L, d), ws.get("k", R, K, L, d), ws.get("v", R, K, L, d)
     for buf, part in zip((q, k, v), rec["qkv"].split([H * d, K * d, K * d], dim=-1)):
         _time_major(buf).copy_(part.view(L, R, -1, d))  # into the batched products' layout
     p = _attention_probs(q, k, inp.mask_R1LL, ws)
-    att = _rows(rec["att"])  # the attention's output, the o projection's input
-    do_rows = lay.o.backward(dx, att, P, needs, grads, dx=ws.get("do_rows", M, H * d))
+    att = _packed(rec["att"], inp, "rec_att")  # the attention's output, the o projection's input
+    do_rows = ws.get("do_rows", M + 1, H * d)  # the last row is 0: the gradient at positions not kept
+    do_rows[M].zero_()
+    lay.o.backward(dx, att, P, needs, grads, dx=do_rows[:M])
     do = ws.get("do", R, K, G, L, d)
-    _time_major(do).copy_(do_rows.view(L, R, H, d))
-    rowsum = torch.mul(do_rows, att, out=ws.get("do_o", M, H * d)).view(L, R, H, d).sum(-1)  # [L, R, H]
-    rowsum = rowsum.permute(1, 2, 0).reshape(R * K, G * L, 1)
+    spread = torch.index_select(do_rows, 0, pk.own_M, out=ws.get("spread", L * R, H * d))
+    _time_major(do).copy_(spread.view(L, R, H, d))
+    rowsum = torch.mul(do_rows[:M], att, out=ws.get("do_o", M, H * d)).view(M, H, d).sum(-1)  # rowsum(do·o)
+    rowsum = torch.cat([rowsum, rowsum.new_zeros(1, H)]).index_select(0, pk.own_M)  # [L·R, H]
+    rowsum = rowsum.view(L, R, H).permute(1, 2, 0).reshape(R * K, G * L, 1)
     dq, dk, dv = (_time_major(t) for t in _attention_backward(q, k, v, p, rowsum, do, ws))
     cos, sin = inp.cos_M1D.view(L, R, 1, d), inp.sin_M1D.view(L, R, 1, d)
-    dqkv = ws.get("dqkv", L, R, (H + 2 * K) * d)
-    dq_t, dk_t, dv_t = dqkv.split([H * d, K * d, K * d], dim=-1)
+    dqkv_all = ws.get("dqkv_all", L, R, (H + 2 * K) * d)
+    dq_t, dk_t, dv_t = dqkv_all.split([H * d, K * d, K * d], dim=-1)
     _rotate_back(dq, cos, sin, dq_t.view(L, R, H, d))
     _rotate_back(dk, cos, sin, dk_t.view(L, R, K, d))
     dv_t.view(L, R, K, d).copy_(dv)
-    w, xhat = P[lay.ln1].detach(), _rows(rec["x1"])
-    dh = lay.qkv.backward(dqkv.view(M, -1), torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads,
+    dqkv = ws.get("dqkv", M + 1, dqkv_all.shape[-1]).zero_().index_add_(0, pk.src_M, _rows(dqkv_all))[:M]
+    w, xhat = P[lay.ln1].detach(), _packed(rec["x1"], inp, "rec_x1")
+    dh = lay.qkv.backward(dqkv, torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads,
                           dx=ws.get("dh", M, D) if need_dx or needs[lay.ln1] else None)
     if dh is not None:
-        dw = _rms_backward(dh, xhat, _rows(rec["r1"]), w, needs[lay.ln1], dx if need_dx else None, ws)
+        dw = _rms_backward(dh, xhat, _packed(rec["r1"], inp, "rec_r1"), w, needs[lay.ln1], dx if need_dx else None, ws)
         if dw is not None:
             _acc(grads, lay.ln1, dw)
 
@@ -328,13 +384,14 @@ def backward(inp: Inputs, plan: Plan, P, needs, head, dlogp_SR, dH_SR) -> list:
     """The gradient of every parameter in ``P`` (None where ``needs`` says it is not wanted), given the gradients
     of the log-probs and (or None) of the entropies."""
     grads = [None] * len(P)
-    dx = _head_backward(inp, plan, P, needs, grads, head, dlogp_SR, dH_SR)
+    dx = _head_backward(inp, plan, P, needs, grads, head, dlogp_SR, dH_SR)[:-1]  # [P, D]: the kept positions
     for i in reversed(range(len(plan.layers))):
         _mlp_backward(plan.layers[i], inp.records[i], dx, P, needs, grads, inp)
         _attention_block_backward(plan.layers[i], inp.records[i], dx, P, needs, grads, inp,
                                   need_dx=i > 0 or needs[plan.embed])
     if needs[plan.embed]:  # as nn.Embedding: the padding row gets no gradient from lookups
-        dE = torch.zeros_like(P[plan.embed]).index_add_(0, inp.ids_LR.reshape(-1), dx)
+        ids = inp.ids_LR.reshape(-1).index_select(0, inp.packing.idx_P)
+        dE = torch.zeros_like(P[plan.embed]).index_add_(0, ids, dx)
         if plan.padding_idx is not None:
             dE[plan.padding_idx] = 0
         _acc(grads, plan.embed, dE)

@@ -23,7 +23,7 @@ import torch
 
 from ..types import Role, Rollouts
 from .engine import causal_mask, record_widths
-from .replay import Inputs, Plan, Scratch, replay
+from .replay import Inputs, Plan, Scratch, packing, replay
 
 MAX_TRACE_BYTES = 4 << 30  # a decode whose recorded outputs would exceed this is not recorded
 
@@ -58,8 +58,10 @@ class DecodeTrace:
     its sampled tokens ``new_BS``, the engine (rotary tables, layer layout) and the model whose parameters get
     the gradient."""
 
-    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor):
+    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor, eos_id: int):
         self.model, self.engine, self.prompts, self.new_BS = model, engine, prompts, new_BS
+        is_eos = new_BS == eos_id  # sampled tokens up to and including the first EOS, per row
+        self.completion_len_B = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new_BS.shape[1])
         self.record, self.length = engine.record, engine.length
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.plan = Plan(hf)  # the parameters as the decode computed with them (adapters active then)
@@ -68,7 +70,8 @@ class DecodeTrace:
     def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none"):
         """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
         model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
-        carry finite values that a loss must mask. At the decode's weights only: ``RolloutTrace`` checks."""
+        carry finite values that a loss must mask, and no gradient (``replay.Packing``). At the decode's weights
+        only: ``RolloutTrace`` checks."""
         e, rec = self.engine, self.record
         L, W = self.length, rec["real_BW"].shape[1]
         every = rows.numel() == rec["ids"].shape[1] and bool((rows == torch.arange(rows.numel())).all())
@@ -83,7 +86,8 @@ class DecodeTrace:
                      final={k: pick(v) for k, v in rec["final"].items()},
                      width=W, targets_SR=self.new_BS[rows, : L - W + 1].t().to(ids_LR.device),
                      temperature=temperature, entropy=entropy != "none", eps=e.eps, n_heads=e.n_heads,
-                     n_kv=e.n_kv, head_dim=d, scratch=self.scratch)
+                     n_kv=e.n_kv, head_dim=d, scratch=self.scratch,
+                     packing=packing(real, W, self.completion_len_B[rows], [tuple(self.prompts[r]) for r in rows.tolist()]))
         logp_SR, H_SR = replay(inp, self.plan)
         return logp_SR.t(), (H_SR if entropy == "grad" else H_SR.detach()).t()
 
