@@ -104,6 +104,9 @@ def test_rows_in_any_order_and_across_chunks():
     rows = torch.tensor([11, 0, 7, 3, 4, 9])
     for d in compare(model, rollouts, trace, rows):
         assert d < 1e-4
+    rollouts, trace = sample(model)  # one chunk, every row of it in another order
+    for d in compare(model, rollouts, trace, torch.randperm(rollouts.num_rows, generator=torch.Generator().manual_seed(1))):
+        assert d < 1e-4
 
 
 def test_the_comparison_can_fail():
@@ -252,7 +255,7 @@ def test_packing_keeps_each_prompt_once_and_no_position_past_eos():
     # rows 0 and 2 share a prompt of width 3 (row 2's first position is left padding in both), row 1 has its own
     real = torch.tensor([[False, True, True, True, True, True], [True, True, True, True, True, True],
                          [False, True, True, True, True, True]])
-    pk = packing(real, 3, torch.tensor([2, 4, 1]), [(5, 6), (7, 8, 9), (5, 6)])
+    pk = packing(real, 3, torch.tensor([2, 4, 1]), [(5, 6), (7, 8, 9), (5, 6)], torch.tensor([4, 0, 2]), 5)
     kept = {(int(m) // 3, int(m) % 3) for m in pk.idx_P}  # (position, row)
     assert kept == {(1, 0), (2, 0), (3, 0),  # row 0: its prompt, then the one completion token fed before EOS
                     (0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1),  # row 1: prompt and 3 completion tokens fed
@@ -262,3 +265,5 @@ def test_packing_keeps_each_prompt_once_and_no_position_past_eos():
     assert torch.equal(src[1:3, 2], own[1:3, 0])  # row 2's prompt positions take row 0's kept rows
     assert int(src[0, 0]) == int(src[0, 2]) == pk.size  # left padding: nothing reaches it
     assert int(src[3, 2]) == pk.size  # row 2 past its EOS
+    # in the record (5 rows, of which these are rows 4, 0 and 2): position l of replayed row r is l·5 + rows[r]
+    assert {(int(m) // 5, int(m) % 5) for m in pk.rec_idx_P} == {(l, (4, 0, 2)[r]) for l, r in kept}

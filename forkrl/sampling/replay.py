@@ -168,21 +168,25 @@ class Packing:
 
     ``idx_P``: the flat positions kept (P of them); ``src_M``: for each flat position, the kept row whose values it
     has (its own, or its prompt's representative), or P where no gradient reaches it; ``own_M``: its own kept row,
-    or P (a zero row) where it is not kept."""
+    or P (a zero row) where it is not kept; ``rec_idx_P``: the kept positions in the record, whose rows may be more
+    than the replayed ones (l·B + the row's index there)."""
 
     idx_P: torch.Tensor
     src_M: torch.Tensor
     own_M: torch.Tensor
+    rec_idx_P: torch.Tensor
 
     @property
     def size(self) -> int:
         return self.idx_P.numel()
 
 
-def packing(real_RL: torch.Tensor, width: int, completion_len_R: torch.Tensor, prompt_key_R: list) -> Packing:
+def packing(real_RL: torch.Tensor, width: int, completion_len_R: torch.Tensor, prompt_key_R: list,
+            rows_R: torch.Tensor, record_rows: int) -> Packing:
     """``real_RL``: not left padding (prompt positions; later positions are generated); ``width`` W the prompt width;
     ``completion_len_R`` n_r the sampled tokens up to and including EOS: positions W … W + n_r − 2 feed completion
-    tokens that predict later ones; ``prompt_key_R``: equal for rows with the same prompt."""
+    tokens that predict later ones; ``prompt_key_R``: equal for rows with the same prompt; ``rows_R``: the replayed
+    rows' indices among the record's ``record_rows``."""
     R, L = real_RL.shape
     l_L1 = torch.arange(L)[:, None]
     live_LR = torch.where(l_L1 < width, real_RL.t(), l_L1 <= width + completion_len_R[None] - 2)
@@ -196,14 +200,16 @@ def packing(real_RL: torch.Tensor, width: int, completion_len_R: torch.Tensor, p
     src_LR = own_M.view(L, R).clone()
     src_LR[:width] = torch.where(shared_LR[:width], own_M.view(L, R)[:width, rep_R], src_LR[:width])
     src_LR[~live_LR] = idx_P.numel()
-    return Packing(idx_P, src_LR.flatten(), own_M)
+    rec_idx_P = idx_P // R * record_rows + rows_R[idx_P % R]
+    return Packing(idx_P, src_LR.flatten(), own_M, rec_idx_P)
 
 
 @dataclass(frozen=True)
 class Inputs:
     """What one replay reads, for R rows over L positions (time-major): the tokens fed ``ids_LR``, the rotary tables
     at their positions ``cos_M1D``/``sin_M1D`` (M = L·R; sin signed as the engine's), the additive attention mask
-    ``mask_R1LL``, the decode's record as [L, R, F] (per layer ``records``, and ``final``: ``engine.record_widths``),
+    ``mask_R1LL``, the decode's record (``engine.record_widths``): per layer ``records`` [L, B, F] of all B rows of
+    the decode, of which the replayed ones are ``rows_R``, and ``final`` [L, R, F] of the replayed rows alone,
     the prompt width W, the targets of the completion-predicting positions W − 1 … L − 1 (``targets_SR``), the
     model's shape, and which positions the backward works on (``packing``)."""
 
@@ -212,6 +218,8 @@ class Inputs:
     sin_M1D: torch.Tensor
     mask_R1LL: torch.Tensor
     records: list[dict[str, torch.Tensor]]
+    rows_R: torch.Tensor
+    all_rows: bool  # rows_R is every row of the record, in order
     final: dict[str, torch.Tensor]
     width: int
     targets_SR: torch.Tensor
@@ -258,7 +266,8 @@ def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | N
 def _packed(t_LRF: torch.Tensor, inp: Inputs, key: str) -> torch.Tensor:
     """The kept positions' rows [P, F] of a record [L, R, F], in a scratch buffer."""
     rows = _rows(t_LRF)
-    return torch.index_select(rows, 0, inp.packing.idx_P, out=inp.scratch.get(key, inp.packing.size, rows.shape[1]))
+    return torch.index_select(rows, 0, inp.packing.rec_idx_P, out=inp.scratch.get(key, inp.packing.size,
+                                                                                   rows.shape[1]))
 
 
 def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_SR, dH_SR) -> torch.Tensor:
@@ -350,7 +359,8 @@ def _attention_block_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: I
     H, K, d = inp.n_heads, inp.n_kv, inp.head_dim
     G = H // K
     q, k, v = ws.get("q", R, K, G, L, d), ws.get("k", R, K, L, d), ws.get("v", R, K, L, d)
-    for buf, part in zip((q, k, v), rec["qkv"].split([H * d, K * d, K * d], dim=-1)):
+    qkv = rec["qkv"] if inp.all_rows else rec["qkv"].index_select(1, inp.rows_R)
+    for buf, part in zip((q, k, v), qkv.split([H * d, K * d, K * d], dim=-1)):
         _time_major(buf).copy_(part.view(L, R, -1, d))  # into the batched products' layout
     p = _attention_probs(q, k, inp.mask_R1LL, ws)
     att = _packed(rec["att"], inp, "rec_att")  # the attention's output, the o projection's input

@@ -73,21 +73,20 @@ class DecodeTrace:
         carry finite values that a loss must mask, and no gradient (``replay.Packing``). At the decode's weights
         only: ``RolloutTrace`` checks."""
         e, rec = self.engine, self.record
-        L, W = self.length, rec["real_BW"].shape[1]
-        every = rows.numel() == rec["ids"].shape[1] and bool((rows == torch.arange(rows.numel())).all())
-        pick = (lambda t: t[:L]) if every else (lambda t: t[:L].index_select(1, rows))
+        L, W, B = self.length, rec["real_BW"].shape[1], rec["ids"].shape[1]
+        every = rows.numel() == B and bool((rows == torch.arange(rows.numel())).all())
+        pick = (lambda t: t[:L]) if every else (lambda t: t[:L].index_select(1, rows))  # small records only
         ids_LR, pos_LR = pick(rec["ids"]), pick(rec["pos"])
         d = e.head_dim
         real = torch.ones(rows.numel(), L, dtype=torch.bool, device=ids_LR.device)  # generated tokens are real
         real[:, :W] = rec["real_BW"][rows.to(rec["real_BW"].device)].to(real.device)
+        pk = packing(real, W, self.completion_len_B[rows], [tuple(self.prompts[r]) for r in rows.tolist()], rows, B)
         inp = Inputs(ids_LR=ids_LR, cos_M1D=e.cos[pos_LR].view(-1, 1, d), sin_M1D=e.sin[pos_LR].view(-1, 1, d),
-                     mask_R1LL=causal_mask(real), records=[{k: pick(v) for k, v in layer.items()}
-                                                           for layer in rec["layers"]],
-                     final={k: pick(v) for k, v in rec["final"].items()},
+                     mask_R1LL=causal_mask(real), records=[{k: v[:L] for k, v in layer.items()} for layer in rec["layers"]],
+                     rows_R=rows, all_rows=every, final={k: pick(v) for k, v in rec["final"].items()},
                      width=W, targets_SR=self.new_BS[rows, : L - W + 1].t().to(ids_LR.device),
                      temperature=temperature, entropy=entropy != "none", eps=e.eps, n_heads=e.n_heads,
-                     n_kv=e.n_kv, head_dim=d, scratch=self.scratch,
-                     packing=packing(real, W, self.completion_len_B[rows], [tuple(self.prompts[r]) for r in rows.tolist()]))
+                     n_kv=e.n_kv, head_dim=d, scratch=self.scratch, packing=pk)
         logp_SR, H_SR = replay(inp, self.plan)
         return logp_SR.t(), (H_SR if entropy == "grad" else H_SR.detach()).t()
 
