@@ -105,7 +105,8 @@ def test_rows_in_any_order_and_across_chunks():
     for d in compare(model, rollouts, trace, rows):
         assert d < 1e-4
     rollouts, trace = sample(model)  # one chunk, every row of it in another order
-    for d in compare(model, rollouts, trace, torch.randperm(rollouts.num_rows, generator=torch.Generator().manual_seed(1))):
+    shuffled = torch.randperm(rollouts.num_rows, generator=torch.Generator().manual_seed(1))
+    for d in compare(model, rollouts, trace, shuffled):
         assert d < 1e-4
 
 

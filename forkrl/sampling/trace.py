@@ -82,7 +82,8 @@ class DecodeTrace:
         real[:, :W] = rec["real_BW"][rows.to(rec["real_BW"].device)].to(real.device)
         pk = packing(real, W, self.completion_len_B[rows], [tuple(self.prompts[r]) for r in rows.tolist()], rows, B)
         inp = Inputs(ids_LR=ids_LR, cos_M1D=e.cos[pos_LR].view(-1, 1, d), sin_M1D=e.sin[pos_LR].view(-1, 1, d),
-                     mask_R1LL=causal_mask(real), records=[{k: v[:L] for k, v in layer.items()} for layer in rec["layers"]],
+                     mask_R1LL=causal_mask(real),
+                     records=[{k: v[:L] for k, v in layer.items()} for layer in rec["layers"]],
                      rows_R=rows, all_rows=every, final={k: pick(v) for k, v in rec["final"].items()},
                      width=W, targets_SR=self.new_BS[rows, : L - W + 1].t().to(ids_LR.device),
                      temperature=temperature, entropy=entropy != "none", eps=e.eps, n_heads=e.n_heads,
