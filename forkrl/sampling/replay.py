@@ -295,7 +295,7 @@ def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_S
 def _mlp_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs) -> None:
     """down, SwiGLU, gate|up and the second RMSNorm at the kept positions; turns ``dx`` [P, D] (the layer output's
     gradient) into x′'s."""
-    ws, pk, (M, D) = inp.scratch, inp.packing, dx.shape
+    ws, (M, D) = inp.scratch, dx.shape
     g, u = _packed(rec["gu"], inp, "rec_gu").chunk(2, dim=-1)  # the recorded gate|up
     I = g.shape[1]
     silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
