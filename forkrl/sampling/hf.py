@@ -153,7 +153,7 @@ class HFSampler:
                 chunks.append(decode_chunk([engine], prompts, seeds[s : s + self.batch_size], params,
                                            tokenizer=self.tokenizer, entropy=entropy)[0])
                 if record:
-                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1], self.tokenizer.eos_token_id))
+                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1]))
                     self.arena.hold(traces[-1])
         finally:
             self.model.train(was_training)

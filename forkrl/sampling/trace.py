@@ -58,20 +58,19 @@ class DecodeTrace:
     its sampled tokens ``new_BS``, the engine (rotary tables, layer layout) and the model whose parameters get
     the gradient."""
 
-    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor, eos_id: int):
+    def __init__(self, model, engine, prompts: list[list[int]], new_BS: torch.Tensor):
         self.model, self.engine, self.prompts, self.new_BS = model, engine, prompts, new_BS
-        is_eos = new_BS == eos_id  # sampled tokens up to and including the first EOS, per row
-        self.completion_len_B = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new_BS.shape[1])
         self.record, self.length = engine.record, engine.length
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.plan = Plan(hf)  # the parameters as the decode computed with them (adapters active then)
         self.scratch = engine.arena.scratch if engine.arena is not None else Scratch()
 
-    def logprobs(self, rows: torch.Tensor, *, temperature: float, entropy: str = "none"):
+    def logprobs(self, rows: torch.Tensor, completion_len_R: torch.Tensor, *, temperature: float,
+                 entropy: str = "none"):
         """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
         model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
-        carry finite values that a loss must mask, and no gradient (``replay.Packing``). At the decode's weights
-        only: ``RolloutTrace`` checks."""
+        (``completion_len_R``: its sampled tokens up to and including EOS) carry finite values that a loss must
+        mask, and no gradient (``replay.Packing``). At the decode's weights only: ``RolloutTrace`` checks."""
         e, rec = self.engine, self.record
         L, W, B = self.length, rec["real_BW"].shape[1], rec["ids"].shape[1]
         every = rows.numel() == B and bool((rows == torch.arange(rows.numel())).all())
@@ -80,7 +79,7 @@ class DecodeTrace:
         d = e.head_dim
         real = torch.ones(rows.numel(), L, dtype=torch.bool, device=ids_LR.device)  # generated tokens are real
         real[:, :W] = rec["real_BW"][rows.to(rec["real_BW"].device)].to(real.device)
-        pk = packing(real, W, self.completion_len_B[rows], [tuple(self.prompts[r]) for r in rows.tolist()], rows, B)
+        pk = packing(real, W, completion_len_R, [tuple(self.prompts[r]) for r in rows.tolist()], rows, B)
         inp = Inputs(ids_LR=ids_LR, cos_M1D=e.cos[pos_LR].view(-1, 1, d), sin_M1D=e.sin[pos_LR].view(-1, 1, d),
                      mask_R1LL=causal_mask(real),
                      records=[{k: v[:L] for k, v in layer.items()} for layer in rec["layers"]],
@@ -117,7 +116,8 @@ class RolloutTrace:
         parts, order = [], []
         for c in chunk_N.unique().tolist():
             sel = (chunk_N == c).nonzero().squeeze(1)
-            logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], temperature=temperature, entropy=entropy)
+            logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], comp_N[sel], temperature=temperature,
+                                                    entropy=entropy)
             j_S = torch.arange(logp_RS.shape[1])
             # completion token j of a row sits at target index prompt_len - 1 + j; j past its EOS goes to column T
             index_RS = torch.where(j_S < comp_N[sel, None], prompt_N[sel, None] - 1 + j_S, T).to(logp_RS.device)
