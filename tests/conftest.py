@@ -45,3 +45,15 @@ def tiny_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "model"
     return models.build_tiny(out, texts, arch="qwen2", vocab_size=300, seed=0, hidden_size=32, num_layers=2,
                              num_heads=2, num_kv_heads=1, intermediate_size=64, max_positions=128)
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def kernel_path(request, monkeypatch):
+    """Runs a test with the fused C kernels (``sampling/kernels.py``) and again with the torch operations they
+    replace; the kernels' run is skipped, with the reason, where they cannot be built."""
+    from forkrl.sampling import kernels
+
+    if request.param == "kernels" and kernels.get() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.why}")
+    monkeypatch.setattr(kernels, "enabled", request.param == "kernels")
+    return request.param

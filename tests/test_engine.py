@@ -54,7 +54,7 @@ def lockstep(model, steps=6):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_fast_engine_logits_equal_the_hf_forward(name):
+def test_fast_engine_logits_equal_the_hf_forward(name, kernel_path):
     model = MODELS[name]()
     assert fast_unsupported(model) is None
     worst, scale = lockstep(model)
@@ -112,7 +112,7 @@ def test_sampler_engines_draw_the_same_rows(tiny_model_dir):
     torch.testing.assert_close(fast.sampler_logp_NL, slow.sampler_logp_NL, rtol=0, atol=1e-5)
 
 
-def test_fast_engine_with_one_token_prompts():
+def test_fast_engine_with_one_token_prompts(kernel_path):
     """A prefill of width 1 takes the one-query attention path; it must give the forward's logits too."""
     model = MODELS["llama gqa biases"]()
     ids, attn = left_pad([[5], [9]], pad_id=0)

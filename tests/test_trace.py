@@ -81,7 +81,7 @@ def compare(model, rollouts, trace, rows, *, temperature=1.0):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_replayed_update_equals_the_forward(name):
+def test_replayed_update_equals_the_forward(name, kernel_path):
     model = MODELS[name]()
     rollouts, trace = sample(model)
     for d in compare(model, rollouts, trace, torch.arange(rollouts.num_rows)):
@@ -89,7 +89,7 @@ def test_replayed_update_equals_the_forward(name):
 
 
 @pytest.mark.parametrize("name", ["qwen2 gqa tied", "llama gqa biases untied"])
-def test_replayed_update_under_lora(name):
+def test_replayed_update_under_lora(name, kernel_path):
     model = lora(MODELS[name]())
     rollouts, trace = sample(model, temperature=0.7)
     d_logp, d_H, worst = compare(model, rollouts, trace, torch.arange(rollouts.num_rows), temperature=0.7)
@@ -234,7 +234,7 @@ def test_replayed_update_with_some_weights_of_a_fused_group_frozen():
     assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
 
 
-def test_rows_that_end_early_and_rows_that_share_a_prompt():
+def test_rows_that_end_early_and_rows_that_share_a_prompt(kernel_path):
     """The backward keeps one copy of each prompt's positions and drops positions past each row's EOS
     (replay.Packing); with a frequent EOS many rows end early, and the gradient is still the forward's."""
     model = MODELS["llama gqa biases untied"]()

@@ -29,6 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .replay import Scratch
 
 FAST_MODEL_TYPES = ("llama", "qwen2")
@@ -154,6 +155,7 @@ class FastEngine:
 
     def __init__(self, model, *, record: bool = False, arena: RecordArena | None = None):
         self.recording, self.arena = record, arena
+        self.lib = kernels.get()  # fused kernels for one-token steps (kernels.c); None: the torch operations
         why = fast_unsupported(model)
         if why is not None:
             raise ValueError(f"FastEngine does not support this model: {why}")
@@ -211,7 +213,7 @@ class FastEngine:
         self.key_mask = torch.zeros(B, self.n_kv, 1, cap, device=dev)
         self.key_mask[..., :W].masked_fill_(~real[:, None, None], float("-inf"))
         mask = causal_mask(real) if W > 1 else self.key_mask[..., :1]  # width 1: the one-query path's layout
-        self.length = 0
+        self.length, self.bufs = 0, {}
         if self.recording:
             self._start_record(B, cap, dev)
             self.record["real_BW"] = real
@@ -241,7 +243,15 @@ class FastEngine:
 
     def _norm(self, x_BSD, w, rec: dict | None, kx: str, kr: str, at: int | None = None) -> torch.Tensor:
         """transformers' RMSNorm w·(x·r), r = (mean(x²) + ε)^−½, the same operations; ``rec`` keeps x̂ = x·r and r
-        (at position ``at`` for a [B, D] ``x``, else at this call's positions)."""
+        (at position ``at`` for a [B, D] ``x``, else at this call's positions). One row per batch entry (a step, or
+        the final norm): one fused kernel where there is one, into a buffer reused from layer to layer."""
+        if self.lib is not None and (x_BSD.dim() == 2 or x_BSD.shape[1] == 1):
+            x = x_BSD.reshape(x_BSD.shape[0], -1)
+            if rec is None:
+                return kernels.rms_norm(self.lib, x, w, self.eps, self._buf("h", *x.shape)).view(x_BSD.shape)
+            at = self.length if at is None else at
+            h = kernels.rms_norm(self.lib, x, w, self.eps, self._buf("h", *x.shape), rec[kx][at], rec[kr][at])
+            return h.view(x_BSD.shape)
         if x_BSD.dim() == 2:
             out_r, out_x = (rec[kr][at], rec[kx][at]) if rec is not None else (None, None)
         else:
@@ -255,6 +265,23 @@ class FastEngine:
             self._keep(rec, kr, r, B, S)
         return xhat * w
 
+    def _buf(self, name: str, *shape: int) -> torch.Tensor:
+        """A buffer of this engine's, reused from one layer and step to the next (its contents live until the next
+        call with the same name)."""
+        buf = self.bufs.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self.bufs[name] = torch.empty(shape, device=self.device)
+        return buf
+
+    @staticmethod
+    def _residual(x_BSD, a, w, bias) -> None:
+        """x += a·w (+ bias), in place (x is this call's own); one product accumulating into x where there is no
+        bias."""
+        if bias is None:
+            x_BSD.view(-1, x_BSD.shape[-1]).addmm_(a, w)
+        else:
+            x_BSD.add_(torch.addmm(bias, a, w).view(x_BSD.shape))
+
     @staticmethod
     def _mm(a: torch.Tensor, w: torch.Tensor, bias=None, out=None) -> torch.Tensor:
         return torch.mm(a, w, out=out) if bias is None else torch.addmm(bias, a, w, out=out)
@@ -264,28 +291,38 @@ class FastEngine:
         H, K, d = self.n_heads, self.n_kv, self.head_dim
         nq, nk = H * d, K * d
         at, end = self.length, self.length + S
-        cos, sin = self.cos[pos_BS][:, :, None], self.sin[pos_BS][:, :, None]  # sin: signed, see _signed_sin
+        fused = self.lib is not None and S == 1
+        if fused:
+            pos_B = pos_BS.reshape(B).contiguous()
+        else:
+            cos, sin = self.cos[pos_BS][:, :, None], self.sin[pos_BS][:, :, None]  # sin: signed, see _signed_sin
         if self.recording:
             self.record["ids"][at:end].copy_(ids_BS.t())
             self.record["pos"][at:end].copy_(pos_BS.t())
         x = F.embedding(ids_BS, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
             rec = self.record["layers"][i] if self.recording else None
-            qkv = self._mm(self._norm(x, ln1, rec, "x1", "r1").view(B * S, -1), w_qkv, b_qkv, self._slot(rec, "qkv", S))
+            h = self._norm(x, ln1, rec, "x1", "r1").view(B * S, -1)
+            qkv = self._mm(h, w_qkv, None if fused else b_qkv, self._slot(rec, "qkv", S))
             qk = qkv[:, : nq + nk].view(B, S, H + K, d)
-            rolled = qk.roll(d // 2, dims=-1).mul_(sin)
-            qk.mul_(cos).add_(rolled)  # queries and keys rotated together, in place: a record keeps q′|k′|v
-            self._keep(rec, "qkv", qkv, B, S)
-            self.k[i][:, :, at:end] = qk[:, :, H:].transpose(1, 2)
-            self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
+            if fused:  # the bias, the same rotation and the cache writes in one kernel
+                kernels.rope_cache(self.lib, qkv, b_qkv, self.cos, self.sin, pos_B, self.k[i], self.v[i], H, at)
+            else:
+                rolled = qk.roll(d // 2, dims=-1).mul_(sin)
+                qk.mul_(cos).add_(rolled)  # queries and keys rotated together, in place: a record keeps q′|k′|v
+                self._keep(rec, "qkv", qkv, B, S)
+                self.k[i][:, :, at:end] = qk[:, :, H:].transpose(1, 2)
+                self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
             o = self._attend(qk[:, :, :H].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], mask,
                              out=self._slot(rec, "att", S)).reshape(B * S, nq)
             self._keep(rec, "att", o, B, S)
-            x.add_(self._mm(o, w_o, b_o).view(B, S, -1))  # x: this call's own
+            self._residual(x, o, w_o, b_o)
             gu = self._mm(self._norm(x, ln2, rec, "x2", "r2").view(B * S, -1), w_gu, out=self._slot(rec, "gu", S))
             self._keep(rec, "gu", gu, B, S)
             half = gu.shape[1] // 2
-            x.add_(self._mm(F.silu(gu[:, :half]).mul_(gu[:, half:]), w_down).view(B, S, -1))
+            a = kernels.swiglu(self.lib, gu, self._buf("a", B, half)) if fused else \
+                F.silu(gu[:, :half]).mul_(gu[:, half:])
+            self._residual(x, a, w_down, None)
         self.length = end
         return self._norm(x[:, -1], self.norm, self.record["final"] if self.recording else None, "xf", "rf",
                           at=end - 1) @ self.head

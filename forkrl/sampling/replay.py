@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 def _index(params: list[torch.Tensor], p: torch.Tensor) -> int:
     """p's position in ``params``, appended if new (a tied embedding and head share one position)."""
@@ -254,7 +256,12 @@ def forward(inp: Inputs, plan: Plan, P):
 
 def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | None, ws: Scratch):
     """Gradients of h = w·(x·r), r = (mean(x²) + ε)^−½: returns dw (or None); adds dx = r·(ĝ − x̂·mean(ĝ·x̂)),
-    ĝ = w·dh, into ``dx_MD`` (if given). Overwrites ``dh_MD``."""
+    ĝ = w·dh, into ``dx_MD`` (if given). May overwrite ``dh_MD``. One pass of a fused kernel where there is one."""
+    lib = kernels.get()
+    if lib is not None:
+        dw = torch.zeros(w.shape) if need_w else None
+        kernels.rms_backward(lib, dh_MD, xhat_MD, r_M1, w, dx_MD, dw)
+        return dw
     dw = torch.mul(dh_MD, xhat_MD, out=ws.get("rms", *dh_MD.shape)).sum(0) if need_w else None
     if dx_MD is not None:
         g = dh_MD.mul_(w)
@@ -295,16 +302,22 @@ def _head_backward(inp: Inputs, plan: Plan, P, needs, grads: list, head, dlogp_S
 def _mlp_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs) -> None:
     """down, SwiGLU, gate|up and the second RMSNorm at the kept positions; turns ``dx`` [P, D] (the layer output's
     gradient) into x′'s."""
-    ws, (M, D) = inp.scratch, dx.shape
-    g, u = _packed(rec["gu"], inp, "rec_gu").chunk(2, dim=-1)  # the recorded gate|up
+    ws, (M, D), lib = inp.scratch, dx.shape, kernels.get()
+    gu = _packed(rec["gu"], inp, "rec_gu")  # the recorded gate|up
+    g, u = gu.chunk(2, dim=-1)
     I = g.shape[1]
-    silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
-    a = torch.mul(silu, u, out=ws.get("a", M, I))  # the down projection's input
-    da = lay.down.backward(dx, a, P, needs, grads, dx=ws.get("da", M, I))
     dgu = ws.get("dgu", M, 2 * I)
-    dg, du = dgu.chunk(2, dim=-1)
-    torch.mul(da, silu, out=du)
-    torch.ops.aten.silu_backward.grad_input(torch.mul(da, u, out=a), g, grad_input=dg)  # silu'(g)·da·u
+    if lib is not None:  # one pass each way (kernels.c)
+        a = kernels.swiglu(lib, gu, ws.get("a", M, I))
+        da = lay.down.backward(dx, a, P, needs, grads, dx=ws.get("da", M, I))
+        kernels.swiglu_backward(lib, da, gu, dgu)
+    else:
+        silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
+        a = torch.mul(silu, u, out=ws.get("a", M, I))  # the down projection's input
+        da = lay.down.backward(dx, a, P, needs, grads, dx=ws.get("da", M, I))
+        dg, du = dgu.chunk(2, dim=-1)
+        torch.mul(da, silu, out=du)
+        torch.ops.aten.silu_backward.grad_input(torch.mul(da, u, out=a), g, grad_input=dg)  # silu'(g)·da·u
     w, xhat = P[lay.ln2].detach(), _packed(rec["x2"], inp, "rec_x2")
     dh = lay.gu.backward(dgu, torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads, dx=ws.get("dh", M, D))
     dw = _rms_backward(dh, xhat, _packed(rec["r2"], inp, "rec_r2"), w, needs[lay.ln2], dx, ws)
@@ -373,14 +386,20 @@ def _attention_block_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: I
     rowsum = torch.mul(do_rows[:M], att, out=ws.get("do_o", M, H * d)).view(M, H, d).sum(-1)  # rowsum(do·o)
     rowsum = torch.cat([rowsum, rowsum.new_zeros(1, H)]).index_select(0, pk.own_M)  # [L·R, H]
     rowsum = rowsum.view(L, R, H).permute(1, 2, 0).reshape(R * K, G * L, 1)
-    dq, dk, dv = (_time_major(t) for t in _attention_backward(q, k, v, p, rowsum, do, ws))
-    cos, sin = inp.cos_M1D.view(L, R, 1, d), inp.sin_M1D.view(L, R, 1, d)
-    dqkv_all = ws.get("dqkv_all", L, R, (H + 2 * K) * d)
-    dq_t, dk_t, dv_t = dqkv_all.split([H * d, K * d, K * d], dim=-1)
-    _rotate_back(dq, cos, sin, dq_t.view(L, R, H, d))
-    _rotate_back(dk, cos, sin, dk_t.view(L, R, K, d))
-    dv_t.view(L, R, K, d).copy_(dv)
-    dqkv = ws.get("dqkv", M + 1, dqkv_all.shape[-1]).zero_().index_add_(0, pk.src_M, _rows(dqkv_all))[:M]
+    dq, dk, dv = _attention_backward(q, k, v, p, rowsum, do, ws)
+    lib = kernels.get()
+    if lib is not None:  # the rotation's transpose and the packing in one pass (kernels.c)
+        dqkv = kernels.rope_back_pack(lib, dq, dk, dv, inp.cos_M1D.view(L * R, d), inp.sin_M1D.view(L * R, d),
+                                      pk.own_M, pk.src_M, ws.get("dqkv", M, (H + 2 * K) * d))
+    else:
+        dq, dk, dv = _time_major(dq), _time_major(dk), _time_major(dv)
+        cos, sin = inp.cos_M1D.view(L, R, 1, d), inp.sin_M1D.view(L, R, 1, d)
+        dqkv_all = ws.get("dqkv_all", L, R, (H + 2 * K) * d)
+        dq_t, dk_t, dv_t = dqkv_all.split([H * d, K * d, K * d], dim=-1)
+        _rotate_back(dq, cos, sin, dq_t.view(L, R, H, d))
+        _rotate_back(dk, cos, sin, dk_t.view(L, R, K, d))
+        dv_t.view(L, R, K, d).copy_(dv)
+        dqkv = ws.get("dqkv", M + 1, dqkv_all.shape[-1]).zero_().index_add_(0, pk.src_M, _rows(dqkv_all))[:M]
     w, xhat = P[lay.ln1].detach(), _packed(rec["x1"], inp, "rec_x1")
     dh = lay.qkv.backward(dqkv, torch.mul(xhat, w, out=ws.get("h", M, D)), P, needs, grads,
                           dx=ws.get("dh", M, D) if need_dx or needs[lay.ln1] else None)

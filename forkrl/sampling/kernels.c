@@ -1,0 +1,220 @@
+/* Fused float32 CPU kernels for the fast decoder (engine.py) and the replayed update (replay.py); loaded by
+ * kernels.py, which compiles this file once per machine and falls back to the torch operations where it cannot.
+ *
+ * Why: on a CPU a decode step of a small model runs many small elementwise operations per layer (RMSNorm with
+ * its record, rotary, the key/value cache writes, SwiGLU), each a dispatch and a pass over memory; here each
+ * group is one call and one pass. The update's SwiGLU and RMSNorm backward likewise become one pass each.
+ *
+ * Rounding: the same operations in the same order as the torch code they replace, except that sums run in a
+ * different order and exp is evaluated here (a few units in the last place), so results agree to float
+ * rounding, not bit for bit. Compiled with -ffp-contract=off: no fused multiply-adds where the torch code has
+ * a separate multiply and add.
+ *
+ * Layouts: every matrix is rows of contiguous floats; a row stride is given where a matrix is a view. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+/* exp for float32: Cephes' range reduction and polynomial (about 1 ulp), written so that it vectorises (the
+ * clamps as selects, 2^n by its bits; -fno-trapping-math lets the compiler if-convert them). */
+#pragma omp declare simd
+static inline float exp_f(float x) {
+    x = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n */
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return p * s;
+}
+
+#pragma omp declare simd
+static inline float silu_f(float g) { return g / (1.0f + exp_f(-g)); }
+
+/* RMSNorm of B rows of width D, as transformers: r = (mean(x²) + eps)^-1/2, x̂ = x·r, h = w·x̂ (h's rows
+ * contiguous). x̂ (row stride sxh) and r (stride sr) are written only when given (the decode's record). */
+void rms_norm(const float* x, int64_t sx, const float* w, float eps, float* xhat, int64_t sxh, float* r,
+              int64_t sr, float* h, int64_t B, int64_t D) {
+    for (int64_t b = 0; b < B; b++) {
+        const float* xb = x + b * sx;
+        float ss = 0.0f;
+        #pragma omp simd reduction(+:ss)
+        for (int64_t i = 0; i < D; i++) ss += xb[i] * xb[i];
+        float rb = 1.0f / sqrtf(ss / (float)D + eps);
+        float* hb = h + b * D;
+        if (r) r[b * sr] = rb;
+        if (xhat) {
+            float* xh = xhat + b * sxh;
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) { xh[i] = xb[i] * rb; hb[i] = xh[i] * w[i]; }
+        } else {
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) hb[i] = (xb[i] * rb) * w[i];
+        }
+    }
+}
+
+/* One decode step's q|k|v bias, rotary embedding and cache writes, for B rows of q|k|v ([H + 2K] heads of width
+ * d, row stride sq): the bias (if given) added; queries and keys rotated in place, y = x·cos + roll(x, d/2)·sin
+ * with sin's first half negated (engine._signed_sin), at each row's position pos[b] of the tables
+ * [positions, d]; then the rotated keys and the values written to the caches kc, vc [B, K, cap, d] at t. */
+void rope_cache(float* qkv, int64_t sq, const float* bias, const float* cos_t, const float* sin_t,
+                const int64_t* pos, float* kc, float* vc, int64_t B, int64_t H, int64_t K, int64_t d, int64_t cap,
+                int64_t t) {
+    int64_t half = d / 2;
+    for (int64_t b = 0; b < B; b++) {
+        float* row = qkv + b * sq;
+        const float* c = cos_t + pos[b] * d;
+        const float* s = sin_t + pos[b] * d;
+        for (int64_t hd = 0; hd < H + 2 * K; hd++) {
+            float* x = row + hd * d;
+            if (bias) {
+                const float* bh = bias + hd * d;
+                #pragma omp simd
+                for (int64_t i = 0; i < d; i++) x[i] += bh[i];
+            }
+            if (hd < H + K) {
+                float y[d];
+                #pragma omp simd
+                for (int64_t i = 0; i < half; i++) {
+                    y[i] = x[i] * c[i] + x[i + half] * s[i];
+                    y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+                }
+                memcpy(x, y, sizeof(float) * d);
+            }
+            if (hd >= H) {
+                float* cache = hd < H + K ? kc + ((b * K + hd - H) * cap + t) * d
+                                          : vc + ((b * K + hd - H - K) * cap + t) * d;
+                memcpy(cache, x, sizeof(float) * d);
+            }
+        }
+    }
+}
+
+/* SwiGLU's product a = silu(g)·u for M rows of [g | u] (width 2I, row stride sgu) into a (contiguous). */
+void swiglu(const float* gu, int64_t sgu, float* a, int64_t M, int64_t I) {
+    #pragma omp parallel for schedule(static) if (M * I >= 16384)
+    for (int64_t m = 0; m < M; m++) {
+        const float* g = gu + m * sgu;
+        const float* u = g + I;
+        float* am = a + m * I;
+        #pragma omp simd
+        for (int64_t i = 0; i < I; i++) am[i] = silu_f(g[i]) * u[i];
+    }
+}
+
+/* SwiGLU's backward given da: dg = da·u·σ(g)·(1 + g·(1 − σ(g))) (torch's silu_backward), du = da·silu(g), into
+ * dgu [M, 2I] (contiguous) as [dg | du]. */
+void swiglu_backward(const float* da, const float* gu, int64_t sgu, float* dgu, int64_t M, int64_t I) {
+    #pragma omp parallel for schedule(static) if (M * I >= 16384)
+    for (int64_t m = 0; m < M; m++) {
+        const float* g = gu + m * sgu;
+        const float* u = g + I;
+        const float* dam = da + m * I;
+        float* dg = dgu + m * 2 * I;
+        float* du = dg + I;
+        #pragma omp simd
+        for (int64_t i = 0; i < I; i++) {
+            float sig = 1.0f / (1.0f + exp_f(-g[i]));
+            du[i] = dam[i] * (g[i] * sig);
+            dg[i] = (dam[i] * u[i]) * (sig * (1.0f + g[i] * (1.0f - sig)));
+        }
+    }
+}
+
+/* RMSNorm's backward for M rows of width D given dh, the gradient of h = w·x̂: dx += r·(ĝ − x̂·mean(ĝ·x̂)),
+ * ĝ = w·dh (when dx is given), and dw = Σ_m dh·x̂ (when dw is given; per-thread partial sums added in thread
+ * order, so the result does not depend on scheduling). */
+void rms_backward(const float* dh, const float* xhat, const float* r, const float* w, float* dx, float* dw,
+                  int64_t M, int64_t D) {
+    int nt = (M * D >= 65536) ? omp_get_max_threads() : 1;
+    float* part = dw ? calloc((size_t)nt * D, sizeof(float)) : NULL;
+    #pragma omp parallel num_threads(nt)
+    {
+        float* mine = part ? part + (int64_t)omp_get_thread_num() * D : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float* dhm = dh + m * D;
+            const float* xm = xhat + m * D;
+            if (mine) {
+                #pragma omp simd
+                for (int64_t i = 0; i < D; i++) mine[i] += dhm[i] * xm[i];
+            }
+            if (dx) {
+                float c = 0.0f;
+                #pragma omp simd reduction(+:c)
+                for (int64_t i = 0; i < D; i++) c += (w[i] * dhm[i]) * xm[i];
+                c /= (float)D;
+                float* dxm = dx + m * D;
+                float rm = r[m];
+                #pragma omp simd
+                for (int64_t i = 0; i < D; i++) dxm[i] += (w[i] * dhm[i] - xm[i] * c) * rm;
+            }
+        }
+    }
+    if (part) {
+        for (int t = 0; t < nt; t++)
+            for (int64_t i = 0; i < D; i++) dw[i] += part[(int64_t)t * D + i];
+        free(part);
+    }
+}
+
+/* The replayed attention's gradients back through the rotary embedding, into the packed q|k|v rows
+ * (replay.Packing). dq [R, K, G, L, d], dk and dv [R, K, L, d]: the attention layout; cos, sin [L·R, d] at each
+ * position m = l·R + r (sin signed as the engine's); own[m]: m's packed row, or P where m is not kept; src[m]: the
+ * packed row m's gradient goes to (its own, or its prompt's representative's), or P where none does. Writes every
+ * packed row of dqkv [P, (H + 2K)·d] once, from its own position (in parallel), then adds the positions whose
+ * prompt another row holds (in order). The rotation's transpose: x = dy·cos + roll(dy·sin, d/2). */
+static void rope_back_one(const float* dq, const float* dk, const float* dv, const float* c, const float* s,
+                          float* out, int add, int64_t R, int64_t K, int64_t G, int64_t L, int64_t d, int64_t l,
+                          int64_t r) {
+    int64_t half = d / 2;
+    for (int64_t kh = 0; kh < K; kh++) {
+        for (int64_t j = 0; j <= G + 1; j++) {  /* G query heads, then the key, then the value */
+            const float* y = j < G ? dq + ((((r * K + kh) * G + j) * L + l) * d)
+                           : (j == G ? dk : dv) + (((r * K + kh) * L + l) * d);
+            float* o = out + (j < G ? (kh * G + j) : j == G ? (K * G + kh) : (K * G + K + kh)) * d;
+            float x[d];
+            if (j <= G) {
+                #pragma omp simd
+                for (int64_t i = 0; i < half; i++) {
+                    x[i] = y[i] * c[i] + y[i + half] * s[i + half];
+                    x[i + half] = y[i + half] * c[i + half] + y[i] * s[i];
+                }
+            } else {
+                memcpy(x, y, sizeof(float) * d);
+            }
+            if (add) {
+                #pragma omp simd
+                for (int64_t i = 0; i < d; i++) o[i] += x[i];
+            } else {
+                memcpy(o, x, sizeof(float) * d);
+            }
+        }
+    }
+}
+
+void rope_back_pack(const float* dq, const float* dk, const float* dv, const float* cos_m, const float* sin_m,
+                    const int64_t* own, const int64_t* src, float* dqkv, int64_t P, int64_t R, int64_t K, int64_t G,
+                    int64_t L, int64_t d) {
+    int64_t F = (K * G + 2 * K) * d;
+    #pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < L * R; m++)
+        if (own[m] < P)
+            rope_back_one(dq, dk, dv, cos_m + m * d, sin_m + m * d, dqkv + own[m] * F, 0, R, K, G, L, d, m / R,
+                          m % R);
+    for (int64_t m = 0; m < L * R; m++)
+        if (own[m] >= P && src[m] < P)
+            rope_back_one(dq, dk, dv, cos_m + m * d, sin_m + m * d, dqkv + src[m] * F, 1, R, K, G, L, d, m / R,
+                          m % R);
+}

@@ -1,0 +1,180 @@
+"""Fused float32 CPU kernels (``kernels.c``) for the fast decoder and the replayed update, called through ctypes.
+
+``get()`` compiles ``kernels.c`` with the system C compiler once per machine (the shared library is cached under
+``models.cache_dir()/kernels``, keyed by the source, the compiler and the CPU) and returns the loaded library, or
+None where it cannot: no compiler, a failed build (the compiler's message is kept in ``why``), or
+``FORKRL_KERNELS=0`` in the environment. Callers then run the equivalent torch operations, which give the same
+results to float rounding (``tests/test_kernels.py`` checks both against each other). The library links the
+OpenMP runtime torch already loaded (libgomp), so its parallel loops share torch's threads.
+
+Every wrapper here takes float32 CPU tensors whose rows are contiguous and checks it: a kernel reads raw memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffp-contract=off: no fused multiply-adds where the torch code rounds a product and a sum separately;
+# -fno-trapping-math lets the compiler turn exp's clamps into selects, so its loops vectorise
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
+         "-shared"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+why: str | None = None  # why get() returned None
+enabled = True  # False: get() returns None, and callers run the torch operations (tests compare the two)
+
+
+def _cpu_key() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags"))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(out: Path, cc: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # built aside, renamed in: concurrent builds are safe
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                             timeout=120)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE}: {run.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    sig = {"rms_norm": [p, i64, p, f32, p, i64, p, i64, p, i64, i64],
+           "rope_cache": [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64],
+           "swiglu": [p, i64, p, i64, i64],
+           "swiglu_backward": [p, p, i64, p, i64, i64],
+           "rms_backward": [p, p, p, p, p, p, i64, i64],
+           "rope_back_pack": [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64]}
+    for name, args in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+
+
+def get() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None (reason in ``why``) where it cannot be."""
+    global _lib, _tried, why
+    if not enabled:
+        return None
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("FORKRL_KERNELS", "1") == "0":
+        why = "FORKRL_KERNELS=0"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        why = "no C compiler (cc or gcc) on PATH"
+        return None
+    from ..models import cache_dir
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_key()]).encode())
+    path = cache_dir() / "kernels" / f"forkrl_kernels_{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            _build(path, cc)
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        why = str(e)
+        return None
+    _lib = lib
+    return lib
+
+
+def _rows(t: torch.Tensor, name: str) -> int:
+    """The row stride of a float32 CPU matrix whose rows are contiguous."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name}: a float32 CPU matrix with contiguous rows is needed, got {t.dtype} {t.device} "
+                         f"shape {tuple(t.shape)} strides {t.stride()}")
+    return t.stride(0)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def rms_norm(lib, x_BD, w_D, eps: float, h_BD, xhat_BD=None, r_B1=None) -> torch.Tensor:
+    """h = w·x̂, x̂ = x·r, r = (mean(x²) + eps)^−½, into ``h_BD`` (contiguous); x̂ and r also into ``xhat_BD`` and
+    ``r_B1`` where given. Returns h."""
+    B, D = x_BD.shape
+    assert h_BD.is_contiguous() and h_BD.shape == (B, D) and w_D.is_contiguous() and w_D.numel() == D
+    sxh = _rows(xhat_BD, "xhat") if xhat_BD is not None else 0
+    sr = _rows(r_B1, "r") if r_B1 is not None else 0
+    lib.rms_norm(x_BD.data_ptr(), _rows(x_BD, "x"), w_D.data_ptr(), eps, _ptr(xhat_BD), sxh, _ptr(r_B1), sr,
+                 h_BD.data_ptr(), B, D)
+    return h_BD
+
+
+def rope_cache(lib, qkv_BF, bias_F, cos_PD, sin_PD, pos_B, k_BKCd, v_BKCd, n_heads: int, t: int) -> None:
+    """Add the bias (or None) to one decode step's q|k|v rows, rotate their queries and keys in place, and write keys
+    and values into the caches [B, K, cap, d] at position ``t`` (kernels.c ``rope_cache``)."""
+    B, K, cap, d = k_BKCd.shape
+    assert k_BKCd.is_contiguous() and v_BKCd.is_contiguous() and v_BKCd.shape == k_BKCd.shape
+    assert cos_PD.is_contiguous() and sin_PD.is_contiguous() and cos_PD.shape[1] == d
+    assert pos_B.dtype == torch.int64 and pos_B.is_contiguous() and qkv_BF.shape == (B, (n_heads + 2 * K) * d)
+    assert bias_F is None or (bias_F.is_contiguous() and bias_F.shape == qkv_BF.shape[1:])
+    lib.rope_cache(qkv_BF.data_ptr(), _rows(qkv_BF, "qkv"), _ptr(bias_F), cos_PD.data_ptr(), sin_PD.data_ptr(), pos_B.data_ptr(),
+                   k_BKCd.data_ptr(), v_BKCd.data_ptr(), B, n_heads, K, d, cap, t)
+
+
+def swiglu(lib, gu_MF, a_MI) -> torch.Tensor:
+    """a = silu(g)·u for rows [g | u], into ``a_MI`` (contiguous)."""
+    M, I = a_MI.shape
+    assert a_MI.is_contiguous() and gu_MF.shape == (M, 2 * I)
+    lib.swiglu(gu_MF.data_ptr(), _rows(gu_MF, "gu"), a_MI.data_ptr(), M, I)
+    return a_MI
+
+
+def swiglu_backward(lib, da_MI, gu_MF, dgu_MF) -> torch.Tensor:
+    """[dg | du] of a = silu(g)·u given da, into ``dgu_MF`` (contiguous)."""
+    M, I = da_MI.shape
+    assert da_MI.is_contiguous() and dgu_MF.is_contiguous() and gu_MF.shape == dgu_MF.shape == (M, 2 * I)
+    lib.swiglu_backward(da_MI.data_ptr(), gu_MF.data_ptr(), _rows(gu_MF, "gu"), dgu_MF.data_ptr(), M, I)
+    return dgu_MF
+
+
+def rms_backward(lib, dh_MD, xhat_MD, r_M1, w_D, dx_MD=None, dw_D=None) -> None:
+    """RMSNorm's backward: dx += r·(ĝ − x̂·mean(ĝ·x̂)), ĝ = w·dh, and dw += Σ dh·x̂, each where given."""
+    M, D = dh_MD.shape
+    for t in (dh_MD, xhat_MD, r_M1, w_D) + tuple(t for t in (dx_MD, dw_D) if t is not None):
+        assert t.is_contiguous() and t.dtype == torch.float32, "rms_backward needs contiguous float32 tensors"
+    assert xhat_MD.shape == (M, D) and r_M1.numel() == M and w_D.numel() == D
+    lib.rms_backward(dh_MD.data_ptr(), xhat_MD.data_ptr(), r_M1.data_ptr(), w_D.data_ptr(), _ptr(dx_MD),
+                     _ptr(dw_D), M, D)
+
+
+def rope_back_pack(lib, dq_RKGLd, dk_RKLd, dv_RKLd, cos_Md, sin_Md, own_M, src_M, dqkv_PF) -> torch.Tensor:
+    """The attention's gradients through the rotary embedding's transpose, into the packed q|k|v rows
+    ``dqkv_PF`` (every row written; kernels.c ``rope_back_pack``). Returns it."""
+    R, K, G, L, d = dq_RKGLd.shape
+    P = dqkv_PF.shape[0]
+    for t in (dq_RKGLd, dk_RKLd, dv_RKLd, cos_Md, sin_Md, dqkv_PF):
+        assert t.is_contiguous() and t.dtype == torch.float32, "rope_back_pack needs contiguous float32 tensors"
+    assert dk_RKLd.shape == dv_RKLd.shape == (R, K, L, d) and cos_Md.shape == sin_Md.shape == (L * R, d)
+    assert own_M.dtype == src_M.dtype == torch.int64 and own_M.is_contiguous() and src_M.is_contiguous()
+    assert own_M.numel() == src_M.numel() == L * R and dqkv_PF.shape[1] == (K * G + 2 * K) * d
+    lib.rope_back_pack(dq_RKGLd.data_ptr(), dk_RKLd.data_ptr(), dv_RKLd.data_ptr(), cos_Md.data_ptr(),
+                       sin_Md.data_ptr(), own_M.data_ptr(), src_M.data_ptr(), dqkv_PF.data_ptr(), P, R, K, G, L, d)
+    return dqkv_PF
