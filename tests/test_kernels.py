@@ -75,6 +75,38 @@ def test_swiglu_and_its_backward(lib, M, I):
     assert dgu.isfinite().all()
 
 
+def test_swiglu_reads_rows_through_an_index(lib):
+    N, M, I = 40, 25, 19
+    gu = torch.randn(N, 2 * I, generator=g()) * 3
+    idx = torch.randperm(N, generator=g(1))[:M]
+    a = kernels.swiglu(lib, gu, torch.empty(M, I), idx)
+    torch.testing.assert_close(a, kernels.swiglu(lib, gu[idx].contiguous(), torch.empty(M, I)), rtol=0, atol=0)
+    da = torch.randn(M, I, generator=g(2))
+    dgu = kernels.swiglu_backward(lib, da, gu, torch.empty(M, 2 * I), idx)
+    ref = kernels.swiglu_backward(lib, da, gu[idx].contiguous(), torch.empty(M, 2 * I))
+    torch.testing.assert_close(dgu, ref, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="out of range"):
+        kernels.swiglu(lib, gu, torch.empty(2, I), torch.tensor([0, N]))
+
+
+@pytest.mark.parametrize("K,G,d", [(2, 2, 64), (1, 6, 16), (3, 1, 8)])
+def test_attend_step_equals_masked_attention(lib, K, G, d):
+    B, cap = 5, 12
+    H = K * G
+    start = torch.tensor([0, 3, 1, 5, 0])  # left padding per row
+    kc, vc = torch.randn(B, K, cap, d, generator=g()), torch.randn(B, K, cap, d, generator=g(1))
+    qkv = torch.randn(B, (H + 2 * K) * d + 3, generator=g(2))[:, : (H + 2 * K) * d]  # strided rows
+    for length in (6, 1 + int(start.max()), cap):
+        out = torch.full((B, H * d + 2), float("nan"))
+        kernels.attend_step(lib, qkv, kc, vc, start, out[:, : H * d], H, length)
+        q = qkv[:, : H * d].view(B, H, 1, d)
+        keep = (torch.arange(length)[None] >= start[:, None])[:, None, None]  # [B, 1, 1, L]
+        ref = F.scaled_dot_product_attention(q, kc[:, :, :length], vc[:, :, :length], attn_mask=keep,
+                                             enable_gqa=K != H)
+        torch.testing.assert_close(out[:, : H * d], ref.reshape(B, H * d), rtol=1e-5, atol=1e-5)
+        assert out[:, H * d :].isnan().all()
+
+
 @pytest.mark.parametrize("M,D", [(3, 7), (500, 256)])
 def test_rms_backward(lib, M, D):
     dh, xhat = torch.randn(M, D, generator=g()), torch.randn(M, D, generator=g(1))
@@ -103,7 +135,7 @@ def fresh(env: dict) -> str:
             "print('ok' if lib is not None else 'none: ' + kernels.why)")
     import os
 
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                          env={**os.environ, **env}, timeout=300)
     assert run.returncode == 0, run.stderr
     return run.stdout.strip()
@@ -112,7 +144,7 @@ def fresh(env: dict) -> str:
 def test_switched_off_by_the_environment_and_a_failed_build_says_why(tmp_path, lib):
     assert fresh({"FORKRL_KERNELS": "0"}) == "none: FORKRL_KERNELS=0"
     out = fresh({"CC": "false", "FORKRL_CACHE": str(tmp_path)})  # a compiler that fails: a reason, not a crash
-    assert out.startswith("none: false failed on") and "kernels.c" in out
+    assert out.startswith("none: false failed on") and "kernels.c" in out  # and a warning on stderr
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.so.*"))
     assert fresh({"FORKRL_CACHE": str(tmp_path)}) == "ok"  # built into this cache, then loaded from it
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 1

@@ -209,6 +209,7 @@ class FastEngine:
         self.k = [torch.zeros(B, self.n_kv, cap, self.head_dim, device=dev) for _ in self.layers]
         self.v = [torch.zeros(B, self.n_kv, cap, self.head_dim, device=dev) for _ in self.layers]
         real = attn_BW.bool()
+        self.start = (W - attn_BW.sum(-1)).contiguous()  # each row's left padding: its first real position
         # additive, -inf at left padding; one row per key/value head, the layout _attend's batched product adds
         self.key_mask = torch.zeros(B, self.n_kv, 1, cap, device=dev)
         self.key_mask[..., :W].masked_fill_(~real[:, None, None], float("-inf"))
@@ -313,8 +314,12 @@ class FastEngine:
                 self._keep(rec, "qkv", qkv, B, S)
                 self.k[i][:, :, at:end] = qk[:, :, H:].transpose(1, 2)
                 self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
-            o = self._attend(qk[:, :, :H].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], mask,
-                             out=self._slot(rec, "att", S)).reshape(B * S, nq)
+            if fused:  # one pass over each row's keys and values (kernels.c)
+                out = self._slot(rec, "att", S) if rec is not None else self._buf("att", B, nq)
+                o = kernels.attend_step(self.lib, qkv, self.k[i], self.v[i], self.start, out, H, end)
+            else:
+                o = self._attend(qk[:, :, :H].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], mask,
+                                 out=self._slot(rec, "att", S)).reshape(B * S, nq)
             self._keep(rec, "att", o, B, S)
             self._residual(x, o, w_o, b_o)
             gu = self._mm(self._norm(x, ln2, rec, "x2", "r2").view(B * S, -1), w_gu, out=self._slot(rec, "gu", S))

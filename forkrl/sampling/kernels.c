@@ -101,11 +101,12 @@ void rope_cache(float* qkv, int64_t sq, const float* bias, const float* cos_t, c
     }
 }
 
-/* SwiGLU's product a = silu(g)·u for M rows of [g | u] (width 2I, row stride sgu) into a (contiguous). */
-void swiglu(const float* gu, int64_t sgu, float* a, int64_t M, int64_t I) {
+/* SwiGLU's product a = silu(g)·u for M rows of [g | u] (width 2I, row stride sgu; row idx[m] where idx is given,
+ * so the update reads the decode's record through its packing without a gathered copy) into a (contiguous). */
+void swiglu(const float* gu, int64_t sgu, const int64_t* idx, float* a, int64_t M, int64_t I) {
     #pragma omp parallel for schedule(static) if (M * I >= 16384)
     for (int64_t m = 0; m < M; m++) {
-        const float* g = gu + m * sgu;
+        const float* g = gu + (idx ? idx[m] : m) * sgu;
         const float* u = g + I;
         float* am = a + m * I;
         #pragma omp simd
@@ -114,11 +115,12 @@ void swiglu(const float* gu, int64_t sgu, float* a, int64_t M, int64_t I) {
 }
 
 /* SwiGLU's backward given da: dg = da·u·σ(g)·(1 + g·(1 − σ(g))) (torch's silu_backward), du = da·silu(g), into
- * dgu [M, 2I] (contiguous) as [dg | du]. */
-void swiglu_backward(const float* da, const float* gu, int64_t sgu, float* dgu, int64_t M, int64_t I) {
+ * dgu [M, 2I] (contiguous) as [dg | du]; [g | u] read as swiglu reads it. */
+void swiglu_backward(const float* da, const float* gu, int64_t sgu, const int64_t* idx, float* dgu, int64_t M,
+                     int64_t I) {
     #pragma omp parallel for schedule(static) if (M * I >= 16384)
     for (int64_t m = 0; m < M; m++) {
-        const float* g = gu + m * sgu;
+        const float* g = gu + (idx ? idx[m] : m) * sgu;
         const float* u = g + I;
         const float* dam = da + m * I;
         float* dg = dgu + m * 2 * I;
@@ -217,4 +219,44 @@ void rope_back_pack(const float* dq, const float* dk, const float* dv, const flo
         if (own[m] >= P && src[m] < P)
             rope_back_one(dq, dk, dv, cos_m + m * d, sin_m + m * d, dqkv + src[m] * F, 1, R, K, G, L, d, m / R,
                           m % R);
+}
+
+/* One-query attention of a decode step, for B rows: softmax(q·kᵀ·scale)·v over the keys start[b] … L − 1 of the
+ * caches kc, vc [B, K, cap, d] (left padding before start[b]); q: query heads [K·G, d] per row (row stride sq,
+ * head h = k·G + g uses key/value head k); out [B, K·G·d] (row stride so). In parallel over (row, key head). */
+void attend_step(const float* q, int64_t sq, const float* kc, const float* vc, const int64_t* start, float* out,
+                 int64_t so, int64_t B, int64_t K, int64_t G, int64_t d, int64_t cap, int64_t L, float scale) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t bk = 0; bk < B * K; bk++) {
+        int64_t b = bk / K, kh = bk % K, l0 = start[b], n = L - l0;
+        const float* kb = kc + (bk * cap + l0) * d;
+        const float* vb = vc + (bk * cap + l0) * d;
+        float p[n > 0 ? n : 1];
+        for (int64_t g = 0; g < G; g++) {
+            const float* qg = q + b * sq + (kh * G + g) * d;
+            float mx = -3.0e38f;
+            for (int64_t l = 0; l < n; l++) {
+                const float* kl = kb + l * d;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t i = 0; i < d; i++) acc += qg[i] * kl[i];
+                p[l] = acc * scale;
+                mx = p[l] > mx ? p[l] : mx;
+            }
+            float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t l = 0; l < n; l++) { p[l] = exp_f(p[l] - mx); sum += p[l]; }
+            float* og = out + b * so + (kh * G + g) * d;
+            float acc[d];
+            #pragma omp simd
+            for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+            for (int64_t l = 0; l < n; l++) {
+                const float* vl = vb + l * d;
+                float pl = p[l] / sum;
+                #pragma omp simd
+                for (int64_t i = 0; i < d; i++) acc[i] += pl * vl[i];
+            }
+            memcpy(og, acc, sizeof(float) * d);
+        }
+    }
 }

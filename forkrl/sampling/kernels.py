@@ -2,8 +2,8 @@
 
 ``get()`` compiles ``kernels.c`` with the system C compiler once per machine (the shared library is cached under
 ``models.cache_dir()/kernels``, keyed by the source, the compiler and the CPU) and returns the loaded library, or
-None where it cannot: no compiler, a failed build (the compiler's message is kept in ``why``), or
-``FORKRL_KERNELS=0`` in the environment. Callers then run the equivalent torch operations, which give the same
+None where it cannot: no compiler or a failed build (a warning, once, and the reason, the compiler's message
+included, in ``why``), or ``FORKRL_KERNELS=0`` in the environment. Callers then run the equivalent torch operations, which give the same
 results to float rounding (``tests/test_kernels.py`` checks both against each other). The library links the
 OpenMP runtime torch already loaded (libgomp), so its parallel loops share torch's threads.
 
@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,8 +49,8 @@ def _build(out: Path, cc: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # built aside, renamed in: concurrent builds are safe
     os.close(fd)
     try:
-        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                             timeout=120)
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=False, capture_output=True,
+                             text=True, timeout=120)
         if run.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE}: {run.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -62,13 +63,22 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     sig = {"rms_norm": [p, i64, p, f32, p, i64, p, i64, p, i64, i64],
            "rope_cache": [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64],
-           "swiglu": [p, i64, p, i64, i64],
-           "swiglu_backward": [p, p, i64, p, i64, i64],
+           "swiglu": [p, i64, p, p, i64, i64],
+           "swiglu_backward": [p, p, i64, p, p, i64, i64],
            "rms_backward": [p, p, p, p, p, p, i64, i64],
-           "rope_back_pack": [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64]}
+           "rope_back_pack": [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64],
+           "attend_step": [p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32]}
     for name, args in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+
+
+def _unavailable(reason: str) -> None:
+    global why
+    why = reason
+    warnings.warn(f"forkrl: the fused CPU kernels are unavailable ({reason}); the torch operations run instead "
+                  "(slower, the same results to float rounding). FORKRL_KERNELS=0 turns them off without this warning.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def get() -> ctypes.CDLL | None:
@@ -84,21 +94,19 @@ def get() -> ctypes.CDLL | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        why = "no C compiler (cc or gcc) on PATH"
-        return None
+        return _unavailable("no C compiler (cc or gcc) on PATH")
     from ..models import cache_dir
 
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_key()]).encode())
-    path = cache_dir() / "kernels" / f"forkrl_kernels_{key.hexdigest()[:16]}.so"
     try:
+        version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_key()]).encode())
+        path = cache_dir() / "kernels" / f"forkrl_kernels_{key.hexdigest()[:16]}.so"
         if not path.exists():
             _build(path, cc)
         lib = ctypes.CDLL(str(path))
         _declare(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        why = str(e)
-        return None
+        return _unavailable(str(e))
     _lib = lib
     return lib
 
@@ -139,19 +147,31 @@ def rope_cache(lib, qkv_BF, bias_F, cos_PD, sin_PD, pos_B, k_BKCd, v_BKCd, n_hea
                    k_BKCd.data_ptr(), v_BKCd.data_ptr(), B, n_heads, K, d, cap, t)
 
 
-def swiglu(lib, gu_MF, a_MI) -> torch.Tensor:
-    """a = silu(g)·u for rows [g | u], into ``a_MI`` (contiguous)."""
+def _index(idx_M, rows: int, M: int):
+    """The row indices a kernel reads through (or None: rows 0 … M − 1), checked against the ``rows`` it may read."""
+    if idx_M is None:
+        assert M <= rows
+        return None
+    assert idx_M.dtype == torch.int64 and idx_M.is_contiguous() and idx_M.numel() == M
+    assert M == 0 or (int(idx_M.min()) >= 0 and int(idx_M.max()) < rows), "row index out of range"
+    return idx_M.data_ptr()
+
+
+def swiglu(lib, gu_NF, a_MI, idx_M=None) -> torch.Tensor:
+    """a = silu(g)·u for rows [g | u] of ``gu_NF`` (row ``idx_M[m]`` where given), into ``a_MI`` (contiguous)."""
     M, I = a_MI.shape
-    assert a_MI.is_contiguous() and gu_MF.shape == (M, 2 * I)
-    lib.swiglu(gu_MF.data_ptr(), _rows(gu_MF, "gu"), a_MI.data_ptr(), M, I)
+    assert a_MI.is_contiguous() and gu_NF.shape[1] == 2 * I
+    idx = _index(idx_M, gu_NF.shape[0], M)
+    lib.swiglu(gu_NF.data_ptr(), _rows(gu_NF, "gu"), idx, a_MI.data_ptr(), M, I)
     return a_MI
 
 
-def swiglu_backward(lib, da_MI, gu_MF, dgu_MF) -> torch.Tensor:
-    """[dg | du] of a = silu(g)·u given da, into ``dgu_MF`` (contiguous)."""
+def swiglu_backward(lib, da_MI, gu_NF, dgu_MF, idx_M=None) -> torch.Tensor:
+    """[dg | du] of a = silu(g)·u given da, into ``dgu_MF`` (contiguous); [g | u] read as ``swiglu`` reads it."""
     M, I = da_MI.shape
-    assert da_MI.is_contiguous() and dgu_MF.is_contiguous() and gu_MF.shape == dgu_MF.shape == (M, 2 * I)
-    lib.swiglu_backward(da_MI.data_ptr(), gu_MF.data_ptr(), _rows(gu_MF, "gu"), dgu_MF.data_ptr(), M, I)
+    assert da_MI.is_contiguous() and dgu_MF.is_contiguous() and gu_NF.shape[1] == 2 * I and dgu_MF.shape == (M, 2 * I)
+    idx = _index(idx_M, gu_NF.shape[0], M)
+    lib.swiglu_backward(da_MI.data_ptr(), gu_NF.data_ptr(), _rows(gu_NF, "gu"), idx, dgu_MF.data_ptr(), M, I)
     return dgu_MF
 
 
@@ -178,3 +198,14 @@ def rope_back_pack(lib, dq_RKGLd, dk_RKLd, dv_RKLd, cos_Md, sin_Md, own_M, src_M
     lib.rope_back_pack(dq_RKGLd.data_ptr(), dk_RKLd.data_ptr(), dv_RKLd.data_ptr(), cos_Md.data_ptr(),
                        sin_Md.data_ptr(), own_M.data_ptr(), src_M.data_ptr(), dqkv_PF.data_ptr(), P, R, K, G, L, d)
     return dqkv_PF
+
+
+def attend_step(lib, qkv_BF, k_BKCd, v_BKCd, start_B, out_BF, n_heads: int, length: int) -> torch.Tensor:
+    """One decode step's attention over the first ``length`` cache positions, rows b from ``start_B[b]`` (the
+    left padding before it masked), queries from the first ``n_heads`` heads of the q|k|v rows; into ``out_BF``."""
+    B, K, cap, d = k_BKCd.shape
+    assert k_BKCd.is_contiguous() and v_BKCd.is_contiguous() and start_B.dtype == torch.int64
+    assert start_B.is_contiguous() and out_BF.shape == (B, n_heads * d) and 0 < length <= cap
+    lib.attend_step(qkv_BF.data_ptr(), _rows(qkv_BF, "qkv"), k_BKCd.data_ptr(), v_BKCd.data_ptr(), start_B.data_ptr(),
+                    out_BF.data_ptr(), _rows(out_BF, "out"), B, K, n_heads // K, d, cap, length, d**-0.5)
+    return out_BF

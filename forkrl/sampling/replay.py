@@ -303,15 +303,15 @@ def _mlp_backward(lay: Layer, rec, dx, P, needs, grads: list, inp: Inputs) -> No
     """down, SwiGLU, gate|up and the second RMSNorm at the kept positions; turns ``dx`` [P, D] (the layer output's
     gradient) into x′'s."""
     ws, (M, D), lib = inp.scratch, dx.shape, kernels.get()
-    gu = _packed(rec["gu"], inp, "rec_gu")  # the recorded gate|up
-    g, u = gu.chunk(2, dim=-1)
-    I = g.shape[1]
+    I = rec["gu"].shape[-1] // 2
     dgu = ws.get("dgu", M, 2 * I)
-    if lib is not None:  # one pass each way (kernels.c)
-        a = kernels.swiglu(lib, gu, ws.get("a", M, I))
+    if lib is not None:  # one pass each way, reading the record's gate|up through the packing (kernels.c)
+        gu, idx = _rows(rec["gu"]), inp.packing.rec_idx_P
+        a = kernels.swiglu(lib, gu, ws.get("a", M, I), idx)
         da = lay.down.backward(dx, a, P, needs, grads, dx=ws.get("da", M, I))
-        kernels.swiglu_backward(lib, da, gu, dgu)
+        kernels.swiglu_backward(lib, da, gu, dgu, idx)
     else:
+        g, u = _packed(rec["gu"], inp, "rec_gu").chunk(2, dim=-1)  # the recorded gate|up
         silu = torch.ops.aten.silu.out(g, out=ws.get("silu", M, I))
         a = torch.mul(silu, u, out=ws.get("a", M, I))  # the down projection's input
         da = lay.down.backward(dx, a, P, needs, grads, dx=ws.get("da", M, I))
