@@ -28,7 +28,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off: no fused multiply-adds where the torch code rounds a product and a sum separately;
 # -fno-trapping-math lets the compiler turn exp's clamps into selects, so its loops vectorise
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
-         "-shared"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
+         "-shared"]
+FLAGS += ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
 
 _lib: ctypes.CDLL | None = None
 _tried = False
