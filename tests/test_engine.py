@@ -119,3 +119,29 @@ def test_fast_engine_with_one_token_prompts(kernel_path):
     with torch.no_grad():
         a, b = HFEngine(model).prefill(ids, attn, 3), FastEngine(model).prefill(ids, attn, 3)
     torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name):
+    """With BLAS reachable from C (kernels.blas), a one-token step runs every layer in one C call; layer by layer
+    from Python it runs the same kernels and products: the logits and the record agree to float rounding."""
+    from forkrl.sampling import kernels
+
+    if kernels.get() is None or not kernels.blas:
+        pytest.skip(f"no whole-step path here: {kernels.why or 'no sgemm_ in libtorch_cpu'}")
+    model = MODELS[name]()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20], [30, 31, 32, 33]]
+    ids, attn = left_pad(prompts, pad_id=0)
+    engines = [FastEngine(model, record=True), FastEngine(model, record=True)]
+    assert engines[0].whole_step == (name != "llama gqa biases")  # an o-projection bias: layer by layer
+    engines[1].whole_step = False
+    with torch.no_grad():
+        outs = [e.prefill(ids, attn, 5) for e in engines]
+        pos, g = attn.sum(-1) - 1, torch.Generator().manual_seed(1)
+        for _ in range(5):
+            token, pos = torch.randint(2, 97, (len(prompts),), generator=g), pos + 1
+            outs = [e.step(token, pos) for e in engines]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(engines[0].record["layers"], engines[1].record["layers"]):
+        for key in a:
+            torch.testing.assert_close(a[key][:9], b[key][:9], rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ otherwise; ``sampling.engine: hf`` forces the Hugging Face path.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 
@@ -182,6 +183,11 @@ class FastEngine:
                                     torch.cat([wg, wu]).t(), wd.detach().t()))
             self.norm = core.norm.weight.detach()
             self.head = _weight(hf.lm_head)[0].detach().t()
+        # a one-token step through all layers in one C call (kernels.decode_layers), where BLAS is reachable from C
+        # and every weight is a contiguous [out, in] matrix; else layer by layer from here
+        self.whole_step = self.lib is not None and kernels.blas and all(
+            b_o is None and all(w.is_contiguous() for w in (ln1, w_qkv.t(), w_o.t(), ln2, w_gu.t(), w_down.t()))
+            for ln1, w_qkv, _, w_o, b_o, ln2, w_gu, w_down in self.layers)
 
     def _rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, head_dim] as transformers' default rotary embedding computes them."""
@@ -214,10 +220,12 @@ class FastEngine:
         self.key_mask = torch.zeros(B, self.n_kv, 1, cap, device=dev)
         self.key_mask[..., :W].masked_fill_(~real[:, None, None], float("-inf"))
         mask = causal_mask(real) if W > 1 else self.key_mask[..., :1]  # width 1: the one-query path's layout
-        self.length, self.bufs = 0, {}
+        self.length, self.bufs, self.cap = 0, {}, cap
         if self.recording:
             self._start_record(B, cap, dev)
             self.record["real_BW"] = real
+        if self.whole_step:
+            self._whole_step_args(B)
         return self._forward(ids_BW, (attn_BW.cumsum(-1) - 1).clamp(min=0), mask)
 
     @torch.no_grad()
@@ -266,6 +274,21 @@ class FastEngine:
             self._keep(rec, kr, r, B, S)
         return xhat * w
 
+    def _whole_step_args(self, B: int) -> None:
+        """The pointers ``kernels.decode_layers`` reads: per layer its weights and caches, and the record's bases."""
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        weights = [ptr(t) for i, (ln1, w_qkv, b_qkv, w_o, _, ln2, w_gu, w_down) in enumerate(self.layers)
+                   for t in (ln1, w_qkv.t(), b_qkv, w_o.t(), ln2, w_gu.t(), w_down.t(), self.k[i], self.v[i])]
+        self.c_weights = (ctypes.c_void_p * len(weights))(*weights)
+        self.c_records = None
+        if self.recording:
+            keys = ("x1", "r1", "qkv", "att", "x2", "r2", "gu")
+            bases = [rec[k].data_ptr() for rec in self.record["layers"] for k in keys]
+            assert all(rec[k].is_contiguous() for rec in self.record["layers"] for k in keys)
+            self.c_records = (ctypes.c_void_p * len(bases))(*bases)
+        D, F, I = self.embed.shape[1], self.layers[0][1].shape[1], self.layers[0][7].shape[0]
+        self.c_bufs = [torch.empty(B, n, device=self.device) for n in (D, F, self.n_heads * self.head_dim, 2 * I, I)]
+
     def _buf(self, name: str, *shape: int) -> torch.Tensor:
         """A buffer of this engine's, reused from one layer and step to the next (its contents live until the next
         call with the same name)."""
@@ -301,7 +324,12 @@ class FastEngine:
             self.record["ids"][at:end].copy_(ids_BS.t())
             self.record["pos"][at:end].copy_(pos_BS.t())
         x = F.embedding(ids_BS, self.embed)
-        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+        if fused and self.whole_step:
+            kernels.decode_layers(self.lib, self.c_weights, self.c_records, x.view(B, -1), self.c_bufs, self.cos,
+                                  self.sin, pos_B, self.start, n_heads=H, n_kv=K, head_dim=d,
+                                  intermediate=self.layers[0][7].shape[0], cap=self.cap, at=at, eps=self.eps)
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(() if fused and self.whole_step
+                                                                              else self.layers):
             rec = self.record["layers"][i] if self.recording else None
             h = self._norm(x, ln1, rec, "x1", "r1").view(B * S, -1)
             qkv = self._mm(h, w_qkv, None if fused else b_qkv, self._slot(rec, "qkv", S))

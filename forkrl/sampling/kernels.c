@@ -264,3 +264,57 @@ void attend_step(const float* q, int64_t sq, const float* kc, const float* vc, c
     }
 }
 #pragma GCC pop_options
+
+/* A whole one-token decode step through the layers, for engines whose products can run through BLAS from here
+ * (set_sgemm: the Fortran sgemm torch's own BLAS exports). Each layer: RMSNorm (its record kept), q|k|v, bias,
+ * rotary and cache writes, attention, the o projection added into the residual stream, RMSNorm, gate|up, SwiGLU,
+ * the down projection added into the residual stream: the same kernels and products as engine.py's one-token
+ * step, without a return to Python between them. */
+typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+static sgemm_fn sgemm_p = 0;
+
+void set_sgemm(void* f) { sgemm_p = (sgemm_fn)f; }
+
+/* c [B, out] (row stride ldc) = a [B, in] (row stride lda) · wᵀ (w [out, in], contiguous) + beta·c */
+static void linear(const float* a, int64_t lda, const float* w, int64_t out, int64_t in, float* c, int64_t ldc,
+                   float beta, int64_t B) {
+    int m = (int)out, n = (int)B, k = (int)in, la = (int)in, lb = (int)lda, lc = (int)ldc;
+    float alpha = 1.0f;
+    sgemm_p("T", "N", &m, &n, &k, &alpha, w, &la, a, &lb, &beta, c, &lc);
+}
+
+static float* slot(void* base, int64_t at, int64_t B, int64_t F, float* otherwise) {
+    return base ? (float*)base + at * B * F : otherwise;
+}
+
+/* W: per layer 9 pointers (ln1, W_qkv [F, D], b_qkv or 0, W_o [D, H·d], ln2, W_gu [2I, D], W_down [D, I], key
+ * cache, value cache); rec: per layer 7 record bases [cap, B, width] (x̂1, r1, q|k|v, attention, x̂2, r2, gate|up)
+ * or 0 without a record; x [B, D]: the residual stream, updated in place; the rest: scratch. */
+int decode_layers(int64_t n_layers, void** W, void** rec, float* x, float* h, float* qkv_buf, float* att_buf,
+                  float* gu_buf, float* a_buf, const float* cos_t, const float* sin_t, const int64_t* pos,
+                  const int64_t* start, int64_t B, int64_t D, int64_t H, int64_t K, int64_t d, int64_t I,
+                  int64_t cap, int64_t at, float eps) {
+    if (!sgemm_p) return 1;
+    int64_t F = (H + 2 * K) * d, Hd = H * d;
+    for (int64_t l = 0; l < n_layers; l++) {
+        void** w = W + 9 * l;
+        void** r = rec ? rec + 7 * l : 0;
+        rms_norm(x, D, (const float*)w[0], eps, r ? slot(r[0], at, B, D, 0) : 0, D, r ? slot(r[1], at, B, 1, 0) : 0,
+                 1, h, B, D);
+        float* qkv = r ? slot(r[2], at, B, F, qkv_buf) : qkv_buf;
+        linear(h, D, (const float*)w[1], F, D, qkv, F, 0.0f, B);
+        rope_cache(qkv, F, (const float*)w[2], cos_t, sin_t, pos, (float*)w[7], (float*)w[8], B, H, K, d, cap, at);
+        float* att = r ? slot(r[3], at, B, Hd, att_buf) : att_buf;
+        attend_step(qkv, F, (const float*)w[7], (const float*)w[8], start, att, Hd, B, K, H / K, d, cap, at + 1,
+                    1.0f / sqrtf((float)d));
+        linear(att, Hd, (const float*)w[3], D, Hd, x, D, 1.0f, B);
+        rms_norm(x, D, (const float*)w[4], eps, r ? slot(r[4], at, B, D, 0) : 0, D, r ? slot(r[5], at, B, 1, 0) : 0,
+                 1, h, B, D);
+        float* gu = r ? slot(r[6], at, B, 2 * I, gu_buf) : gu_buf;
+        linear(h, D, (const float*)w[5], 2 * I, D, gu, 2 * I, 0.0f, B);
+        swiglu(gu, 2 * I, 0, a_buf, B, I);
+        linear(a_buf, I, (const float*)w[6], D, I, x, D, 1.0f, B);
+    }
+    return 0;
+}

@@ -68,10 +68,13 @@ def _declare(lib: ctypes.CDLL) -> None:
            "swiglu_backward": [p, p, i64, p, p, i64, i64],
            "rms_backward": [p, p, p, p, p, p, i64, i64],
            "rope_back_pack": [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64],
-           "attend_step": [p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32]}
+           "attend_step": [p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32],
+           "set_sgemm": [p],
+           "decode_layers": [i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32]}
     for name, args in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.decode_layers.restype = ctypes.c_int
 
 
 def _unavailable(reason: str) -> None:
@@ -108,8 +111,25 @@ def get() -> ctypes.CDLL | None:
         _declare(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return _unavailable(str(e))
+    global blas
+    blas = _find_sgemm(lib)
     _lib = lib
     return lib
+
+
+blas = False  # whether decode_layers can run: the library found torch's BLAS (its Fortran sgemm)
+
+
+def _find_sgemm(lib) -> bool:
+    """Give the library the Fortran ``sgemm_`` of the BLAS torch links (MKL in the x86 CPU wheels, exported by
+    libtorch_cpu), so a whole decode step runs in C with torch's own products. False where it is not there."""
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        address = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    lib.set_sgemm(address)
+    return True
 
 
 def _rows(t: torch.Tensor, name: str) -> int:
@@ -210,3 +230,19 @@ def attend_step(lib, qkv_BF, k_BKCd, v_BKCd, start_B, out_BF, n_heads: int, leng
     lib.attend_step(qkv_BF.data_ptr(), _rows(qkv_BF, "qkv"), k_BKCd.data_ptr(), v_BKCd.data_ptr(), start_B.data_ptr(),
                     out_BF.data_ptr(), _rows(out_BF, "out"), B, K, n_heads // K, d, cap, length, d**-0.5)
     return out_BF
+
+
+def decode_layers(lib, weights, records, x_BD, bufs, cos_PD, sin_PD, pos_B, start_B, *, n_heads: int, n_kv: int,
+                  head_dim: int, intermediate: int, cap: int, at: int, eps: float) -> None:
+    """One decode step through every layer in C (kernels.c ``decode_layers``), the residual stream ``x_BD`` updated
+    in place. ``weights``/``records``: ctypes arrays of the per-layer pointers ``engine.FastEngine`` prepares (9
+    per layer; 7 record bases per layer, or None); ``bufs``: scratch (h, q|k|v, attention, gate|up, SwiGLU)."""
+    B, D = x_BD.shape
+    assert x_BD.is_contiguous() and pos_B.is_contiguous() and start_B.is_contiguous() and 0 <= at < cap
+    h, qkv, att, gu, a = bufs
+    rc = lib.decode_layers(len(weights) // 9, weights, records, x_BD.data_ptr(), h.data_ptr(), qkv.data_ptr(),
+                           att.data_ptr(), gu.data_ptr(), a.data_ptr(), cos_PD.data_ptr(), sin_PD.data_ptr(),
+                           pos_B.data_ptr(), start_B.data_ptr(), B, D, n_heads, n_kv, head_dim, intermediate, cap,
+                           at, eps)
+    if rc != 0:
+        raise RuntimeError("decode_layers: no BLAS was set (kernels.blas is False)")
