@@ -276,8 +276,7 @@ class FastEngine:
 
     def _whole_step_args(self, B: int) -> None:
         """The pointers ``kernels.decode_layers`` reads: per layer its weights and caches, and the record's bases."""
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        weights = [ptr(t) for i, (ln1, w_qkv, b_qkv, w_o, _, ln2, w_gu, w_down) in enumerate(self.layers)
+        weights = [None if t is None else t.data_ptr() for i, (ln1, w_qkv, b_qkv, w_o, _, ln2, w_gu, w_down) in enumerate(self.layers)
                    for t in (ln1, w_qkv.t(), b_qkv, w_o.t(), ln2, w_gu.t(), w_down.t(), self.k[i], self.v[i])]
         self.c_weights = (ctypes.c_void_p * len(weights))(*weights)
         self.c_records = None
