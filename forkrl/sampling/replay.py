@@ -251,7 +251,9 @@ def forward(inp: Inputs, plan: Plan, P):
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(1, inp.targets_SR.reshape(-1, 1)).view(-1, R)
     H = -(logp_all.exp() * logp_all).sum(-1).view(-1, R) if inp.entropy else torch.zeros_like(logp)
-    return logp, H, (xhat, r, h, logp_all, H)
+    # H detached: the autograd node keeps what the backward needs, and an output of the node kept there would make a
+    # reference cycle (output → node → output), which holds the whole record until the garbage collector runs
+    return logp, H, (xhat, r, h, logp_all, H.detach())
 
 
 def _rms_backward(dh_MD, xhat_MD, r_M1, w, need_w: bool, dx_MD: torch.Tensor | None, ws: Scratch):
