@@ -11,9 +11,12 @@ The sampler (``hf.HFSampler``) and ``forkrl diff``'s lockstep decoding drive the
   cache preallocated for the whole completion and written in place, a precomputed rotary table applied to queries
   and keys at once, elementwise steps in place where that changes no rounding. On a CPU a
   one-token step of a small model is dominated by per-operation and per-module overhead, not by FLOPs; fusing
-  removes most of it (``benchmarks/grpo_step.py`` measures the effect). Weights are read at construction, with
-  a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives the base), so an
-  engine is built per sampling call and sees the current parameters. Its logits equal ``HFEngine``'s to float
+  removes most of it (``benchmarks/grpo_step.py`` measures the effect). Where the C kernels build
+  (``kernels.py``), a one-token step's elementwise groups (RMSNorm with its record; bias, rotary and cache writes;
+  the one-query attention; SwiGLU) are one kernel each, and where BLAS is reachable from C the whole step through
+  every layer is one call (``kernels.decode_layers``); the torch operations remain the fallback. Weights are read
+  at construction, with a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives
+  the base), so an engine is built per sampling call and sees the current parameters. Its logits equal ``HFEngine``'s to float
   rounding (about 1e-6; tested), so a sample can differ only where a uniform draw falls within that distance
   of a boundary of the cumulative distribution.
 
@@ -276,7 +279,8 @@ class FastEngine:
 
     def _whole_step_args(self, B: int) -> None:
         """The pointers ``kernels.decode_layers`` reads: per layer its weights and caches, and the record's bases."""
-        weights = [None if t is None else t.data_ptr() for i, (ln1, w_qkv, b_qkv, w_o, _, ln2, w_gu, w_down) in enumerate(self.layers)
+        weights = [None if t is None else t.data_ptr()
+                   for i, (ln1, w_qkv, b_qkv, w_o, _, ln2, w_gu, w_down) in enumerate(self.layers)
                    for t in (ln1, w_qkv.t(), b_qkv, w_o.t(), ln2, w_gu.t(), w_down.t(), self.k[i], self.v[i])]
         self.c_weights = (ctypes.c_void_p * len(weights))(*weights)
         self.c_records = None
@@ -312,7 +316,6 @@ class FastEngine:
     def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, mask) -> torch.Tensor:
         B, S = ids_BS.shape
         H, K, d = self.n_heads, self.n_kv, self.head_dim
-        nq, nk = H * d, K * d
         at, end = self.length, self.length + S
         fused = self.lib is not None and S == 1
         if fused:
@@ -327,37 +330,50 @@ class FastEngine:
             kernels.decode_layers(self.lib, self.c_weights, self.c_records, x.view(B, -1), self.c_bufs, self.cos,
                                   self.sin, pos_B, self.start, n_heads=H, n_kv=K, head_dim=d,
                                   intermediate=self.layers[0][7].shape[0], cap=self.cap, at=at, eps=self.eps)
-        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(() if fused and self.whole_step
-                                                                              else self.layers):
-            rec = self.record["layers"][i] if self.recording else None
-            h = self._norm(x, ln1, rec, "x1", "r1").view(B * S, -1)
-            qkv = self._mm(h, w_qkv, None if fused else b_qkv, self._slot(rec, "qkv", S))
-            qk = qkv[:, : nq + nk].view(B, S, H + K, d)
-            if fused:  # the bias, the same rotation and the cache writes in one kernel
-                kernels.rope_cache(self.lib, qkv, b_qkv, self.cos, self.sin, pos_B, self.k[i], self.v[i], H, at)
-            else:
-                rolled = qk.roll(d // 2, dims=-1).mul_(sin)
-                qk.mul_(cos).add_(rolled)  # queries and keys rotated together, in place: a record keeps q′|k′|v
-                self._keep(rec, "qkv", qkv, B, S)
-                self.k[i][:, :, at:end] = qk[:, :, H:].transpose(1, 2)
-                self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
-            if fused:  # one pass over each row's keys and values (kernels.c)
-                out = self._slot(rec, "att", S) if rec is not None else self._buf("att", B, nq)
-                o = kernels.attend_step(self.lib, qkv, self.k[i], self.v[i], self.start, out, H, end)
-            else:
-                o = self._attend(qk[:, :, :H].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], mask,
-                                 out=self._slot(rec, "att", S)).reshape(B * S, nq)
-            self._keep(rec, "att", o, B, S)
-            self._residual(x, o, w_o, b_o)
-            gu = self._mm(self._norm(x, ln2, rec, "x2", "r2").view(B * S, -1), w_gu, out=self._slot(rec, "gu", S))
-            self._keep(rec, "gu", gu, B, S)
-            half = gu.shape[1] // 2
-            a = kernels.swiglu(self.lib, gu, self._buf("a", B, half)) if fused else \
-                F.silu(gu[:, :half]).mul_(gu[:, half:])
-            self._residual(x, a, w_down, None)
+        else:
+            for i in range(len(self.layers)):
+                self._layer(i, x, pos_B if fused else (cos, sin), mask)
         self.length = end
         return self._norm(x[:, -1], self.norm, self.record["final"] if self.recording else None, "xf", "rf",
                           at=end - 1) @ self.head
+
+    def _layer(self, i: int, x: torch.Tensor, pos, mask) -> None:
+        """Layer ``i`` of a prefill or one-token step, from Python, on this call's residual stream ``x`` [B, S, D] (in
+        place); ``pos``: the rows' positions [B] for a one-token step with the kernels, else the rotary tables at
+        the positions (cos, sin)."""
+        B, S, _ = x.shape
+        H, K, d = self.n_heads, self.n_kv, self.head_dim
+        nq, nk = H * d, K * d
+        at, end = self.length, self.length + S
+        fused = self.lib is not None and S == 1
+        ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down = self.layers[i]
+        rec = self.record["layers"][i] if self.recording else None
+        h = self._norm(x, ln1, rec, "x1", "r1").view(B * S, -1)
+        qkv = self._mm(h, w_qkv, None if fused else b_qkv, self._slot(rec, "qkv", S))
+        qk = qkv[:, : nq + nk].view(B, S, H + K, d)
+        if fused:  # the bias, the same rotation and the cache writes in one kernel
+            kernels.rope_cache(self.lib, qkv, b_qkv, self.cos, self.sin, pos, self.k[i], self.v[i], H, at)
+        else:
+            cos, sin = pos
+            rolled = qk.roll(d // 2, dims=-1).mul_(sin)
+            qk.mul_(cos).add_(rolled)  # queries and keys rotated together, in place: a record keeps q′|k′|v
+            self._keep(rec, "qkv", qkv, B, S)
+            self.k[i][:, :, at:end] = qk[:, :, H:].transpose(1, 2)
+            self.v[i][:, :, at:end] = qkv[:, nq + nk :].view(B, S, K, d).transpose(1, 2)
+        if fused:  # one pass over each row's keys and values (kernels.c)
+            out = self._slot(rec, "att", S) if rec is not None else self._buf("att", B, nq)
+            o = kernels.attend_step(self.lib, qkv, self.k[i], self.v[i], self.start, out, H, end)
+        else:
+            o = self._attend(qk[:, :, :H].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], mask,
+                             out=self._slot(rec, "att", S)).reshape(B * S, nq)
+        self._keep(rec, "att", o, B, S)
+        self._residual(x, o, w_o, b_o)
+        gu = self._mm(self._norm(x, ln2, rec, "x2", "r2").view(B * S, -1), w_gu, out=self._slot(rec, "gu", S))
+        self._keep(rec, "gu", gu, B, S)
+        half = gu.shape[1] // 2
+        a = kernels.swiglu(self.lib, gu, self._buf("a", B, half)) if fused else \
+            F.silu(gu[:, :half]).mul_(gu[:, half:])
+        self._residual(x, a, w_down, None)
 
     def _attend(self, q_BHSD, k_BKLD, v_BKLD, mask, out: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(q·kᵀ/√d + mask)·v with grouped-query heads, as [B, S, H, D]; ``mask`` is additive (0 or

@@ -3,9 +3,11 @@
 ``get()`` compiles ``kernels.c`` with the system C compiler once per machine (the shared library is cached under
 ``models.cache_dir()/kernels``, keyed by the source, the compiler and the CPU) and returns the loaded library, or
 None where it cannot: no compiler or a failed build (a warning, once, and the reason, the compiler's message
-included, in ``why``), or ``FORKRL_KERNELS=0`` in the environment. Callers then run the equivalent torch operations, which give the same
-results to float rounding (``tests/test_kernels.py`` checks both against each other). The library links the
-OpenMP runtime torch already loaded (libgomp), so its parallel loops share torch's threads.
+included, in ``why``), or ``FORKRL_KERNELS=0`` in the environment. Callers then run the equivalent torch
+operations, which give the same results to float rounding (``tests/test_kernels.py`` checks both against each
+other). The library links the OpenMP runtime torch already loaded (libgomp), so its parallel loops share torch's
+threads. ``blas``: whether the library also found the Fortran ``sgemm_`` of torch's BLAS, which
+``decode_layers`` (a whole decode step in one call) multiplies with.
 
 Every wrapper here takes float32 CPU tensors whose rows are contiguous and checks it: a kernel reads raw memory.
 """
@@ -35,6 +37,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 why: str | None = None  # why get() returned None
 enabled = True  # False: get() returns None, and callers run the torch operations (tests compare the two)
+blas = False  # whether decode_layers can run: the library found torch's BLAS (its Fortran sgemm)
 
 
 def _cpu_key() -> str:
@@ -87,7 +90,7 @@ def _unavailable(reason: str) -> None:
 
 def get() -> ctypes.CDLL | None:
     """The loaded kernel library, built on first use; None (reason in ``why``) where it cannot be."""
-    global _lib, _tried, why
+    global _lib, _tried, why, blas
     if not enabled:
         return None
     if _tried:
@@ -111,18 +114,15 @@ def get() -> ctypes.CDLL | None:
         _declare(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return _unavailable(str(e))
-    global blas
     blas = _find_sgemm(lib)
     _lib = lib
     return lib
 
 
-blas = False  # whether decode_layers can run: the library found torch's BLAS (its Fortran sgemm)
-
-
 def _find_sgemm(lib) -> bool:
     """Give the library the Fortran ``sgemm_`` of the BLAS torch links (MKL in the x86 CPU wheels, exported by
-    libtorch_cpu), so a whole decode step runs in C with torch's own products. False where it is not there."""
+    libtorch_cpu; its 32-bit-integer interface), so a whole decode step runs in C with torch's own products. False
+    where it is not there. ``tests/test_engine.py`` checks the step against the layer-by-layer one."""
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
         address = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value

@@ -26,7 +26,10 @@ Biases, LoRA adapters (A, B, scale of each active adapter) and frozen parameters
 outside the matrix multiplies (a recomputed forward, fresh activation-sized temporaries that each pay their page
 faults, concatenations, SDPA's layout copies); here the elementwise work runs in few passes over buffers reused
 from layer to layer and from step to step, and the weight gradients of a fused group (q|k|v, gate|up) are one
-product. On the benchmark model's 64-row update: 0.61-0.68 s through autograd, about 0.50 s here.
+product. SwiGLU and its backward, the RMSNorm backward and the rotary transpose with the packing are one pass each
+in C where the kernels build (``kernels.py``; else the torch operations, the same to float rounding). On the
+benchmark model's 64-row update: 0.61-0.68 s through autograd, about 0.44 s here with the torch operations and
+0.38-0.39 s with the kernels.
 """
 
 from __future__ import annotations
