@@ -16,9 +16,9 @@ The sampler (``hf.HFSampler``) and ``forkrl diff``'s lockstep decoding drive the
   the one-query attention; SwiGLU) are one kernel each, and where BLAS is reachable from C the whole step through
   every layer is one call (``kernels.decode_layers``); the torch operations remain the fallback. Weights are read
   at construction, with a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives
-  the base), so an engine is built per sampling call and sees the current parameters. Its logits equal ``HFEngine``'s to float
-  rounding (about 1e-6; tested), so a sample can differ only where a uniform draw falls within that distance
-  of a boundary of the cumulative distribution.
+  the base), so an engine is built per sampling call and sees the current parameters. Its logits equal
+  ``HFEngine``'s to float rounding (about 1e-6; tested), so a sample can differ only where a uniform draw falls
+  within that distance of a boundary of the cumulative distribution.
 
 ``engine_for(model, "auto")`` picks ``FastEngine`` for a float32 model on CPU that it supports and ``HFEngine``
 otherwise; ``sampling.engine: hf`` forces the Hugging Face path.

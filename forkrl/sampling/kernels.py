@@ -132,7 +132,7 @@ def _find_sgemm(lib) -> bool:
     return True
 
 
-def _rows(t: torch.Tensor, name: str) -> int:
+def _row_stride(t: torch.Tensor, name: str) -> int:
     """The row stride of a float32 CPU matrix whose rows are contiguous."""
     if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
         raise ValueError(f"{name}: a float32 CPU matrix with contiguous rows is needed, got {t.dtype} {t.device} "
@@ -149,9 +149,9 @@ def rms_norm(lib, x_BD, w_D, eps: float, h_BD, xhat_BD=None, r_B1=None) -> torch
     ``r_B1`` where given. Returns h."""
     B, D = x_BD.shape
     assert h_BD.is_contiguous() and h_BD.shape == (B, D) and w_D.is_contiguous() and w_D.numel() == D
-    sxh = _rows(xhat_BD, "xhat") if xhat_BD is not None else 0
-    sr = _rows(r_B1, "r") if r_B1 is not None else 0
-    lib.rms_norm(x_BD.data_ptr(), _rows(x_BD, "x"), w_D.data_ptr(), eps, _ptr(xhat_BD), sxh, _ptr(r_B1), sr,
+    sxh = _row_stride(xhat_BD, "xhat") if xhat_BD is not None else 0
+    sr = _row_stride(r_B1, "r") if r_B1 is not None else 0
+    lib.rms_norm(x_BD.data_ptr(), _row_stride(x_BD, "x"), w_D.data_ptr(), eps, _ptr(xhat_BD), sxh, _ptr(r_B1), sr,
                  h_BD.data_ptr(), B, D)
     return h_BD
 
@@ -164,8 +164,8 @@ def rope_cache(lib, qkv_BF, bias_F, cos_PD, sin_PD, pos_B, k_BKCd, v_BKCd, n_hea
     assert cos_PD.is_contiguous() and sin_PD.is_contiguous() and cos_PD.shape[1] == d
     assert pos_B.dtype == torch.int64 and pos_B.is_contiguous() and qkv_BF.shape == (B, (n_heads + 2 * K) * d)
     assert bias_F is None or (bias_F.is_contiguous() and bias_F.shape == qkv_BF.shape[1:])
-    lib.rope_cache(qkv_BF.data_ptr(), _rows(qkv_BF, "qkv"), _ptr(bias_F), cos_PD.data_ptr(), sin_PD.data_ptr(), pos_B.data_ptr(),
-                   k_BKCd.data_ptr(), v_BKCd.data_ptr(), B, n_heads, K, d, cap, t)
+    lib.rope_cache(qkv_BF.data_ptr(), _row_stride(qkv_BF, "qkv"), _ptr(bias_F), cos_PD.data_ptr(), sin_PD.data_ptr(),
+                   pos_B.data_ptr(), k_BKCd.data_ptr(), v_BKCd.data_ptr(), B, n_heads, K, d, cap, t)
 
 
 def _index(idx_M, rows: int, M: int):
@@ -183,7 +183,7 @@ def swiglu(lib, gu_NF, a_MI, idx_M=None) -> torch.Tensor:
     M, I = a_MI.shape
     assert a_MI.is_contiguous() and gu_NF.shape[1] == 2 * I
     idx = _index(idx_M, gu_NF.shape[0], M)
-    lib.swiglu(gu_NF.data_ptr(), _rows(gu_NF, "gu"), idx, a_MI.data_ptr(), M, I)
+    lib.swiglu(gu_NF.data_ptr(), _row_stride(gu_NF, "gu"), idx, a_MI.data_ptr(), M, I)
     return a_MI
 
 
@@ -192,7 +192,7 @@ def swiglu_backward(lib, da_MI, gu_NF, dgu_MF, idx_M=None) -> torch.Tensor:
     M, I = da_MI.shape
     assert da_MI.is_contiguous() and dgu_MF.is_contiguous() and gu_NF.shape[1] == 2 * I and dgu_MF.shape == (M, 2 * I)
     idx = _index(idx_M, gu_NF.shape[0], M)
-    lib.swiglu_backward(da_MI.data_ptr(), gu_NF.data_ptr(), _rows(gu_NF, "gu"), idx, dgu_MF.data_ptr(), M, I)
+    lib.swiglu_backward(da_MI.data_ptr(), gu_NF.data_ptr(), _row_stride(gu_NF, "gu"), idx, dgu_MF.data_ptr(), M, I)
     return dgu_MF
 
 
@@ -227,8 +227,9 @@ def attend_step(lib, qkv_BF, k_BKCd, v_BKCd, start_B, out_BF, n_heads: int, leng
     B, K, cap, d = k_BKCd.shape
     assert k_BKCd.is_contiguous() and v_BKCd.is_contiguous() and start_B.dtype == torch.int64
     assert start_B.is_contiguous() and out_BF.shape == (B, n_heads * d) and 0 < length <= cap
-    lib.attend_step(qkv_BF.data_ptr(), _rows(qkv_BF, "qkv"), k_BKCd.data_ptr(), v_BKCd.data_ptr(), start_B.data_ptr(),
-                    out_BF.data_ptr(), _rows(out_BF, "out"), B, K, n_heads // K, d, cap, length, d**-0.5)
+    lib.attend_step(qkv_BF.data_ptr(), _row_stride(qkv_BF, "qkv"), k_BKCd.data_ptr(), v_BKCd.data_ptr(),
+                    start_B.data_ptr(), out_BF.data_ptr(), _row_stride(out_BF, "out"), B, K, n_heads // K, d, cap,
+                    length, d**-0.5)
     return out_BF
 
 
