@@ -1,6 +1,7 @@
 """The fused C kernels (forkrl/sampling/kernels.c) against the torch operations they replace, on odd sizes (loop
 tails), strided rows and extreme inputs; and how the library is found, built, refused and switched off."""
 
+import os
 import subprocess
 import sys
 
@@ -133,8 +134,6 @@ def fresh(env: dict) -> str:
     """What a new process's kernels.get() says (``ok`` or the reason for None), under ``env``."""
     code = ("from forkrl.sampling import kernels; lib = kernels.get(); "
             "print('ok' if lib is not None else 'none: ' + kernels.why)")
-    import os
-
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                          env={**os.environ, **env}, timeout=300)
     assert run.returncode == 0, run.stderr

@@ -186,6 +186,7 @@ class FastEngine:
                                     torch.cat([wg, wu]).t(), wd.detach().t()))
             self.norm = core.norm.weight.detach()
             self.head = _weight(hf.lm_head)[0].detach().t()
+        self.intermediate = self.layers[0][7].shape[0]  # the down projection's input width
         # a one-token step through all layers in one C call (kernels.decode_layers), where BLAS is reachable from C
         # and every weight is a contiguous [out, in] matrix; else layer by layer from here
         self.whole_step = self.lib is not None and kernels.blas and all(
@@ -223,7 +224,7 @@ class FastEngine:
         self.key_mask = torch.zeros(B, self.n_kv, 1, cap, device=dev)
         self.key_mask[..., :W].masked_fill_(~real[:, None, None], float("-inf"))
         mask = causal_mask(real) if W > 1 else self.key_mask[..., :1]  # width 1: the one-query path's layout
-        self.length, self.bufs, self.cap = 0, {}, cap
+        self.length, self.bufs = 0, {}
         if self.recording:
             self._start_record(B, cap, dev)
             self.record["real_BW"] = real
@@ -289,8 +290,9 @@ class FastEngine:
             bases = [rec[k].data_ptr() for rec in self.record["layers"] for k in keys]
             assert all(rec[k].is_contiguous() for rec in self.record["layers"] for k in keys)
             self.c_records = (ctypes.c_void_p * len(bases))(*bases)
-        D, F, I = self.embed.shape[1], self.layers[0][1].shape[1], self.layers[0][7].shape[0]
-        self.c_bufs = [torch.empty(B, n, device=self.device) for n in (D, F, self.n_heads * self.head_dim, 2 * I, I)]
+        D, F, I = self.embed.shape[1], self.layers[0][1].shape[1], self.intermediate
+        widths = {"h": D, "qkv": F, "att": self.n_heads * self.head_dim, "gu": 2 * I, "a": I}
+        self.c_bufs = [self._buf(name, B, n) for name, n in widths.items()]  # the layer-by-layer path's buffers
 
     def _buf(self, name: str, *shape: int) -> torch.Tensor:
         """A buffer of this engine's, reused from one layer and step to the next (its contents live until the next
@@ -329,7 +331,7 @@ class FastEngine:
         if fused and self.whole_step:
             kernels.decode_layers(self.lib, self.c_weights, self.c_records, x.view(B, -1), self.c_bufs, self.cos,
                                   self.sin, pos_B, self.start, n_heads=H, n_kv=K, head_dim=d,
-                                  intermediate=self.layers[0][7].shape[0], cap=self.cap, at=at, eps=self.eps)
+                                  intermediate=self.intermediate, cap=self.cos.shape[0], at=at, eps=self.eps)
         else:
             for i in range(len(self.layers)):
                 self._layer(i, x, pos_B if fused else (cos, sin), mask)

@@ -168,7 +168,7 @@ def rope_cache(lib, qkv_BF, bias_F, cos_PD, sin_PD, pos_B, k_BKCd, v_BKCd, n_hea
                    pos_B.data_ptr(), k_BKCd.data_ptr(), v_BKCd.data_ptr(), B, n_heads, K, d, cap, t)
 
 
-def _index(idx_M, rows: int, M: int):
+def _row_indices(idx_M, rows: int, M: int):
     """The row indices a kernel reads through (or None: rows 0 … M − 1), checked against the ``rows`` it may read."""
     if idx_M is None:
         assert M <= rows
@@ -182,7 +182,7 @@ def swiglu(lib, gu_NF, a_MI, idx_M=None) -> torch.Tensor:
     """a = silu(g)·u for rows [g | u] of ``gu_NF`` (row ``idx_M[m]`` where given), into ``a_MI`` (contiguous)."""
     M, I = a_MI.shape
     assert a_MI.is_contiguous() and gu_NF.shape[1] == 2 * I
-    idx = _index(idx_M, gu_NF.shape[0], M)
+    idx = _row_indices(idx_M, gu_NF.shape[0], M)
     lib.swiglu(gu_NF.data_ptr(), _row_stride(gu_NF, "gu"), idx, a_MI.data_ptr(), M, I)
     return a_MI
 
@@ -191,7 +191,7 @@ def swiglu_backward(lib, da_MI, gu_NF, dgu_MF, idx_M=None) -> torch.Tensor:
     """[dg | du] of a = silu(g)·u given da, into ``dgu_MF`` (contiguous); [g | u] read as ``swiglu`` reads it."""
     M, I = da_MI.shape
     assert da_MI.is_contiguous() and dgu_MF.is_contiguous() and gu_NF.shape[1] == 2 * I and dgu_MF.shape == (M, 2 * I)
-    idx = _index(idx_M, gu_NF.shape[0], M)
+    idx = _row_indices(idx_M, gu_NF.shape[0], M)
     lib.swiglu_backward(da_MI.data_ptr(), gu_NF.data_ptr(), _row_stride(gu_NF, "gu"), idx, dgu_MF.data_ptr(), M, I)
     return dgu_MF
 
