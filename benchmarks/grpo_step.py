@@ -32,9 +32,19 @@ for ``--rounds``) so drift of the machine hits both.
   computes forkrl's loss (``policy_update``) and TRL's (``GRPOTrainer._compute_loss``) with the real model
   forward on that same batch, plus each one's gradient norm.
 
+* devices (``--device``, ``--dtype``): fp32 on the CPU is the default and the issue's setting; the GPU, if any, is
+  hidden from the workers then (forkrl's pipeline would take a visible one by itself). ``--device cuda`` runs
+  both on the first GPU in bf16 (TRL: ``use_cpu=False, bf16=True`` with the model loaded in bf16; forkrl:
+  ``model.dtype: bfloat16``, which samples through the Hugging Face forward and updates through the model's
+  forward, the fused CPU engine being fp32-only), synchronises the device at every timer, measures the peak at
+  8192² bf16 and adds each library's peak GPU memory. ``--dtype bfloat16`` on the CPU runs the same precision
+  there (slow on CPUs without bf16 matrix units). The table's first line and the JSON's ``setup`` and
+  ``machine`` say which device and precision every figure comes from.
+
     python benchmarks/grpo_step.py --json grpo_step.json                 # default: ~5M params, 64 tokens
     python benchmarks/grpo_step.py --config lora --json grpo_step_lora.json
     python benchmarks/grpo_step.py --tiny --json /tmp/t.json             # a smoke run (tests)
+    python benchmarks/grpo_step.py --device cuda --json grpo_step_gpu.json  # on a GPU, bf16
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ SIZES = {  # (model size, sampling, batch)
     "tiny": dict(size=dict(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96),
                  max_new_tokens=8, prompts=2, group=2),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA = dict(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 LR, BETAS, GRAD_CLIP = 1e-4, (0.9, 0.99), 1.0
 
@@ -78,7 +89,7 @@ def forkrl_config(spec: dict, model_dir: str, steps: int):
     n = spec["prompts"] * spec["group"]
     return RunCfg.model_validate({
         "seed": 0, "stages": ["grpo"],
-        "model": {"path": model_dir, "dtype": "float32", "lora": {"enabled": spec["lora"], **LORA}},
+        "model": {"path": model_dir, "dtype": spec.get("dtype", "float32"), "lora": {"enabled": spec["lora"], **LORA}},
         "task": TASK,
         "sampling": {"temperature": 1.0, "max_new_tokens": spec["max_new_tokens"], "batch_size": 256},
         "grpo": {"steps": steps, "prompts_per_step": spec["prompts"], "group_size": spec["group"],
@@ -117,28 +128,42 @@ def local_setup(spec: dict, root: Path, seed_key: str):
     return model, tok, cfg, [tok(p.prompt).input_ids for p in problems], seeds
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 8) -> float:
-    """fp32 GFLOP/s of an n×n matmul, the best of ``repeats`` (a peak: the host is shared and noisy)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer read without this measures launches)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: str = "cpu", dtype: str = "float32", repeats: int = 8) -> float:
+    """GFLOP/s of an n×n matmul in ``dtype`` on ``device``, the best of ``repeats`` (a peak: the host is shared
+    and noisy). n is 2048 for fp32 on a CPU, 8192 on a GPU (2048² is too small to fill one), 1024 for bf16 on
+    a CPU (its matmuls run ~30× slower there)."""
+    n = 8192 if device == "cuda" else 2048 if dtype == "float32" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
     a @ b
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times) / 1e9
 
 
 def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
     """tokens/s of one batched no-grad forward over ``rows`` × ``length`` tokens (median of 3)."""
-    ids = torch.randint(2, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    ids = torch.randint(2, vocab, (rows, length), generator=torch.Generator().manual_seed(0)).to(device)
     was = model.training
     model.eval()
     times = []
     with torch.no_grad():
         for _ in range(4):
+            sync(device.type)
             t0 = time.perf_counter()
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            sync(device.type)
             times.append(time.perf_counter() - t0)
     model.train(was)
     return rows * length / statistics.median(times[1:])
@@ -155,19 +180,25 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
     one-token steps of all ``rows`` rows. Training: the forward over every row's prompt and completion tokens
     (no padding; the head on completion tokens only), and the backward's input gradients plus, unless only an
     adapter trains (LoRA: its own matmuls are left out), weight gradients. Attention, norms, activations,
-    sampling and the optimizer are left out: the true floor is higher."""
+    sampling and the optimizer are left out: the true floor is higher. On the model's device, in its dtype."""
+    p = next(model.parameters())
+    dev, dt = p.device.type, p.dtype
     cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     H, nq, nk, inter = cfg.hidden_size, cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
     layer = [(H, nq + 2 * nk), (nq, H), (H, 2 * inter), (inter, H)]
     g = torch.Generator().manual_seed(0)
-    weights = [[torch.randn(i, o, generator=g) for i, o in layer] for _ in range(cfg.num_hidden_layers)]
-    head = torch.randn(H, cfg.vocab_size, generator=g)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=dev, dtype=dt)
+
+    weights = [[randn(i, o) for i, o in layer] for _ in range(cfg.num_hidden_layers)]
+    head = randn(H, cfg.vocab_size)
     widths = {i for i, _ in layer} | {o for _, o in layer}
     steps, seq, comp = math.ceil(tokens / rows), rows * prompt_len + int(tokens), int(tokens)
-    xs = {n: torch.randn(rows, n, generator=g) for n in widths}
-    X = {n: torch.randn(seq, n, generator=g) for n in widths}
-    Xc, dYc = torch.randn(comp, H, generator=g), torch.randn(comp, cfg.vocab_size, generator=g)
+    xs = {n: randn(rows, n) for n in widths}
+    X = {n: randn(seq, n) for n in widths}
+    Xc, dYc = randn(comp, H), randn(comp, cfg.vocab_size)
 
     def sample():
         for _ in range(steps):
@@ -194,8 +225,10 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
         fn()  # warm-up
         times = []
         for _ in range(repeats):
+            sync(dev)
             t0 = time.perf_counter()
             fn()
+            sync(dev)
             times.append(time.perf_counter() - t0)
         return min(times)
 
@@ -204,12 +237,15 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
 
 def worker_tail(model, spec: dict, prompt_len: int, vocab: int, per_step: list[dict]) -> dict:
     rows, tokens = spec["prompts"] * spec["group"], statistics.median(s["tokens"] for s in per_step)
-    return {"params": sum(p.numel() for p in model.parameters()), "prompt_len": prompt_len,
+    gpu = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if spec["device"] == "cuda" else {}
+    first = next(model.parameters())
+    return {**gpu, "param_dtype": str(first.dtype).removeprefix("torch."), "param_device": first.device.type,
+            "params": sum(p.numel() for p in model.parameters()), "prompt_len": prompt_len,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "forward_tokens_per_s": forward_tokens_per_s(model, rows, prompt_len + spec["max_new_tokens"], vocab),
             "shape_floor": shape_floor(model, rows, prompt_len, tokens, weight_grads=not spec["lora"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "matmul_gflops": matmul_gflops()}
+            "matmul_gflops": matmul_gflops(spec["device"], spec["dtype"])}
 
 
 # ---------------------------------------------------------------- workers (one library per process)
@@ -248,7 +284,7 @@ def trl_args(spec: dict, steps: int, out: Path, **over):
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=str(out), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=str(out), use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", fp16=False, gradient_checkpointing=False,
         per_device_train_batch_size=spec["prompts"] * spec["group"], num_generations=spec["group"],
         gradient_accumulation_steps=1, num_iterations=1, max_completion_length=spec["max_new_tokens"],
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", scale_rewards="group",
@@ -283,7 +319,7 @@ def trl_trainer(spec: dict, model_dir: str, steps: int, work: Path):
     def bernoulli(prompts, completions, **_):
         return [float(rng.random() < 0.5) for _ in completions]
 
-    model = models.load_model(model_dir)
+    model = models.load_model(model_dir, dtype=DTYPES[spec["dtype"]])  # the Trainer moves it to the device
     tok = models.load_tokenizer(model_dir)
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM") if spec["lora"] else None
@@ -301,8 +337,10 @@ def run_trl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
     generate = trainer._generate
 
     def timed_generate(prompts):
+        sync(spec["device"])
         t0 = time.perf_counter()
         out = generate(prompts)
+        sync(spec["device"])
         marks["gen"] += time.perf_counter() - t0
         marks["tokens"] += sum(len(c) for c in out[1])
         return out
@@ -311,9 +349,12 @@ def run_trl(spec: dict, model_dir: str, steps: int, work: Path) -> dict:
 
     class Boundaries(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            marks.setdefault("begin", time.perf_counter())
+            if "begin" not in marks:
+                sync(spec["device"])
+                marks["begin"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync(spec["device"])
             marks["ends"].append(time.perf_counter())
             marks["gens"].append(marks["gen"])
             marks["toks"].append(marks["tokens"])
@@ -371,8 +412,10 @@ def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
     c_ids = pad([c for _, c in rows], padding_value=tok.pad_token_id, padding_side="right")
     p_mask = pad([torch.ones_like(p) for p, _ in rows], padding_value=0, padding_side="left")
     c_mask = pad([torch.ones_like(c) for _, c in rows], padding_value=0, padding_side="right")
-    inputs = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "completion_mask": c_mask,
-              "advantages": adv_N, "num_items_in_batch": c_mask.sum()}
+    dev = next(model.parameters()).device
+    inputs = {k: v.to(dev) for k, v in (("prompt_ids", p_ids), ("prompt_mask", p_mask), ("completion_ids", c_ids),
+                                        ("completion_mask", c_mask), ("advantages", adv_N),
+                                        ("num_items_in_batch", c_mask.sum()))}
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this call bypasses
     loss = trainer._compute_loss(model, inputs)
     loss.backward()
@@ -411,16 +454,20 @@ def summarize(runs: list[dict], warmup: int, peak_gflops: float, forward_tps: fl
             "forward_tokens_per_s_own": statistics.median(r["forward_tokens_per_s"] for r in runs),
             "forward_tokens_per_s": forward_tps, "sampling_efficiency": sample_tps / forward_tps,
             "params": first["params"], "trainable_params": first["trainable_params"],
+            "param_dtype": first["param_dtype"], "param_device": first["param_device"],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in runs)} if "peak_gpu_mb" in first else {}),
             "first_step_loss_logged": first["steps"][0]["loss"], "rows_per_step": spec_rows,
             "rows_no_backward": statistics.median(s.get("rows_no_backward", 0) for s in steps),
             "gradient_checkpointing": any(r.get("gradient_checkpointing", False) for r in runs)}
 
 
-def spawn(mode: str, args, spec_path: Path, work: Path) -> dict:
+def spawn(mode: str, spec: dict, spec_path: Path, work: Path) -> dict:
     out = work / f"{mode}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, __file__, "--worker", mode, "--spec", str(spec_path), "--result", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if spec["device"] == "cpu":  # forkrl's pipeline takes a visible GPU by itself; TRL is told use_cpu
+        env["CUDA_VISIBLE_DEVICES"] = ""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -462,6 +509,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternating (forkrl, TRL) process pairs")
     ap.add_argument("--reward", choices=("random", "task"), default="random",
                     help="the timed steps' reward: random (every row has a gradient) or task (none has: all wrong)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both libraries run (cpu: the GPU, if any, is hidden from the workers)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the model's weights and compute (auto: float32 on cpu, bfloat16 on cuda; TRL with bf16=True)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each worker (0: torch's)")
     ap.add_argument("--profile", help="write a cProfile of each worker's whole run into this directory")
     ap.add_argument("--skip-losscheck", action="store_true")
@@ -474,25 +525,30 @@ def main() -> None:
         return worker_main(args)
     if args.steps < 1 or args.warmup < 0:
         sys.exit("--steps must be at least 1 and --warmup at least 0")
+    device = args.device
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no CUDA device; "
+                 "install the CUDA build of torch that matches the driver, or run with --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = SIZES["tiny" if args.tiny else ("30m" if args.config == "30m" else "default")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         spec = {**base, "lora": args.config == "lora", "threads": args.threads, "steps": args.warmup + args.steps,
-                "work": str(work), "profile": args.profile, "reward": args.reward}
+                "work": str(work), "profile": args.profile, "reward": args.reward, "device": device, "dtype": dtype}
         spec["model_dir"] = str(build_model(spec, work))
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        gflops_before = matmul_gflops()
+        gflops_before = matmul_gflops(device, dtype)
         runs = {"forkrl": [], "trl": []}
         for _ in range(args.rounds):
             for lib in runs:
-                runs[lib].append(spawn(lib, args, spec_path, work))
-        losses = None if args.skip_losscheck else spawn("losscheck", args, spec_path, work)
-        gflops_after = matmul_gflops()
+                runs[lib].append(spawn(lib, spec, spec_path, work))
+        losses = None if args.skip_losscheck else spawn("losscheck", spec, spec_path, work)
+        gflops_after = matmul_gflops(device, dtype)
     peak = max([gflops_before, gflops_after] + [r["matmul_gflops"] for rs in runs.values() for r in rs])
     rows = base["prompts"] * base["group"]
     # one reference for both: the same model's batched forward, the median over every worker's measurement
@@ -503,10 +559,12 @@ def main() -> None:
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
                         "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
                         "warmup": args.warmup, "rounds": args.rounds, "reward": args.reward, "lr": LR,
+                        "device": device, "dtype": dtype,
                         "model": base["size"], "lora": LORA if args.config == "lora" else None}
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
                           "torch": torch.__version__, "python": platform.python_version(),
                           "processor": platform.processor() or platform.machine(),
+                          "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
                           "matmul_gflops_before": gflops_before, "matmul_gflops_after": gflops_after,
                           "matmul_gflops_workers": [r["matmul_gflops"] for rs in runs.values() for r in rs],
                           "matmul_gflops_peak": peak, "loadavg": os.getloadavg()}
@@ -527,12 +585,15 @@ def print_table(r: dict) -> None:
     print(f"GRPO step, {s['config']}: {r['forkrl']['params'] / 1e6:.2f}M params "
           f"({r['forkrl']['trainable_params'] / 1e6:.3f}M trainable), {s['prompts']}×{s['group']} rows, "
           f"{s['max_new_tokens']} new tokens, median of {r['forkrl']['steps_timed']} steps; "
-          f"{m['torch_threads']} threads, matmul {m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward")
+          f"{s['dtype']} on {m['gpu'] or 'cpu'}; {m['torch_threads']} CPU threads, {s['dtype']} matmul "
+          f"{m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward")
     cols = [("s/step", "s_per_step", ".3f"), ("sample s", "sample_s", ".3f"), ("train s", "train_s", ".3f"),
             ("other s", "other_s", ".3f"), ("tok/s", "tokens_per_s", ".0f"),
             ("sample tok/s", "sample_tokens_per_s", ".0f"), ("samp eff", "sampling_efficiency", ".3f"),
             ("train MFU", "mfu_train", ".3f"), ("RSS MB", "peak_rss_mb", ".0f"),
             ("no-bwd rows", "rows_no_backward", ".0f")]
+    if "peak_gpu_mb" in r["forkrl"]:
+        cols.insert(-1, ("GPU MB", "peak_gpu_mb", ".0f"))
     print(f"  {'':<8}" + "".join(f"{c:>13}" for c, _, _ in cols))
     for lib in ("forkrl", "trl"):
         print(f"  {lib:<8}" + "".join(f"{r[lib][k]:>13{f}}" for _, k, f in cols))

@@ -30,6 +30,7 @@ def test_tiny_run_writes_both_libraries(tmp_path):
         for key in ("s_per_step", "sample_s", "train_s", "tokens_per_s", "peak_rss_mb"):
             assert math.isfinite(r[lib][key]) and r[lib][key] > 0, (lib, key, r[lib][key])
         assert r[lib]["gradient_checkpointing"] is False
+        assert (r[lib]["param_dtype"], r[lib]["param_device"]) == ("float32", "cpu"), lib
         # the floor is the two phases' matmul FLOPs at the peak: below the measured step, in a 1:3 split
         assert 0 < r[lib]["floor_s"] < r[lib]["s_per_step"]
         assert r[lib]["floor_train_s"] == pytest.approx(3 * r[lib]["floor_sample_s"], rel=1e-12)
@@ -41,6 +42,29 @@ def test_tiny_run_writes_both_libraries(tmp_path):
     # same batch, same model, same advantages: the two gradients agree (the loss itself is ~0 on-policy)
     assert lc["grad_norm_rel_diff"] < 1e-4, lc
     assert "forkrl" in proc.stdout and "trl" in proc.stdout
+
+
+def test_tiny_run_in_bf16_trains_both_libraries_in_bf16(tmp_path):
+    """``--dtype bfloat16``, the GPU mode's precision, exercised on the CPU: both libraries' models are bf16."""
+    out = tmp_path / "grpo_step_bf16.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORKRL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--warmup", "0", "--steps", "1", "--threads", "1",
+                           "--dtype", "bfloat16", "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["setup"]["dtype"] == "bfloat16" and r["setup"]["device"] == "cpu" and r["machine"]["gpu"] is None
+    for lib in ("forkrl", "trl"):
+        assert (r[lib]["param_dtype"], r[lib]["param_device"]) == ("bfloat16", "cpu"), lib
+        assert math.isfinite(r[lib]["s_per_step"]) and "peak_gpu_mb" not in r[lib]
+    assert "bfloat16 on cpu" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_cuda_without_a_gpu_is_refused_clearly():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "sees no CUDA device" in proc.stderr and "--device cpu" in proc.stderr
 
 
 def test_cpu_levers_smoke(tmp_path):

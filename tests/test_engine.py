@@ -121,14 +121,19 @@ def test_fast_engine_with_one_token_prompts(kernel_path):
     torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "sgemm"])
 @pytest.mark.parametrize("name", MODELS)
-def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name):
+def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name, packed, monkeypatch):
     """With BLAS reachable from C (kernels.blas), a one-token step runs every layer in one C call; layer by layer
-    from Python it runs the same kernels and products: the logits and the record agree to float rounding."""
+    from Python it runs the same kernels and products: the logits and the record agree to float rounding. Both
+    with the weights packed once for MKL's packed products (kernels.packed) and through sgemm."""
     from forkrl.sampling import kernels
 
     if kernels.get() is None or not kernels.blas:
         pytest.skip(f"no whole-step path here: {kernels.why or 'no sgemm_ in libtorch_cpu'}")
+    if packed and not kernels.packed:
+        pytest.skip("MKL's packed products are not exported by this torch's libtorch_cpu")
+    monkeypatch.setattr(kernels, "packed", packed)
     model = MODELS[name]()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20], [30, 31, 32, 33]]
     ids, attn = left_pad(prompts, pad_id=0)
@@ -137,6 +142,8 @@ def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name):
     engines[1].whole_step = False
     with torch.no_grad():
         outs = [e.prefill(ids, attn, 5) for e in engines]
+        assert len(getattr(engines[0], "packs", [])) == (4 * len(model.model.layers) if packed and
+                                                          engines[0].whole_step else 0)
         pos, g = attn.sum(-1) - 1, torch.Generator().manual_seed(1)
         for _ in range(5):
             token, pos = torch.randint(2, 97, (len(prompts),), generator=g), pos + 1

@@ -284,6 +284,11 @@ class FastEngine:
                    for i, (ln1, w_qkv, b_qkv, w_o, _, ln2, w_gu, w_down) in enumerate(self.layers)
                    for t in (ln1, w_qkv.t(), b_qkv, w_o.t(), ln2, w_gu.t(), w_down.t(), self.k[i], self.v[i])]
         self.c_weights = (ctypes.c_void_p * len(weights))(*weights)
+        # each product's weight packed once for these B rows (MKL's layout), where MKL's packed products are there:
+        # an sgemm call packs its weight again at every step (kernels.c, set_packed_gemm)
+        self.packs = [kernels.pack_weights(self.lib, w.t(), B) for _, w_qkv, _, w_o, _, _, w_gu, w_down in self.layers
+                      for w in (w_qkv, w_o, w_gu, w_down)] if kernels.packed else []
+        self.c_packs = (ctypes.c_void_p * len(self.packs))(*(t.data_ptr() for t in self.packs)) if self.packs else None
         self.c_records = None
         if self.recording:
             keys = ("x1", "r1", "qkv", "att", "x2", "r2", "gu")
@@ -329,7 +334,7 @@ class FastEngine:
             self.record["pos"][at:end].copy_(pos_BS.t())
         x = F.embedding(ids_BS, self.embed)
         if fused and self.whole_step:
-            kernels.decode_layers(self.lib, self.c_weights, self.c_records, x.view(B, -1), self.c_bufs, self.cos,
+            kernels.decode_layers(self.lib, self.c_weights, self.c_packs, self.c_records, x.view(B, -1), self.c_bufs, self.cos,
                                   self.sin, pos_B, self.start, n_heads=H, n_kv=K, head_dim=d,
                                   intermediate=self.intermediate, cap=self.cos.shape[0], at=at, eps=self.eps)
         else:

@@ -7,7 +7,8 @@ included, in ``why``), or ``FORKRL_KERNELS=0`` in the environment. Callers then 
 operations, which give the same results to float rounding (``tests/test_kernels.py`` checks both against each
 other). The library links the OpenMP runtime torch already loaded (libgomp), so its parallel loops share torch's
 threads. ``blas``: whether the library also found the Fortran ``sgemm_`` of torch's BLAS, which
-``decode_layers`` (a whole decode step in one call) multiplies with.
+``decode_layers`` (a whole decode step in one call) multiplies with; ``packed``: whether it found MKL's packed
+products too (``pack_weights``), which it multiplies with where the engine packed the weights.
 
 Every wrapper here takes float32 CPU tensors whose rows are contiguous and checks it: a kernel reads raw memory.
 """
@@ -38,6 +39,7 @@ _tried = False
 why: str | None = None  # why get() returned None
 enabled = True  # False: get() returns None, and callers run the torch operations (tests compare the two)
 blas = False  # whether decode_layers can run: the library found torch's BLAS (its Fortran sgemm)
+packed = False  # whether it also found MKL's packed products (pack_weights), which decode_layers can multiply with
 
 
 def _cpu_key() -> str:
@@ -73,11 +75,15 @@ def _declare(lib: ctypes.CDLL) -> None:
            "rope_back_pack": [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64],
            "attend_step": [p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32],
            "set_sgemm": [p],
-           "decode_layers": [i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32]}
+           "set_packed_gemm": [p, p, p],
+           "packed_bytes": [i64, i64, i64],
+           "pack_weight": [p, i64, i64, i64, p],
+           "decode_layers": [i64, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32]}
     for name, args in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.decode_layers.restype = ctypes.c_int
+    lib.decode_layers.restype = lib.pack_weight.restype = ctypes.c_int
+    lib.packed_bytes.restype = ctypes.c_int64
 
 
 def _unavailable(reason: str) -> None:
@@ -90,7 +96,7 @@ def _unavailable(reason: str) -> None:
 
 def get() -> ctypes.CDLL | None:
     """The loaded kernel library, built on first use; None (reason in ``why``) where it cannot be."""
-    global _lib, _tried, why, blas
+    global _lib, _tried, why, blas, packed
     if not enabled:
         return None
     if _tried:
@@ -114,22 +120,42 @@ def get() -> ctypes.CDLL | None:
         _declare(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return _unavailable(str(e))
-    blas = _find_sgemm(lib)
+    blas, packed = _find_blas(lib)
     _lib = lib
     return lib
 
 
-def _find_sgemm(lib) -> bool:
+def _find_blas(lib) -> tuple[bool, bool]:
     """Give the library the Fortran ``sgemm_`` of the BLAS torch links (MKL in the x86 CPU wheels, exported by
-    libtorch_cpu; its 32-bit-integer interface), so a whole decode step runs in C with torch's own products. False
-    where it is not there. ``tests/test_engine.py`` checks the step against the layer-by-layer one."""
+    libtorch_cpu; its 32-bit-integer interface), so a whole decode step runs in C with torch's own products, and
+    MKL's packed products where they are there too. (found sgemm_, found the packed products).
+    ``tests/test_engine.py`` checks the step against the layer-by-layer one, with and without packing."""
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
         address = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
     except (OSError, AttributeError):
-        return False
+        return False, False
     lib.set_sgemm(address)
-    return True
+    try:
+        names = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")
+        lib.set_packed_gemm(*(ctypes.cast(getattr(torch_cpu, n), ctypes.c_void_p).value for n in names))
+    except AttributeError:
+        return True, False
+    return True, True
+
+
+def pack_weights(lib, w_OI: torch.Tensor, rows: int) -> torch.Tensor:
+    """``w_OI`` [out, in] (contiguous float32) in MKL's packed layout for ``decode_layers``' product with ``rows``
+    rows: a buffer that must stay where it is (MKL's packed data is not relocatable) and that outlives the steps
+    reading it. Packing once per sampling call saves the repacking every sgemm call does at every step."""
+    assert w_OI.is_contiguous() and w_OI.dtype == torch.float32 and w_OI.device.type == "cpu" and w_OI.dim() == 2
+    out, inner = w_OI.shape
+    size = lib.packed_bytes(out, inner, rows)
+    if size < 0:
+        raise RuntimeError("pack_weights: MKL's packed products were not found (kernels.packed is False)")
+    dest = torch.empty(-(-size // 4))  # float32 elements; torch's CPU allocator aligns to 64 bytes
+    lib.pack_weight(w_OI.data_ptr(), out, inner, rows, dest.data_ptr())
+    return dest
 
 
 def _row_stride(t: torch.Tensor, name: str) -> int:
@@ -233,17 +259,20 @@ def attend_step(lib, qkv_BF, k_BKCd, v_BKCd, start_B, out_BF, n_heads: int, leng
     return out_BF
 
 
-def decode_layers(lib, weights, records, x_BD, bufs, cos_PD, sin_PD, pos_B, start_B, *, n_heads: int, n_kv: int,
-                  head_dim: int, intermediate: int, cap: int, at: int, eps: float) -> None:
+def decode_layers(lib, weights, packs, records, x_BD, bufs, cos_PD, sin_PD, pos_B, start_B, *, n_heads: int,
+                  n_kv: int, head_dim: int, intermediate: int, cap: int, at: int, eps: float) -> None:
     """One decode step through every layer in C (kernels.c ``decode_layers``), the residual stream ``x_BD`` updated
-    in place. ``weights``/``records``: ctypes arrays of the per-layer pointers ``engine.FastEngine`` prepares (9
-    per layer; 7 record bases per layer, or None); ``bufs``: scratch (h, q|k|v, attention, gate|up, SwiGLU)."""
+    in place. ``weights``/``packs``/``records``: ctypes arrays of the per-layer pointers ``engine.FastEngine``
+    prepares (9 per layer; 4 per layer from ``pack_weights`` for these ``B`` rows, or None; 7 record bases per
+    layer, or None); ``bufs``: scratch (h, q|k|v, attention, gate|up, SwiGLU)."""
     B, D = x_BD.shape
     assert x_BD.is_contiguous() and pos_B.is_contiguous() and start_B.is_contiguous() and 0 <= at < cap
+    assert packs is None or len(packs) == 4 * (len(weights) // 9)
     h, qkv, att, gu, a = bufs
-    rc = lib.decode_layers(len(weights) // 9, weights, records, x_BD.data_ptr(), h.data_ptr(), qkv.data_ptr(),
+    rc = lib.decode_layers(len(weights) // 9, weights, packs, records, x_BD.data_ptr(), h.data_ptr(), qkv.data_ptr(),
                            att.data_ptr(), gu.data_ptr(), a.data_ptr(), cos_PD.data_ptr(), sin_PD.data_ptr(),
                            pos_B.data_ptr(), start_B.data_ptr(), B, D, n_heads, n_kv, head_dim, intermediate, cap,
                            at, eps)
     if rc != 0:
-        raise RuntimeError("decode_layers: no BLAS was set (kernels.blas is False)")
+        raise RuntimeError("decode_layers: no BLAS was set (kernels.blas is False), or packs were given without MKL's "
+                           "packed products (kernels.packed is False)")
