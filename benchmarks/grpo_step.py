@@ -169,6 +169,34 @@ def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
     return rows * length / statistics.median(times[1:])
 
 
+def packed_decode(weights: list[list[torch.Tensor]], xs: dict, rows: int):
+    """A function running every layer's products of one decode step as forkrl's decoder does where its kernels
+    found MKL's packed products (``kernels.pack_weights``: each weight packed once, then ``cblas_sgemm_compute``
+    per step); None where they are not there."""
+    import ctypes
+
+    from forkrl.sampling import kernels
+
+    lib = kernels.get()
+    if lib is None or not kernels.packed:
+        return None
+    torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    compute = torch_cpu.cblas_sgemm_compute
+    flat = [w.t().contiguous() for ws in weights for w in ws]  # [out, in], as the decoder's weights are
+    keep, addresses = kernels.pack_weights(lib, flat, rows)
+    outs = {w.shape[0]: torch.empty(rows, w.shape[0]) for w in flat}
+    calls = [(w.shape[0], w.shape[1], a, xs[w.shape[1]].data_ptr(), outs[w.shape[0]].data_ptr())
+             for w, a in zip(flat, addresses)]
+
+    def run():  # CBLAS column-major, A packed (151), B not transposed (111): out[rows, o] = x[rows, i] · wᵀ
+        for o, i, a, x, c in calls:
+            compute(102, 151, 111, o, rows, i, ctypes.c_void_p(a), i, ctypes.c_void_p(x), i, ctypes.c_float(0.0),
+                    ctypes.c_void_p(c), o)
+
+    run.keep = keep, outs  # the packed weights and the outputs the calls write live as long as the function
+    return run
+
+
 def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grads: bool, repeats: int = 3) -> dict:
     """Seconds of a step's matrix multiplies alone, at the step's own shapes, on this machine (the best of
     ``repeats``): a lower bound for any fp32 implementation of the same work through this BLAS, closer to what
@@ -177,7 +205,8 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
 
     Each decoder layer as a fused decoder runs it (x·[q|k|v], o, x·[gate|up], down; distinct random weights per
     layer, so they stream from memory as a real model's do) plus the LM head. Sampling: ceil(tokens / rows)
-    one-token steps of all ``rows`` rows. Training: the forward over every row's prompt and completion tokens
+    one-token steps of all ``rows`` rows, the layers' products through MKL's packed weights where forkrl's kernels
+    found them (``packed_decode``: what its decoder does; the step's products are faster so), else ``@``. Training: the forward over every row's prompt and completion tokens
     (no padding; the head on completion tokens only), and the backward's input gradients plus, unless only an
     adapter trains (LoRA: its own matmuls are left out), weight gradients. Attention, norms, activations,
     sampling and the optimizer are left out: the true floor is higher. On the model's device, in its dtype."""
@@ -200,11 +229,16 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
     X = {n: randn(seq, n) for n in widths}
     Xc, dYc = randn(comp, H), randn(comp, cfg.vocab_size)
 
+    packed = packed_decode(weights, xs, rows) if (dev, dt) == ("cpu", torch.float32) else None
+
     def sample():
         for _ in range(steps):
-            for ws in weights:
-                for w in ws:
-                    xs[w.shape[0]] @ w
+            if packed is not None:
+                packed()
+            else:
+                for ws in weights:
+                    for w in ws:
+                        xs[w.shape[0]] @ w
             xs[H] @ head
 
     def train():

@@ -142,8 +142,8 @@ def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name, packed, monkeypa
     engines[1].whole_step = False
     with torch.no_grad():
         outs = [e.prefill(ids, attn, 5) for e in engines]
-        assert len(getattr(engines[0], "packs", [])) == (4 * len(model.model.layers) if packed and
-                                                          engines[0].whole_step else 0)
+        want = 4 * len(model.model.layers) if packed and engines[0].whole_step else 0
+        assert len(getattr(engines[0], "c_packs", None) or []) == want
         pos, g = attn.sum(-1) - 1, torch.Generator().manual_seed(1)
         for _ in range(5):
             token, pos = torch.randint(2, 97, (len(prompts),), generator=g), pos + 1

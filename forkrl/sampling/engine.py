@@ -236,6 +236,13 @@ class FastEngine:
     def step(self, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         return self._forward(token_B[:, None], pos_B[:, None], self.key_mask[..., : self.length + 1])
 
+    def end_decode(self) -> None:
+        """Free what only decoding reads: the key/value caches, the fused and packed weights, the scratch (for the
+        30M-parameter benchmark model's 64 rows, about 400 MB). A trace keeps its engine for the record, the rotary
+        tables and the sizes, and without this the rest would stay allocated through the update too."""
+        self.k = self.v = self.layers = self.packs = self.bufs = None
+        self.c_weights = self.c_packs = self.c_records = self.c_bufs = None
+
     def _start_record(self, B: int, cap: int, dev) -> None:
         per_layer, final = record_widths(self.cfg)
         arena = self.arena or RecordArena()
@@ -286,9 +293,11 @@ class FastEngine:
         self.c_weights = (ctypes.c_void_p * len(weights))(*weights)
         # each product's weight packed once for these B rows (MKL's layout), where MKL's packed products are there:
         # an sgemm call packs its weight again at every step (kernels.c, set_packed_gemm)
-        self.packs = [kernels.pack_weights(self.lib, w.t(), B) for _, w_qkv, _, w_o, _, _, w_gu, w_down in self.layers
-                      for w in (w_qkv, w_o, w_gu, w_down)] if kernels.packed else []
-        self.c_packs = (ctypes.c_void_p * len(self.packs))(*(t.data_ptr() for t in self.packs)) if self.packs else None
+        self.packs, self.c_packs = None, None
+        if kernels.packed:
+            products = [w.t() for _, w_qkv, _, w_o, _, _, w_gu, w_down in self.layers for w in (w_qkv, w_o, w_gu, w_down)]
+            self.packs, addresses = kernels.pack_weights(self.lib, products, B)  # self.packs: kept while steps read it
+            self.c_packs = (ctypes.c_void_p * len(addresses))(*addresses)
         self.c_records = None
         if self.recording:
             keys = ("x1", "r1", "qkv", "att", "x2", "r2", "gu")
@@ -334,8 +343,8 @@ class FastEngine:
             self.record["pos"][at:end].copy_(pos_BS.t())
         x = F.embedding(ids_BS, self.embed)
         if fused and self.whole_step:
-            kernels.decode_layers(self.lib, self.c_weights, self.c_packs, self.c_records, x.view(B, -1), self.c_bufs, self.cos,
-                                  self.sin, pos_B, self.start, n_heads=H, n_kv=K, head_dim=d,
+            kernels.decode_layers(self.lib, self.c_weights, self.c_packs, self.c_records, x.view(B, -1), self.c_bufs,
+                                  self.cos, self.sin, pos_B, self.start, n_heads=H, n_kv=K, head_dim=d,
                                   intermediate=self.intermediate, cap=self.cos.shape[0], at=at, eps=self.eps)
         else:
             for i in range(len(self.layers)):

@@ -153,6 +153,7 @@ class HFSampler:
                 chunks.append(decode_chunk([engine], prompts, seeds[s : s + self.batch_size], params,
                                            tokenizer=self.tokenizer, entropy=entropy)[0])
                 if record:
+                    engine.end_decode()
                     traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1]))
                     self.arena.hold(traces[-1])
         finally:

@@ -39,7 +39,7 @@ _tried = False
 why: str | None = None  # why get() returned None
 enabled = True  # False: get() returns None, and callers run the torch operations (tests compare the two)
 blas = False  # whether decode_layers can run: the library found torch's BLAS (its Fortran sgemm)
-packed = False  # whether it also found MKL's packed products (pack_weights), which decode_layers can multiply with
+packed = False  # whether it also found MKL's packed products (pack_weights), for decode_layers to multiply with
 
 
 def _cpu_key() -> str:
@@ -144,18 +144,26 @@ def _find_blas(lib) -> tuple[bool, bool]:
     return True, True
 
 
-def pack_weights(lib, w_OI: torch.Tensor, rows: int) -> torch.Tensor:
-    """``w_OI`` [out, in] (contiguous float32) in MKL's packed layout for ``decode_layers``' product with ``rows``
-    rows: a buffer that must stay where it is (MKL's packed data is not relocatable) and that outlives the steps
-    reading it. Packing once per sampling call saves the repacking every sgemm call does at every step."""
-    assert w_OI.is_contiguous() and w_OI.dtype == torch.float32 and w_OI.device.type == "cpu" and w_OI.dim() == 2
-    out, inner = w_OI.shape
-    size = lib.packed_bytes(out, inner, rows)
-    if size < 0:
-        raise RuntimeError("pack_weights: MKL's packed products were not found (kernels.packed is False)")
-    dest = torch.empty(-(-size // 4))  # float32 elements; torch's CPU allocator aligns to 64 bytes
-    lib.pack_weight(w_OI.data_ptr(), out, inner, rows, dest.data_ptr())
-    return dest
+def pack_weights(lib, weights: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, list[int]]:
+    """Each of ``weights`` ([out, in], contiguous float32) in MKL's packed layout for ``decode_layers``' product with
+    ``rows`` rows, all in one buffer (one allocation, returned to the system as a whole when freed). Returns (the
+    buffer, each packed weight's address): MKL's packed data must stay where it is, so the buffer has to outlive the
+    steps reading it. Packing once per sampling call saves the repacking every sgemm call does at every step."""
+    sizes = []
+    for w in weights:
+        assert w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
+        size = lib.packed_bytes(*w.shape, rows)
+        if size < 0:
+            raise RuntimeError("pack_weights: MKL's packed products were not found (kernels.packed is False)")
+        sizes.append(-(-size // 64) * 64)  # each one 64-byte aligned
+    flat = torch.empty(sum(sizes) // 4 + 16)
+    at = -(-flat.data_ptr() // 64) * 64
+    addresses = []
+    for w, size in zip(weights, sizes):
+        lib.pack_weight(w.data_ptr(), *w.shape, rows, at)
+        addresses.append(at)
+        at += size
+    return flat, addresses
 
 
 def _row_stride(t: torch.Tensor, name: str) -> int:
