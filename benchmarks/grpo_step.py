@@ -89,7 +89,8 @@ def forkrl_config(spec: dict, model_dir: str, steps: int):
     n = spec["prompts"] * spec["group"]
     return RunCfg.model_validate({
         "seed": 0, "stages": ["grpo"],
-        "model": {"path": model_dir, "dtype": spec.get("dtype", "float32"), "lora": {"enabled": spec["lora"], **LORA}},
+        "model": {"path": model_dir, "dtype": spec.get("dtype", "float32"),
+                  "lora": {"enabled": spec["lora"], **LORA}},
         "task": TASK,
         "sampling": {"temperature": 1.0, "max_new_tokens": spec["max_new_tokens"], "batch_size": 256},
         "grpo": {"steps": steps, "prompts_per_step": spec["prompts"], "group_size": spec["group"],
@@ -137,7 +138,7 @@ def sync(device: str) -> None:
 def matmul_gflops(device: str = "cpu", dtype: str = "float32", repeats: int = 8) -> float:
     """GFLOP/s of an n×n matmul in ``dtype`` on ``device``, the best of ``repeats`` (a peak: the host is shared
     and noisy). n is 2048 for fp32 on a CPU, 8192 on a GPU (2048² is too small to fill one), 1024 for bf16 on
-    a CPU (its matmuls run ~30× slower there)."""
+    a CPU (on CPUs without bf16 matrix units its matmuls are many times slower)."""
     n = 8192 if device == "cuda" else 2048 if dtype == "float32" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
     a @ b
@@ -206,8 +207,9 @@ def shape_floor(model, rows: int, prompt_len: int, tokens: float, *, weight_grad
     Each decoder layer as a fused decoder runs it (x·[q|k|v], o, x·[gate|up], down; distinct random weights per
     layer, so they stream from memory as a real model's do) plus the LM head. Sampling: ceil(tokens / rows)
     one-token steps of all ``rows`` rows, the layers' products through MKL's packed weights where forkrl's kernels
-    found them (``packed_decode``: what its decoder does; the step's products are faster so), else ``@``. Training: the forward over every row's prompt and completion tokens
-    (no padding; the head on completion tokens only), and the backward's input gradients plus, unless only an
+    found them (``packed_decode``, as its decoder multiplies: faster than ``@``, which repacks each weight at
+    every call), else ``@``. Training: the forward over every row's prompt and completion tokens (no padding;
+    the head on completion tokens only), and the backward's input gradients plus, unless only an
     adapter trains (LoRA: its own matmuls are left out), weight gradients. Attention, norms, activations,
     sampling and the optimizer are left out: the true floor is higher. On the model's device, in its dtype."""
     p = next(model.parameters())
@@ -318,7 +320,8 @@ def trl_args(spec: dict, steps: int, out: Path, **over):
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=str(out), use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", fp16=False, gradient_checkpointing=False,
+        output_dir=str(out), use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", fp16=False,
+        gradient_checkpointing=False,
         per_device_train_batch_size=spec["prompts"] * spec["group"], num_generations=spec["group"],
         gradient_accumulation_steps=1, num_iterations=1, max_completion_length=spec["max_new_tokens"],
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", scale_rewards="group",

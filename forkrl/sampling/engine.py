@@ -295,7 +295,8 @@ class FastEngine:
         # an sgemm call packs its weight again at every step (kernels.c, set_packed_gemm)
         self.packs, self.c_packs = None, None
         if kernels.packed:
-            products = [w.t() for _, w_qkv, _, w_o, _, _, w_gu, w_down in self.layers for w in (w_qkv, w_o, w_gu, w_down)]
+            products = [w.t() for _, w_qkv, _, w_o, _, _, w_gu, w_down in self.layers
+                        for w in (w_qkv, w_o, w_gu, w_down)]
             self.packs, addresses = kernels.pack_weights(self.lib, products, B)  # self.packs: kept while steps read it
             self.c_packs = (ctypes.c_void_p * len(addresses))(*addresses)
         self.c_records = None

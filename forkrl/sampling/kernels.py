@@ -128,7 +128,7 @@ def get() -> ctypes.CDLL | None:
 def _find_blas(lib) -> tuple[bool, bool]:
     """Give the library the Fortran ``sgemm_`` of the BLAS torch links (MKL in the x86 CPU wheels, exported by
     libtorch_cpu; its 32-bit-integer interface), so a whole decode step runs in C with torch's own products, and
-    MKL's packed products where they are there too. (found sgemm_, found the packed products).
+    MKL's packed products where they are there too. Returns (sgemm_ found, the packed products found).
     ``tests/test_engine.py`` checks the step against the layer-by-layer one, with and without packing."""
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
