@@ -10,12 +10,18 @@ decision can be re-checked on another machine:
   (forkrl's ``make_optimizer`` uses the fused kernel);
 * **sampling, threads**: the sampler with torch's intra-op threads vs one thread, and vs the rows split into two
   halves decoded by two Python threads with one intra-op thread each (rows are seeded one by one, so the split
-  draws the same rows).
+  draws the same rows);
+* **sampling, packed weights** (adopted): the fused decoder's products through MKL's packed weights, each packed
+  once per sampling call (``kernels.packed``), vs ``sgemm``, which packs its weight again at every call; both
+  recording the decode for the replay, as a GRPO step does, and both must draw the same tokens.
+
+``--config 30m`` runs them on ``grpo_step.py``'s 30M-parameter model and 128 new tokens; ``--levers`` picks some.
 
 Times are medians over ``--repeats`` alternating rounds; the ratio column is baseline ÷ lever (> 1: the lever is
 faster).
 
     python benchmarks/cpu_levers.py --json /tmp/levers.json
+    python benchmarks/cpu_levers.py --config 30m --levers packed --json /tmp/levers_30m.json
     python benchmarks/cpu_levers.py --tiny --skip-compile --json /tmp/t.json     # a smoke run (tests)
 """
 
@@ -55,9 +61,14 @@ def alternate(pairs: dict, repeats: int) -> dict:
     return out
 
 
+LEVERS = ("compile", "adamw", "threads", "packed")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="grpo_step.py's tiny model and batch (a smoke run)")
+    ap.add_argument("--config", choices=("default", "30m"), default="default", help="grpo_step.py's configuration")
+    ap.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS), help="which levers to time")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-compile", action="store_true",
                     help="leave out torch.compile (its first call compiles for 20-90 s)")
@@ -68,7 +79,7 @@ def main() -> None:
     from forkrl.tasks import build_task
     from forkrl.trainers.common import completion_logprobs, sampling_params
 
-    spec = {**grpo_step.SIZES["tiny" if args.tiny else "default"], "lora": False}
+    spec = {**grpo_step.SIZES["tiny" if args.tiny else args.config], "lora": False}
     rows = spec["prompts"] * spec["group"]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = grpo_step.build_model(spec, Path(tmp))
@@ -79,7 +90,7 @@ def main() -> None:
     params_s = sampling_params(cfg)
     seeds = list(range(rows))
     batch = HFSampler(model, tok).sample(prompts, spec["group"], params_s, seeds=seeds)
-    results = {"setup": {"config": "tiny" if args.tiny else "default", "rows": rows, "repeats": args.repeats,
+    results = {"setup": {"config": "tiny" if args.tiny else args.config, "rows": rows, "repeats": args.repeats,
                          "threads": torch.get_num_threads(), "batch_shape": list(batch.input_ids_NL.shape),
                          "completion_tokens": int(batch.completion_mask_NL.sum())}}
     levers = {}
@@ -93,7 +104,7 @@ def main() -> None:
         return run
 
     model.train()
-    if not args.skip_compile:
+    if "compile" in args.levers and not args.skip_compile:
         compiled = torch.compile(model, dynamic=True)
         compile_s = timed(train_with(compiled))
         t = alternate({"eager": train_with(model), "compiled": train_with(compiled)}, args.repeats)
@@ -101,16 +112,17 @@ def main() -> None:
                                                       "first_call_s": compile_s}
 
     # -- optimizer step: foreach vs fused
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    opts = {k: torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, **kw)
-            for k, kw in (("foreach", {"foreach": True}), ("fused", {"fused": True}))}
-    for o in opts.values():
-        o.step()  # state allocated outside the timing
-    t = alternate({k: o.step for k, o in opts.items()}, max(args.repeats, 20))
-    levers["AdamW step: fused"] = {"baseline_s": t["foreach"], "lever_s": t["fused"]}
-    model.zero_grad(set_to_none=True)
+    if "adamw" in args.levers:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opts = {k: torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, **kw)
+                for k, kw in (("foreach", {"foreach": True}), ("fused", {"fused": True}))}
+        for o in opts.values():
+            o.step()  # state allocated outside the timing
+        t = alternate({k: o.step for k, o in opts.items()}, max(args.repeats, 20))
+        levers["AdamW step: fused"] = {"baseline_s": t["foreach"], "lever_s": t["fused"]}
+        model.zero_grad(set_to_none=True)
 
     # -- sampling: intra-op threads, and two Python threads over halves of the rows
     threads = torch.get_num_threads()
@@ -139,11 +151,37 @@ def main() -> None:
         finally:
             torch.set_num_threads(threads)
 
-    sample_threads(threads)()  # warm-up
-    t = alternate({"default": sample_threads(threads), "one": sample_threads(1), "split": sample_split},
-                  args.repeats)
-    levers[f"sampling: 1 intra-op thread (vs {threads})"] = {"baseline_s": t["default"], "lever_s": t["one"]}
-    levers[f"sampling: 2 Python threads × 1 (vs {threads})"] = {"baseline_s": t["default"], "lever_s": t["split"]}
+    if "threads" in args.levers:
+        sample_threads(threads)()  # warm-up
+        t = alternate({"default": sample_threads(threads), "one": sample_threads(1), "split": sample_split},
+                      args.repeats)
+        levers[f"sampling: 1 intra-op thread (vs {threads})"] = {"baseline_s": t["default"], "lever_s": t["one"]}
+        levers[f"sampling: 2 Python threads × 1 (vs {threads})"] = {"baseline_s": t["default"],
+                                                                     "lever_s": t["split"]}
+
+    # -- sampling: the decoder's weights packed for MKL once per call, vs sgemm repacking them at every call
+    from forkrl.sampling import kernels
+
+    if "packed" in args.levers and kernels.get() is not None and kernels.packed:
+        drawn = {}
+
+        def sample_packed(on: bool):
+            def run():
+                kernels.packed = on
+                try:
+                    rollouts, trace = sampler.sample(prompts, spec["group"], params_s, seeds=seeds, trace=True)
+                    drawn[on] = rollouts.input_ids_NL
+                    del trace
+                finally:
+                    kernels.packed = True
+            return run
+
+        sample_packed(True)()  # warm-up: the record's memory
+        t = alternate({"sgemm": sample_packed(False), "packed": sample_packed(True)}, args.repeats)
+        levers["sampling: MKL packed weights (vs sgemm)"] = {"baseline_s": t["sgemm"], "lever_s": t["packed"],
+                                                             "same_tokens": torch.equal(drawn[True], drawn[False])}
+    elif "packed" in args.levers:
+        print(f"sampling, packed weights: not timed here (kernels: {kernels.why or 'no MKL packed products'})")
 
     for v in levers.values():
         v["baseline_median_s"] = statistics.median(v["baseline_s"])
@@ -155,7 +193,8 @@ def main() -> None:
           f"({s['completion_tokens']} completion tokens), {s['threads']} threads, median of {args.repeats}")
     print(f"  {'lever':<42}{'baseline s':>12}{'lever s':>12}{'ratio':>8}{'first call s':>14}")
     for name, v in levers.items():
-        first = f"{v['first_call_s']:>14.1f}" if "first_call_s" in v else ""
+        first = f"{v['first_call_s']:>14.1f}" if "first_call_s" in v else \
+            f"   same tokens: {v['same_tokens']}" if "same_tokens" in v else ""
         print(f"  {name:<42}{v['baseline_median_s']:>12.4f}{v['lever_median_s']:>12.4f}{v['ratio']:>8.2f}{first}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

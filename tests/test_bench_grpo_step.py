@@ -80,6 +80,8 @@ def test_cpu_levers_smoke(tmp_path):
         assert len(v["baseline_s"]) >= 2 and len(v["lever_s"]) >= 2, name
         assert v["ratio"] == pytest.approx(v["baseline_median_s"] / v["lever_median_s"]), name
     assert "AdamW step: fused" in proc.stdout
+    packed = levers.get("sampling: MKL packed weights (vs sgemm)")
+    assert packed is None or packed["same_tokens"] is True  # present where MKL's packed products are
 
 
 def test_zero_advantage_smoke(tmp_path):
