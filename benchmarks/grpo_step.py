@@ -172,29 +172,23 @@ def forward_tokens_per_s(model, rows: int, length: int, vocab: int) -> float:
 
 def packed_decode(weights: list[list[torch.Tensor]], xs: dict, rows: int):
     """A function running every layer's products of one decode step as forkrl's decoder does where its kernels
-    found MKL's packed products (``kernels.pack_weights``: each weight packed once, then ``cblas_sgemm_compute``
-    per step); None where they are not there."""
-    import ctypes
-
+    found MKL's packed products (``kernels.pack_weights`` once, then ``kernels.packed_linear`` per product); None
+    where they are not there."""
     from forkrl.sampling import kernels
 
     lib = kernels.get()
     if lib is None or not kernels.packed:
         return None
-    torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    compute = torch_cpu.cblas_sgemm_compute
     flat = [w.t().contiguous() for ws in weights for w in ws]  # [out, in], as the decoder's weights are
     keep, addresses = kernels.pack_weights(lib, flat, rows)
     outs = {w.shape[0]: torch.empty(rows, w.shape[0]) for w in flat}
-    calls = [(w.shape[0], w.shape[1], a, xs[w.shape[1]].data_ptr(), outs[w.shape[0]].data_ptr())
-             for w, a in zip(flat, addresses)]
+    calls = [(xs[w.shape[1]], a, outs[w.shape[0]]) for w, a in zip(flat, addresses)]
 
-    def run():  # CBLAS column-major, A packed (151), B not transposed (111): out[rows, o] = x[rows, i] · wᵀ
-        for o, i, a, x, c in calls:
-            compute(102, 151, 111, o, rows, i, ctypes.c_void_p(a), i, ctypes.c_void_p(x), i, ctypes.c_float(0.0),
-                    ctypes.c_void_p(c), o)
+    def run():
+        for x, a, out in calls:
+            kernels.packed_linear(lib, x, a, out)
 
-    run.keep = keep, outs  # the packed weights and the outputs the calls write live as long as the function
+    run.keep = keep  # the packed weights live as long as the function
     return run
 
 

@@ -123,6 +123,20 @@ def test_rms_backward(lib, M, D):
     torch.testing.assert_close(dx2, dx, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("B,shapes", [(64, [(768, 256), (256, 256)]), (3, [(17, 5), (1, 33), (130, 64)])])
+def test_packed_weights_multiply_as_torch(lib, B, shapes):
+    """Weights packed together (pack_weights, each 64-byte aligned in one buffer) multiply as x · wᵀ does."""
+    if not kernels.packed:
+        pytest.skip("MKL's packed products are not exported by this torch's libtorch_cpu")
+    ws = [torch.randn(o, i, generator=g(o)) for o, i in shapes]
+    buf, addresses = kernels.pack_weights(lib, ws, B)
+    assert all(a % 64 == 0 for a in addresses) and len(set(addresses)) == len(ws)
+    for w, a in zip(ws, addresses):
+        x = torch.randn(B, w.shape[1] + 3, generator=g(1))[:, 3:]  # rows with a stride
+        out = kernels.packed_linear(lib, x, a, torch.empty(B, w.shape[0]))
+        torch.testing.assert_close(out, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_kernel_refuses_a_tensor_it_cannot_read(lib):
     with pytest.raises(ValueError, match="contiguous rows"):
         kernels.rms_norm(lib, torch.randn(8, 4).t(), torch.ones(8), 1e-6, torch.empty(4, 8))

@@ -320,6 +320,15 @@ static void linear(const float* a, int64_t lda, const float* w, const float* wp,
         sgemm_p("T", "N", &m, &n, &k, &alpha, w, &la, a, &lb, &beta, c, &lc);
 }
 
+/* c [B, out] = a [B, in] (row stride lda) · wᵀ + beta·c through wp, w packed by pack_weight for B rows; from
+ * Python (kernels.packed_linear), for the benchmark's floor of the decode's products. */
+int packed_linear(const float* a, int64_t lda, const float* wp, int64_t out, int64_t in, float* c, int64_t ldc,
+                  float beta, int64_t B) {
+    if (!compute_p) return 1;
+    linear(a, lda, 0, wp, out, in, c, ldc, beta, B);
+    return 0;
+}
+
 static float* slot(void* base, int64_t at, int64_t B, int64_t F, float* otherwise) {
     return base ? (float*)base + at * B * F : otherwise;
 }

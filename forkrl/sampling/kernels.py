@@ -78,11 +78,12 @@ def _declare(lib: ctypes.CDLL) -> None:
            "set_packed_gemm": [p, p, p],
            "packed_bytes": [i64, i64, i64],
            "pack_weight": [p, i64, i64, i64, p],
+           "packed_linear": [p, i64, p, i64, i64, p, i64, f32, i64],
            "decode_layers": [i64, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32]}
     for name, args in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.decode_layers.restype = lib.pack_weight.restype = ctypes.c_int
+    lib.decode_layers.restype = lib.pack_weight.restype = lib.packed_linear.restype = ctypes.c_int
     lib.packed_bytes.restype = ctypes.c_int64
 
 
@@ -164,6 +165,17 @@ def pack_weights(lib, weights: list[torch.Tensor], rows: int) -> tuple[torch.Ten
         addresses.append(at)
         at += size
     return flat, addresses
+
+
+def packed_linear(lib, x_BI: torch.Tensor, packed: int, out_BO: torch.Tensor) -> torch.Tensor:
+    """out = x · wᵀ through ``packed``, the address ``pack_weights`` gave w [O, I] for these B rows; into ``out_BO``
+    (contiguous). The decoder's product, one at a time from Python (the benchmark times them alone)."""
+    (B, inner), out = x_BI.shape, out_BO.shape[1]
+    assert out_BO.is_contiguous() and out_BO.shape[0] == B and out_BO.dtype == torch.float32
+    if lib.packed_linear(x_BI.data_ptr(), _row_stride(x_BI, "x"), packed, out, inner, out_BO.data_ptr(), out, 0.0,
+                         B) != 0:
+        raise RuntimeError("packed_linear: MKL's packed products were not found (kernels.packed is False)")
+    return out_BO
 
 
 def _row_stride(t: torch.Tensor, name: str) -> int:
