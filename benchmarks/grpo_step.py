@@ -45,6 +45,10 @@ for ``--rounds``) so drift of the machine hits both.
     python benchmarks/grpo_step.py --config lora --json grpo_step_lora.json
     python benchmarks/grpo_step.py --tiny --json /tmp/t.json             # a smoke run (tests)
     python benchmarks/grpo_step.py --device cuda --json grpo_step_gpu.json  # on a GPU, bf16
+    python benchmarks/grpo_step.py --contend 1 --json grpo_step_busy.json  # one core taken by another process
+
+* contention (``--contend N``): N processes spinning in a Python loop for the whole run (the matmul peaks and
+  every worker included), as a laptop's or shared machine's other work would take cores.
 """
 
 from __future__ import annotations
@@ -545,6 +549,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="the model's weights and compute (auto: float32 on cpu, bfloat16 on cuda; TRL with bf16=True)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each worker (0: torch's)")
+    ap.add_argument("--contend", type=int, default=0,
+                    help="N busy processes (a Python spin loop each) running beside both libraries for the whole run: "
+                         "a laptop or shared machine whose cores are not all free")
     ap.add_argument("--profile", help="write a cProfile of each worker's whole run into this directory")
     ap.add_argument("--skip-losscheck", action="store_true")
     ap.add_argument("--json", help="write the results here")
@@ -573,13 +580,19 @@ def main() -> None:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        gflops_before = matmul_gflops(device, dtype)
-        runs = {"forkrl": [], "trl": []}
-        for _ in range(args.rounds):
-            for lib in runs:
-                runs[lib].append(spawn(lib, spec, spec_path, work))
-        losses = None if args.skip_losscheck else spawn("losscheck", spec, spec_path, work)
-        gflops_after = matmul_gflops(device, dtype)
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+        try:
+            gflops_before = matmul_gflops(device, dtype)
+            runs = {"forkrl": [], "trl": []}
+            for _ in range(args.rounds):
+                for lib in runs:
+                    runs[lib].append(spawn(lib, spec, spec_path, work))
+            losses = None if args.skip_losscheck else spawn("losscheck", spec, spec_path, work)
+            gflops_after = matmul_gflops(device, dtype)
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
     peak = max([gflops_before, gflops_after] + [r["matmul_gflops"] for rs in runs.values() for r in rs])
     rows = base["prompts"] * base["group"]
     # one reference for both: the same model's batched forward, the median over every worker's measurement
@@ -590,6 +603,7 @@ def main() -> None:
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
                         "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
                         "warmup": args.warmup, "rounds": args.rounds, "reward": args.reward, "lr": LR,
+                        "contend": args.contend,
                         "device": device, "dtype": dtype,
                         "model": base["size"], "lora": LORA if args.config == "lora" else None}
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
@@ -617,7 +631,8 @@ def print_table(r: dict) -> None:
           f"({r['forkrl']['trainable_params'] / 1e6:.3f}M trainable), {s['prompts']}×{s['group']} rows, "
           f"{s['max_new_tokens']} new tokens, median of {r['forkrl']['steps_timed']} steps; "
           f"{s['dtype']} on {m['gpu'] or 'cpu'}; {m['torch_threads']} CPU threads, {s['dtype']} matmul "
-          f"{m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward")
+          f"{m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward"
+          + (f"; {s['contend']} busy process(es) beside it" if s.get("contend") else ""))
     cols = [("s/step", "s_per_step", ".3f"), ("sample s", "sample_s", ".3f"), ("train s", "train_s", ".3f"),
             ("other s", "other_s", ".3f"), ("tok/s", "tokens_per_s", ".0f"),
             ("sample tok/s", "sample_tokens_per_s", ".0f"), ("samp eff", "sampling_efficiency", ".3f"),
