@@ -75,9 +75,10 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     from forkrl import models
-    from forkrl.sampling import HFSampler
+    from forkrl.cpu import FusedSampler
+    from forkrl.forward import ModelForward
+    from forkrl.sampling import sampling_params
     from forkrl.tasks import build_task
-    from forkrl.trainers.common import completion_logprobs, sampling_params
 
     spec = {**grpo_step.SIZES["tiny" if args.tiny else args.config], "lora": False}
     rows = spec["prompts"] * spec["group"]
@@ -89,7 +90,7 @@ def main() -> None:
     prompts = [tok(p.prompt).input_ids for p in problems]
     params_s = sampling_params(cfg)
     seeds = list(range(rows))
-    batch = HFSampler(model, tok).sample(prompts, spec["group"], params_s, seeds=seeds)
+    batch = FusedSampler(model, tok).sample(prompts, spec["group"], params_s, seeds=seeds)
     results = {"setup": {"config": "tiny" if args.tiny else args.config, "rows": rows, "repeats": args.repeats,
                          "threads": torch.get_num_threads(), "batch_shape": list(batch.input_ids_NL.shape),
                          "completion_tokens": int(batch.completion_mask_NL.sum())}}
@@ -98,7 +99,7 @@ def main() -> None:
     # -- training forward + backward: eager vs compiled
     def train_with(m):
         def run():
-            logp, _, mask = completion_logprobs(m, batch)
+            logp, _, mask = ModelForward(m).logprobs(batch)
             ((logp * mask).sum() / mask.sum()).backward()
             model.zero_grad(set_to_none=True)
         return run
@@ -126,7 +127,7 @@ def main() -> None:
 
     # -- sampling: intra-op threads, and two Python threads over halves of the rows
     threads = torch.get_num_threads()
-    sampler = HFSampler(model, tok)
+    sampler = FusedSampler(model, tok)
 
     def sample_threads(n: int):
         def run():
@@ -160,18 +161,18 @@ def main() -> None:
                                                                      "lever_s": t["split"]}
 
     # -- sampling: the decoder's weights packed for MKL once per call, vs sgemm repacking them at every call
-    from forkrl.sampling import kernels
+    from forkrl.cpu import kernels
 
     if "packed" in args.levers and kernels.get() is not None and kernels.packed:
         drawn = {}
+        recording = FusedSampler(model, tok, record=True)  # as the GRPO stage samples: the decode recorded
 
         def sample_packed(on: bool):
             def run():
                 kernels.packed = on
                 try:
-                    rollouts, trace = sampler.sample(prompts, spec["group"], params_s, seeds=seeds, trace=True)
-                    drawn[on] = rollouts.input_ids_NL
-                    del trace
+                    drawn[on] = recording.sample(prompts, spec["group"], params_s, seeds=seeds).input_ids_NL
+                    recording.sync_weights()  # the record released, as after an optimizer step
                 finally:
                     kernels.packed = True
             return run

@@ -3,7 +3,7 @@
 * the teacher-forced classification (``tokendiff.teacher_force``) of 200 trajectories × 100 completion
   tokens, both models, at several micro-batch sizes (target: ≤ 30 s on a 2-core CPU at the default 64);
 * the causal decodes (``substitute.decode``): 200 rows × up to 100 new tokens, the base alone (no
-  substitution; next to ``HFSampler`` on the same rows, which it reproduces) and with both models in
+  substitution; next to the default sampler on the same rows, which it reproduces) and with both models in
   lockstep (the oracle rule).
 
 The pair: the demo's base architecture (qwen2, hidden 128, 4 layers, 4 heads, 2 KV heads, intermediate
@@ -28,9 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from forkrl import models  # noqa: E402
+from forkrl.config import SamplingCfg  # noqa: E402
 from forkrl.diagnostics.substitute import Oracle, decode  # noqa: E402
 from forkrl.diagnostics.tokendiff import summarize, teacher_force  # noqa: E402
-from forkrl.sampling import HFSampler, SamplingParams  # noqa: E402
+from forkrl.sampling import SamplingParams, make_sampler  # noqa: E402
 from forkrl.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from forkrl.types import Role, Rollouts  # noqa: E402
 
@@ -107,10 +108,12 @@ def main() -> None:
         params = SamplingParams(temperature=1.0, max_new_tokens=args.tokens)
         rows = [prompts[r % len(prompts)] for r in range(args.rows)]
         seeds = list(range(args.rows))
-        sampler = HFSampler(base, tok, batch_size=256)
-        runs = {"hf_sampler (base)": lambda: (sampler.sample(rows, 1, params, seeds=seeds), None),
-                "decode, no substitution": lambda: decode(base, None, tok, rows, 1, params, seeds),
-                "decode, oracle (2 models)": lambda: decode(base, tuned, tok, rows, 1, params, seeds, Oracle(5))}
+        sampling = SamplingCfg(batch_size=256)
+        sampler = make_sampler(sampling, base, tok)
+        runs = {"sampler (base)": lambda: (sampler.sample(rows, 1, params, seeds=seeds), None),
+                "decode, no substitution": lambda: decode(base, None, tok, rows, 1, params, seeds, sampling=sampling),
+                "decode, oracle (2 models)": lambda: decode(base, tuned, tok, rows, 1, params, seeds, Oracle(5),
+                                                            sampling=sampling)}
         for name, fn in runs.items():
             sec, (rollouts, subs) = timed(fn, 1)
             tokens = int(rollouts.completion_len_N.sum())

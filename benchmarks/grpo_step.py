@@ -26,7 +26,7 @@ for ``--rounds``) so drift of the machine hits both.
   correctness, which the untrained model never earns: every group's rewards are equal, every advantage is 0,
   and forkrl skips those rows' backward (``grpo.skip_zero_advantage``) while TRL computes it. The table's
   ``no-bwd rows`` column is forkrl's median count of such rows per step.
-* losses: one subprocess samples forkrl's first-step batch once (``HFSampler``, forkrl's row seeds),
+* losses: one subprocess samples forkrl's first-step batch once (``make_sampler``, forkrl's row seeds),
   gives it advantages from a probe reward (the parity of each completion's token-id sum: the untrained
   model never answers correctly, so the task reward is all 0 and both losses would be a trivial 0), and
   computes forkrl's loss (``policy_update``) and TRL's (``GRPOTrainer._compute_loss``) with the real model
@@ -122,7 +122,7 @@ def local_setup(spec: dict, root: Path, seed_key: str):
     training prompts' ids and one seed per row (``seed_key``)."""
     from forkrl import models
     from forkrl.tasks import build_task
-    from forkrl.trainers.common import row_seeds
+    from forkrl.sampling import row_seeds
 
     model_dir = build_model(spec, root)
     cfg = forkrl_config(spec, str(model_dir), 1)
@@ -178,7 +178,7 @@ def packed_decode(weights: list[list[torch.Tensor]], xs: dict, rows: int):
     """A function running every layer's products of one decode step as forkrl's decoder does where its kernels
     found MKL's packed products (``kernels.pack_weights`` once, then ``kernels.packed_linear`` per product); None
     where they are not there."""
-    from forkrl.sampling import kernels
+    from forkrl.cpu import kernels
 
     lib = kernels.get()
     if lib is None or not kernels.packed:
@@ -338,7 +338,7 @@ def trl_trainer(spec: dict, model_dir: str, steps: int, work: Path):
 
     from forkrl import models
     from forkrl.tasks import build_task
-    from forkrl.trainers.common import batch_indices
+    from forkrl.trainers.data import batch_indices
 
     cfg = forkrl_config(spec, model_dir, steps)
     task = build_task(cfg.task)
@@ -415,8 +415,8 @@ def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
     from trl.trainer.utils import pad
 
     from forkrl.algos.advantages import get_advantage
-    from forkrl.sampling import HFSampler
-    from forkrl.trainers.common import row_seeds, sampling_params
+    from forkrl.forward import ModelForward
+    from forkrl.sampling import make_sampler, row_seeds, sampling_params
     from forkrl.trainers.grpo import policy_update
     from forkrl.types import Role
 
@@ -426,7 +426,7 @@ def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
     first = trainer.train_dataset[: spec["prompts"]]  # step 1's problems, in train_grpo's order
     pick, prompt_ids = first["idx"], [tok(p).input_ids for p in first["prompt"]]
     seeds = row_seeds(f"grpo:{cfg.seed}:1", pick, spec["group"])
-    batch = HFSampler(model, tok).sample(prompt_ids, spec["group"], sampling_params(cfg), seeds=seeds)
+    batch = make_sampler(cfg.sampling, model, tok).sample(prompt_ids, spec["group"], sampling_params(cfg), seeds=seeds)
     comp = batch.role_NL == Role.COMPLETION
     reward_N = torch.tensor([float(int(ids[m].sum()) % 2) for ids, m in zip(batch.input_ids_NL, comp)])
     adv_N = get_advantage("grpo")(reward_N, batch.group_N, torch.ones_like(reward_N, dtype=torch.bool), eps=1e-4)
@@ -439,7 +439,7 @@ def run_losscheck(spec: dict, model_dir: str, work: Path) -> dict:
         model.zero_grad(set_to_none=True)
         return norm
 
-    sums = policy_update(model, batch, adv_N, None, None, cfg.grpo, temperature=1.0,
+    sums = policy_update(ModelForward(model), batch, adv_N, None, None, cfg.grpo, temperature=1.0,
                          t_max=spec["max_new_tokens"], totals=(tokens, batch.num_rows))
     ours = {"loss": float(sums["loss"]), "grad_norm": grad_norm()}
     rows = [(ids[r == Role.PROMPT], ids[r == Role.COMPLETION]) for ids, r in zip(batch.input_ids_NL, batch.role_NL)]

@@ -1,9 +1,9 @@
-"""Where the replayed update's time goes, and what recording the decode costs (``grpo.reuse_decode``).
+"""Where the replayed update's time goes, and what recording the decode costs (``sampling.replay``).
 
 One process, the model ``grpo_step.py`` builds (its default configuration's, or ``--model tiny``), the same
 64-row batch every round. Alternating, after one warm-up round:
 
-* sampling with the decode recorded (``HFSampler.sample(trace=True)``) against sampling without;
+* sampling with the decode recorded (``FusedSampler(record=True)``) against sampling without;
 * the update (``policy_update``) replayed from the record against the same update through the model's forward;
 
 then a ``torch.profiler`` trace of one replayed update: its total, and the operators that took the most.
@@ -35,8 +35,9 @@ import grpo_step  # noqa: E402
 def run(model_name: str, rounds: int, top: int, work: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from forkrl.sampling import HFSampler
-    from forkrl.trainers.common import sampling_params
+    from forkrl.cpu import FusedSampler
+    from forkrl.forward import make_forward
+    from forkrl.sampling import sampling_params
     from forkrl.trainers.grpo import policy_update
     from forkrl.types import Role
 
@@ -44,40 +45,41 @@ def run(model_name: str, rounds: int, top: int, work: Path) -> dict:
     model, tok, cfg, prompt_ids, seeds = grpo_step.local_setup(spec, work, "replay-profile")
     G = spec["group"]
     rows = spec["prompts"] * G
-    sampler = HFSampler(model, tok)
+    samplers = {True: FusedSampler(model, tok, record=True), False: FusedSampler(model, tok)}
+    forwards = {k: make_forward(model, s) for k, s in samplers.items()}  # the replay, and the model's forward
     adv_N = torch.randn(rows, generator=torch.Generator().manual_seed(0))  # every row live
 
-    def sample(trace: bool):
+    def sample(recorded: bool):
         t0 = time.perf_counter()
-        out = sampler.sample(prompt_ids, G, sampling_params(cfg), seeds=seeds, trace=trace)
+        out = samplers[recorded].sample(prompt_ids, G, sampling_params(cfg), seeds=seeds)
         return out, time.perf_counter() - t0
 
-    def update(batch, trace) -> float:
+    def update(batch, recorded: bool) -> float:
         tokens = int((batch.role_NL == Role.COMPLETION).sum())
         t0 = time.perf_counter()
-        policy_update(model, batch, adv_N, None, None, cfg.grpo, temperature=1.0, t_max=spec["max_new_tokens"],
-                      totals=(tokens, rows), trace=trace, rows_N=torch.arange(rows))
+        policy_update(forwards[recorded], batch, adv_N, None, None, cfg.grpo, temperature=1.0,
+                      t_max=spec["max_new_tokens"], totals=(tokens, rows))
         took = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
+        samplers[recorded].sync_weights()  # as the optimizer step does: the record is released
         return took
 
     times = {k: [] for k in ("sample_recorded", "sample_plain", "update_replayed", "update_forward")}
     for r in range(rounds + 1):
-        (batch, trace), t_rec = sample(True)
-        t_replay = update(batch, trace)
-        del trace
+        batch, t_rec = sample(True)
+        t_replay = update(batch, True)
         batch, t_plain = sample(False)
-        t_forward = update(batch, None)
+        t_forward = update(batch, False)
         if r:  # the first round warms up
             for k, v in zip(times, (t_rec, t_plain, t_replay, t_forward)):
                 times[k].append(v)
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    (batch, trace), _ = sample(True)
+    batch, _ = sample(True)
     tokens = int((batch.role_NL == Role.COMPLETION).sum())
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        policy_update(model, batch, adv_N, None, None, cfg.grpo, temperature=1.0, t_max=spec["max_new_tokens"],
-                      totals=(tokens, rows), trace=trace, rows_N=torch.arange(rows))
+        policy_update(forwards[True], batch, adv_N, None, None, cfg.grpo, temperature=1.0,
+                      t_max=spec["max_new_tokens"], totals=(tokens, rows))
     model.zero_grad(set_to_none=True)
     ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()
                   if e.key.startswith("aten::")), key=lambda o: -o[1])

@@ -37,8 +37,9 @@ GROUP = 8
 
 
 def measure(name: str, fractions: list[float], rounds: int, work: Path) -> list[dict]:
-    from forkrl.sampling import HFSampler
-    from forkrl.trainers.common import sampling_params
+    from forkrl.cpu import FusedSampler
+    from forkrl.forward import make_forward
+    from forkrl.sampling import sampling_params
     from forkrl.trainers.grpo import policy_update
     from forkrl.types import Role
 
@@ -46,7 +47,8 @@ def measure(name: str, fractions: list[float], rounds: int, work: Path) -> list[
     spec = {**grpo_step.SIZES["default"], "size": size, "prompts": prompts, "group": GROUP, "max_new_tokens": new,
             "lora": False}
     model, tok, cfg, prompt_ids, seeds = grpo_step.local_setup(spec, work / name, "zero-advantage")
-    sampler, rows = HFSampler(model, tok), prompts * GROUP
+    sampler, rows = FusedSampler(model, tok, record=True), prompts * GROUP
+    policy = make_forward(model, sampler)
     out = []
     for frac in fractions:
         adv_N = torch.randn(rows, generator=torch.Generator().manual_seed(0))
@@ -55,16 +57,16 @@ def measure(name: str, fractions: list[float], rounds: int, work: Path) -> list[
         times = {True: [], False: []}
         for r in range(rounds + 1):
             for skip in (True, False):
-                batch, trace = sampler.sample(prompt_ids, GROUP, sampling_params(cfg), seeds=seeds, trace=True)
+                batch = sampler.sample(prompt_ids, GROUP, sampling_params(cfg), seeds=seeds)
                 tokens = int((batch.role_NL == Role.COMPLETION).sum())
                 grpo_cfg = cfg.grpo.model_copy(update={"skip_zero_advantage": skip})
                 t0 = time.perf_counter()
-                policy_update(model, batch, adv_N, None, None, grpo_cfg, temperature=1.0, t_max=new,
-                              totals=(tokens, rows), trace=trace, rows_N=torch.arange(rows))
+                policy_update(policy, batch, adv_N, None, None, grpo_cfg, temperature=1.0, t_max=new,
+                              totals=(tokens, rows))
                 if r:  # the first round warms up
                     times[skip].append(time.perf_counter() - t0)
                 model.zero_grad(set_to_none=True)
-                del trace
+                sampler.sync_weights()
         skip_s, full_s = statistics.median(times[True]), statistics.median(times[False])
         out.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "rows": rows,
                     "zero_group_frac": zero_groups / prompts, "skip_s": skip_s, "full_s": full_s,

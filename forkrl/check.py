@@ -13,14 +13,47 @@ seen to fail.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .algos.reductions import step_totals
-from .config import RunCfg
+from .trainers.accumulate import EXACT, Plan
 from .types import Role, Rollouts
 
+if TYPE_CHECKING:
+    from .config import RunCfg
+
 TOLERANCE = 1e-8  # float64 runs agree to ~1e-13; either bug moves the gradient by >1e-3
+
+
+class FirstMicrobatchOnly(Plan):
+    """The optimizer-offload bug that kept only micro-batch 0's gradient (METHODS §1): the update uses 1/K of the
+    batch and the gradient norm is about 1/K of the true one."""
+
+    name, exact = "first_microbatch_only", False
+
+    def runs(self, index: int) -> bool:
+        return index == 0
+
+
+class MeanOfMeans(Plan):
+    """Each micro-batch divides by its own counts and accumulation averages the K micro-batch means (and DDP the W
+    ranks), so tokens in short-response micro-batches weigh more (METHODS §1). (With sequence-count reductions and
+    equal-sized micro-batches the local counts equal the global share, so only ``token_mean`` shows it then.)"""
+
+    name, exact = "mean_of_means", False
+
+    def denominators(self, totals, local, n_parts: int, world_size: int):
+        return local(), 1.0 / (n_parts * world_size)
+
+
+# the accumulation plans ``--inject`` (and ``debug.inject``) can choose: the correct one and the two historical bugs
+FAULTS = {
+    "none": EXACT,
+    "first_microbatch_only": FirstMicrobatchOnly(),
+    "mean_of_means": MeanOfMeans(),
+}
 
 
 @dataclass(frozen=True)
@@ -60,21 +93,23 @@ def _pad(batch: Rollouts, extra: int) -> Rollouts:
 
 def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, totals, inject: str, world: int,
                    adv_N, old_NT, ref_NT, gate_NT=None, base=None) -> torch.Tensor:
+    from .forward import ModelForward
     from .trainers.fork import fork_update
     from .trainers.grpo import policy_update
     from .trainers.sft import sft_step
 
+    plan = FAULTS[inject]
     model.zero_grad(set_to_none=True)
     if trainer == "sft":
         sft_step(model, batch, reduction=cfg.sft.reduction, t_max=cfg.sft.t_max or 40, micro_batch_size=micro,
-                 totals=totals, inject=inject, world_size=world)
+                 totals=totals, plan=plan, world_size=world)
     elif trainer == "fork":
         fork_update(model, base, batch, adv_N, gate_NT, kl_coef=cfg.fork.kl_coef, micro_batch_size=micro,
-                    totals=totals, neg_floor=cfg.fork.neg_floor, inject=inject, world_size=world)
+                    totals=totals, neg_floor=cfg.fork.neg_floor, plan=plan, world_size=world)
     else:
         gcfg = cfg.grpo.model_copy(update={"micro_batch_size": micro})
-        policy_update(model, batch, adv_N, old_NT, ref_NT, gcfg, temperature=cfg.sampling.temperature,
-                      t_max=cfg.grpo.t_max or 40, totals=totals, inject=inject, world_size=world)
+        policy_update(ModelForward(model), batch, adv_N, old_NT, ref_NT, gcfg, temperature=cfg.sampling.temperature,
+                      t_max=cfg.grpo.t_max or 40, totals=totals, plan=plan, world_size=world)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                       for p in model.parameters() if p.requires_grad])
 
@@ -225,7 +260,7 @@ def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow
 def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, dist, *, micro: int, inject: str,
                               adv_N, old_NT, ref_NT) -> torch.Tensor:
     """The same gradient on real processes: this rank's shard, the all-reduced totals, summed gradients."""
-    from .trainers.common import global_totals
+    from .trainers.accumulate import global_totals
 
     idx = torch.arange(batch.num_rows)[dist.shard(batch.num_rows, "rows")]
     shard = batch.select(idx)

@@ -19,7 +19,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _training_errors() -> tuple[type[BaseException], ...]:
-    from .trainers.common import TrainingError
+    from .trainers.loop import TrainingError
 
     return (TrainingError,)
 

@@ -3,15 +3,71 @@
 Every section forbids unknown keys. ``load_config`` turns pydantic's errors into messages that name the
 key path, the YAML line, and the allowed keys or values, and raises ``ConfigError``; the CLI prints it
 and exits with status 2.
+
+Names of things forkrl has a registry of (advantage estimators, objectives, reductions, KL estimators, rewards,
+filters, fork gates, stages, sampler backends, schedules, verifiers, fault injections) are checked against that
+registry itself (``_named``, ``NAMED`` lists them), not against a copy of its keys: a name added to a registry is a
+valid config value.
+Keys renamed since a run was written are read under their new name (``_MOVED``), so older run directories load.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .algos.advantages import ADVANTAGES
+from .algos.filters import FILTERS
+from .algos.fork import GATES
+from .algos.kl import KL_ESTIMATORS
+from .algos.objectives import OBJECTIVES
+from .algos.reductions import REDUCTIONS
+from .check import FAULTS
+from .rewards import REWARDS
+from .sampling.base import SAMPLERS
+from .tasks.jsonl import VERIFIERS
+from .trainers import STAGES
+from .trainers.optim import SCHEDULES
+
+
+def _named(registry: Mapping, what: str, *, extra: tuple[str, ...] = ()):
+    """A str config value that must name an entry of ``registry`` as it is when the config is validated (or one of
+    ``extra``, e.g. "none"); the error lists the valid names."""
+
+    def check(value: str) -> str:
+        if value not in extra and value not in registry:
+            valid = ", ".join(repr(v) for v in (*extra, *registry))
+            raise ValueError(f"unknown {what} {value!r}; valid: {valid}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+Advantage = _named(ADVANTAGES, "advantage estimator")
+Objective = _named(OBJECTIVES, "objective")
+Reduction = _named(REDUCTIONS, "loss reduction")
+KlEstimator = _named(KL_ESTIMATORS, "KL estimator", extra=("none",))
+RewardName = _named(REWARDS, "reward")
+FilterName = _named(FILTERS, "filter", extra=("none",))
+GateKind = _named(GATES, "fork gate")
+StageName = _named(STAGES, "stage")
+Backend = _named(SAMPLERS, "sampler backend")
+Schedule = _named(SCHEDULES, "learning-rate schedule")
+Verifier = _named(VERIFIERS, "verifier")
+Fault = _named(FAULTS, "fault injection")
+
+# config key (a list's entries: ``[]``) -> (the registry it names an entry of, names it accepts besides)
+NAMED = {
+    "grpo.advantage": (ADVANTAGES, ()), "grpo.objective": (OBJECTIVES, ()), "grpo.reduction": (REDUCTIONS, ()),
+    "sft.reduction": (REDUCTIONS, ()), "grpo.kl.estimator": (KL_ESTIMATORS, ("none",)),
+    "grpo.rewards[].name": (REWARDS, ()), "fork.rewards[].name": (REWARDS, ()), "grpo.filter": (FILTERS, ("none",)),
+    "fork.gate.kind": (GATES, ()), "stages[]": (STAGES, ()), "sampling.backend": (SAMPLERS, ()),
+    "sft.optim.schedule": (SCHEDULES, ()), "grpo.optim.schedule": (SCHEDULES, ()),
+    "fork.optim.schedule": (SCHEDULES, ()), "task.verifier": (VERIFIERS, ()), "debug.inject": (FAULTS, ()),
+}
 
 Pos = Annotated[int, Field(ge=1)]
 NonNeg = Annotated[int, Field(ge=0)]
@@ -99,7 +155,7 @@ class JsonlCfg(Strict):
     answer_field: str = "answer"
     completion_field: str | None = "completion"
     id_field: str | None = None
-    verifier: Literal["exact", "numeric", "math_verify"] = "exact"
+    verifier: Verifier = "exact"
     answer_pattern: str | None = None
     format: FormatCfg = FormatCfg()
 
@@ -113,7 +169,11 @@ class SamplingCfg(Strict):
     top_k: NonNeg = 0  # 0 = off
     max_new_tokens: Pos = 64
     batch_size: Pos = 256  # rows decoded together
-    engine: Literal["auto", "hf"] = "auto"  # auto: fused Llama/Qwen2 decoder on CPU fp32 where it applies, else HF
+    # auto: forkrl's fused CPU decoder where it runs the model (float32 on a CPU, Llama/Qwen2: forkrl.cpu), else hf
+    backend: Backend = "auto"
+    # the fused backend keeps the record of each decode the GRPO update trains on, and the update replays it
+    # instead of running the model's forward again (same log-probs and gradients to float rounding)
+    replay: bool = True
 
 
 class OptimCfg(Strict):
@@ -121,11 +181,8 @@ class OptimCfg(Strict):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: NonNeg = 0
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    schedule: Schedule = "constant"
     grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
-
-
-Reduction = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
 
 
 class SftCfg(Strict):
@@ -146,12 +203,12 @@ class SftCfg(Strict):
 
 
 class RewardCfg(Strict):
-    name: Literal["correct", "format", "random"]
+    name: RewardName
     weight: float = 1.0
 
 
 class KlCfg(Strict):
-    estimator: Literal["none", "k1", "k3"] = "k3"
+    estimator: KlEstimator = "k3"
     beta: Annotated[float, Field(ge=0.0)] = 0.0  # 0: no reference model is loaded
     where: Literal["loss", "reward"] = "loss"
 
@@ -171,9 +228,9 @@ class GrpoCfg(Strict):
     prompts_per_step: Pos = 16  # B
     group_size: Pos = 8  # G
     micro_batch_size: Pos = 64  # rows per forward/backward
-    advantage: Literal["grpo", "grpo_batch_std", "dr_grpo", "rloo"] = "grpo"
+    advantage: Advantage = "grpo"
     adv_eps: Annotated[float, Field(ge=0.0)] = 1e-4
-    objective: Literal["ppo_clip", "gspo"] = "ppo_clip"
+    objective: Objective = "ppo_clip"
     clip: bool = True  # False: plain ratio * A (the Spurious Rewards control)
     eps_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     eps_high: Annotated[float, Field(gt=0.0)] = 0.28
@@ -183,13 +240,10 @@ class GrpoCfg(Strict):
     reduction: Reduction = "token_mean"
     t_max: Pos | None = None  # for seq_mean_token_sum_norm; default sampling.max_new_tokens
     inner_iterations: Pos = 1  # μ: optimizer steps per batch, on stored old log-probs
-    # the first update replays the fused decoder's forward (sampling/trace.py) instead of running the model's
-    # again, where that decoder sampled the batch; false: always the model's forward
-    reuse_decode: bool = True
     # rows whose advantage is 0 get a no-grad pass (their statistics) and no backward, where their loss and
     # gradient are exactly 0 (no KL or entropy term in the loss); false: every row gets a backward
     skip_zero_advantage: bool = True
-    filter_zero_variance: bool = False
+    filter: FilterName = "none"  # zero_variance_groups: drop groups whose rewards are all equal (DAPO)
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
     reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable
     eval_every: NonNeg = 0  # held-out pass@1 every K steps (0: only at the end of the stage)
@@ -212,7 +266,7 @@ class GrpoCfg(Strict):
 class GateCfg(Strict):
     """Which completion positions are decisions (METHODS §4 step 5)."""
 
-    kind: Literal["entropy", "random", "all"] = "entropy"  # random/all: the ablations
+    kind: GateKind = "entropy"  # random/all: the ablations
     tau: Annotated[float, Field(ge=0.0)] | None = None  # absolute base entropy in nats; None: use quantile
     quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9  # τ = this quantile of the base's entropies
 
@@ -276,12 +330,12 @@ class GuardsCfg(Strict):
 
 class DebugCfg(Strict):
     # Fault injection of the two historical accumulation bugs (METHODS §1), for `forkrl check` and tests.
-    inject: Literal["none", "first_microbatch_only", "mean_of_means"] = "none"
+    inject: Fault = "none"
 
 
 class RunCfg(Strict):
     seed: int = 0
-    stages: list[Literal["sft", "grpo", "fork"]] = Field(min_length=1)
+    stages: list[StageName] = Field(min_length=1)
     model: ModelCfg
     task: TaskCfg
     sampling: SamplingCfg = SamplingCfg()
@@ -358,10 +412,36 @@ def _describe(err: dict, root: yaml.Node | None) -> str:
     return f"{where}: {msg}{got_txt}"
 
 
+# keys renamed since runs were written: (section, old key) -> (section, new key, how an old value reads now)
+_MOVED = {
+    ("sampling", "engine"): ("sampling", "backend", lambda v: v),
+    ("grpo", "reuse_decode"): ("sampling", "replay", lambda v: v),
+    ("grpo", "filter_zero_variance"): ("grpo", "filter", lambda v: "zero_variance_groups" if v is True else
+                                       "none" if v is False else v),
+}
+
+
+def _migrate(data: dict) -> dict:
+    """``data`` with every renamed key under its new name (``_MOVED``); a key given under both names is an error."""
+    data = dict(data)
+    for (section, old), (new_section, new, convert) in _MOVED.items():
+        part, target = data.get(section), data.get(new_section, {})
+        if not (isinstance(part, dict) and old in part and isinstance(target, dict)):
+            continue  # nothing to move, or a section that is not a mapping (validation names it)
+        value = part[old]
+        data[section] = {k: v for k, v in part.items() if k != old}
+        target = dict(data.get(new_section, {}))
+        if new in target:
+            raise ConfigError(f"{section}.{old} is the old name of {new_section}.{new}; give only {new_section}.{new}")
+        data[new_section] = {**target, new: convert(value)}
+    return data
+
+
 def parse_config(data: Any, *, source: str = "<config>", text: str | None = None) -> RunCfg:
     root = yaml.compose(text) if text else None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping of keys to values, got {type(data).__name__}")
+    data = _migrate(data)
     try:
         return RunCfg.model_validate(data)
     except ValidationError as e:

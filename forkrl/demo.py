@@ -46,8 +46,8 @@ def cached_base(fast: bool, tiny: dict | None = None) -> tuple[Path, float, bool
     """The SFT'd demo base: (path, SFT wall seconds when it was built, whether it came from the cache)."""
     cfg = demo_config(fast=fast, stages=("sft",), tiny=tiny)
     # The key covers the config and the code that makes the base, so an upgrade never reuses a stale one.
-    sources = ("tasks/arithmetic.py", "trainers/sft.py", "trainers/common.py", "sampling/hf.py",
-               "sampling/engine.py")
+    sources = ("tasks/arithmetic.py", "trainers/sft.py", "trainers/accumulate.py", "trainers/loop.py",
+               "trainers/optim.py", "forward.py", "sampling/decode.py", "sampling/hf.py", "cpu/engine.py")
     code = [resources.files("forkrl").joinpath(f).read_text() for f in sources]
     # Only the sections SFT and its evaluation read: tuning the grpo or fork sections keeps the base.
     spec = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "task", "sft", "sampling", "eval")}

@@ -22,14 +22,18 @@ import torch
 
 from . import checkpoint, models
 from .distributed import Dist, setup
-from .config import ConfigError, RunCfg
+from .config import ConfigError, RunCfg, parse_config
 from .tasks import build_task
 from .tasks.formatting import format_prompt
+from .trainers.accumulate import Plan
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageContext:
-    """Everything a trainer needs for one stage; built here so trainers stay thin loops."""
+    """Everything a trainer needs for one stage, fixed for the stage; built here so trainers stay thin loops.
+    (What changes during a stage, its step, guard streaks and evaluation time, is the loop's:
+    ``trainers.loop.StageLoop``.) ``plan``: how micro-batches accumulate, ``debug.inject``'s plan from
+    ``check.FAULTS`` (the correct one unless a fault is injected)."""
 
     cfg: RunCfg
     name: str
@@ -42,9 +46,7 @@ class StageContext:
     device: torch.device
     resume_from: Path | None
     dist: Dist
-    nonfinite_streak: int = 0  # consecutive skipped (NaN/inf) updates, see trainers.common.run_guards
-    unscorable_streak: int = 0  # consecutive steps with most rows unscorable
-    eval_s: float = 0.0  # seconds spent in held-out evaluation this stage (interim and final)
+    plan: Plan
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return encode_prompt(self.cfg, self.tokenizer, self.task, self.model, prompt)
@@ -134,6 +136,17 @@ def save_final(ctx: StageContext) -> Path:
     return final
 
 
+def _saved_config(path: Path) -> RunCfg | None:
+    """The config a run directory was started with, as this version reads it (older key names migrated), or
+    None where it no longer parses."""
+    import yaml
+
+    try:
+        return parse_config(yaml.safe_load(path.read_text()), source=str(path))
+    except (ConfigError, yaml.YAMLError):
+        return None
+
+
 def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[str, Path]]:
     names = list(cfg.stages)
     return [(s, run_dir / (s if names.count(s) == 1 else f"{i}-{s}")) for i, s in enumerate(names)]
@@ -144,16 +157,15 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
 
     ``init_path`` overrides the starting model; ``task`` (any object following the Task protocol)
     overrides the config's task section, for tasks written in Python."""
-    from .trainers.fork import train_fork
-    from .trainers.grpo import train_grpo
-    from .trainers.sft import train_sft
+    from .check import FAULTS
+    from .trainers import STAGES
 
     run_dir = Path(run_dir)
     dist = setup()
     saved = run_dir / "config.yaml"
     if saved.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if saved.exists() and saved.read_text() != cfg.to_yaml():
+    if saved.exists() and _saved_config(saved) != cfg:
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
     task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
     if init_path is None and dist.is_main:
@@ -168,16 +180,16 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
-    trainers = {"sft": train_sft, "grpo": train_grpo, "fork": train_fork}
     for name, stage_dir in stage_dirs(cfg, run_dir):
         if (stage_dir / "final" / "DONE").exists():
             init = stage_dir / "final"
             continue
         resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
         model, tokenizer, device = load_stage_model(cfg, init, resume_from, name)
-        ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from, dist)
+        ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from, dist,
+                           FAULTS[cfg.debug.inject])
         t0 = time.time()
-        result = trainers[name](ctx)
+        result = STAGES[name](ctx)
         init = save_final(ctx)
         summary["stages"][stage_dir.name] = {"wall_s": round(time.time() - t0, 2), **result}
         if dist.is_main:

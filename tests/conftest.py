@@ -49,9 +49,9 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(params=["kernels", "torch"])
 def kernel_path(request, monkeypatch):
-    """Runs a test with the fused C kernels (``sampling/kernels.py``) and again with the torch operations they
+    """Runs a test with the fused C kernels (``cpu/kernels.py``) and again with the torch operations they
     replace; the kernels' run is skipped, with the reason, where they cannot be built."""
-    from forkrl.sampling import kernels
+    from forkrl.cpu import kernels
 
     if request.param == "kernels" and kernels.get() is None:
         pytest.skip(f"fused kernels unavailable: {kernels.why}")

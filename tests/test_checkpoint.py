@@ -5,7 +5,7 @@ import torch
 
 from forkrl import checkpoint
 from forkrl.models import load_model
-from forkrl.trainers.common import make_optimizer
+from forkrl.trainers.optim import make_optimizer
 from forkrl.config import OptimCfg
 
 

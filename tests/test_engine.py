@@ -6,9 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from forkrl.sampling import HFSampler, SamplingParams
-from forkrl.sampling.engine import FastEngine, HFEngine, engine_for, fast_unsupported
-from forkrl.sampling.hf import left_pad
+from forkrl.config import ConfigError, SamplingCfg
+from forkrl.cpu import FusedSampler
+from forkrl.cpu.engine import FastEngine, fast_unsupported
+from forkrl.sampling import SamplingParams, make_sampler
+from forkrl.sampling.decode import left_pad
+from forkrl.sampling.hf import HFEngine, HFSampler
 
 SIZE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=64,
             rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=1)
@@ -87,16 +90,22 @@ def test_fast_engine_reads_an_active_lora_adapter_and_the_base_when_disabled():
     torch.testing.assert_close(disabled, base_logits, rtol=0, atol=2e-5)
 
 
-def test_engine_for_falls_back_to_hf_and_says_why():
+def test_the_auto_backend_falls_back_to_hf_and_says_why():
     model = MODELS["qwen2 gqa tied"]()
-    assert isinstance(engine_for(model), FastEngine) and isinstance(engine_for(model, "hf"), HFEngine)
+
+    def backend(name, m):
+        return make_sampler(SamplingCfg(backend=name), m, tokenizer=None)
+
+    assert isinstance(backend("auto", model), FusedSampler) and isinstance(backend("hf", model), HFSampler)
     for over, why in (({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
                       ({"hidden_act": "gelu"}, "hidden_act")):
         other = build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2, **over)
-        assert why in fast_unsupported(other) and isinstance(engine_for(other), HFEngine)
+        assert why in fast_unsupported(other) and isinstance(backend("auto", other), HFSampler)
+        with pytest.raises(ConfigError, match=f"sampling.backend: 'fused'.*{why}"):
+            backend("fused", other)
     assert "float32" in fast_unsupported(model.to(torch.bfloat16))
-    with pytest.raises(ValueError, match="unknown decode engine"):
-        engine_for(model, "vllm")
+    with pytest.raises(ValueError, match="unknown sampler backend 'vllm'; valid: 'auto', 'hf', 'fused'"):
+        SamplingCfg(backend="vllm")
 
 
 def test_sampler_engines_draw_the_same_rows(tiny_model_dir):
@@ -106,8 +115,8 @@ def test_sampler_engines_draw_the_same_rows(tiny_model_dir):
     prompts = [tok(t).input_ids for t in ("12+34=", "7*8=", "99-1=")]
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10)
     seeds = list(range(100, 112))
-    fast = HFSampler(model, tok, engine="auto").sample(prompts, 4, params, seeds=seeds)
-    slow = HFSampler(model, tok, engine="hf").sample(prompts, 4, params, seeds=seeds)
+    fast = FusedSampler(model, tok).sample(prompts, 4, params, seeds=seeds)
+    slow = HFSampler(model, tok).sample(prompts, 4, params, seeds=seeds)
     assert torch.equal(fast.input_ids_NL, slow.input_ids_NL) and torch.equal(fast.role_NL, slow.role_NL)
     torch.testing.assert_close(fast.sampler_logp_NL, slow.sampler_logp_NL, rtol=0, atol=1e-5)
 
@@ -127,7 +136,7 @@ def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name, packed, monkeypa
     """With BLAS reachable from C (kernels.blas), a one-token step runs every layer in one C call; layer by layer
     from Python it runs the same kernels and products: the logits and the record agree to float rounding. Both
     with the weights packed once for MKL's packed products (kernels.packed) and through sgemm."""
-    from forkrl.sampling import kernels
+    from forkrl.cpu import kernels
 
     if kernels.get() is None or not kernels.blas:
         pytest.skip(f"no whole-step path here: {kernels.why or 'no sgemm_ in libtorch_cpu'}")

@@ -83,11 +83,12 @@ def test_fork_export_is_an_adapter_and_merged_weights(fork_run):
 def test_ablations_reuse_the_cached_base_rollouts(fork_run, tmp_path, monkeypatch):
     out, summary = fork_run
     base = out / "sft" / "final"
-    from forkrl.sampling import HFSampler
+    from forkrl.sampling.decode import EngineSampler
+    from forkrl.trainers.loop import StageLoop
 
     calls = []
-    monkeypatch.setattr(HFSampler, "sample", lambda *a, **k: calls.append(1) or pytest.fail("sampled again"))
-    monkeypatch.setattr("forkrl.trainers.fork.finish_stage", lambda ctx, s, log, steps: {"steps": steps})
+    monkeypatch.setattr(EngineSampler, "decode", lambda *a, **k: calls.append(1) or pytest.fail("sampled again"))
+    monkeypatch.setattr(StageLoop, "finish", lambda self: (self.log.close(), {"steps": self.total})[1])
     results = {}
     for name, over in {"random": {"fork.gate": {"kind": "random", "tau": 0.3}}, "all": {"fork.gate": {"kind": "all"}},
                        "positive": {"fork.positive_only": True}}.items():
@@ -148,7 +149,7 @@ def test_reweight_resumed_inside_an_epoch_equals_uninterrupted(fork_run, tmp_pat
                                         "checkpoint.every": 2})
     base = out / "sft" / "final"
     a = run(cfg, tmp_path / "a", init_path=base, task=ForkTask())["stages"]["fork"]
-    import forkrl.trainers.common as common
+    import forkrl.trainers.loop as common
 
     real = common.maybe_checkpoint
 

@@ -7,24 +7,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import forkrl.trainers.sft as sft
 from forkrl.config import parse_config
+from forkrl.forward import ModelForward
 from forkrl.pipeline import run
-from forkrl.trainers.common import TrainingError
+from forkrl.trainers.loop import TrainingError
 
 from conftest import tiny_cfg_dict
 
 
 def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
-    real = sft.completion_logprobs
+    real = ModelForward.logprobs
     calls = {"n": 0}
 
-    def poisoned(model, batch, **kw):  # from the second optimizer step on, the loss is NaN
+    def poisoned(self, batch, rows_N=None, **kw):  # from the second optimizer step on, the loss is NaN
         calls["n"] += 1
-        logp, H, mask = real(model, batch, **kw)
+        logp, H, mask = real(self, batch, rows_N, **kw)
         return (logp * float("nan") if calls["n"] > 2 else logp), H, mask
 
-    monkeypatch.setattr(sft, "completion_logprobs", poisoned)
+    monkeypatch.setattr(ModelForward, "logprobs", poisoned)
     cfg = parse_config(tiny_cfg_dict(**{"stages": ["sft"], "sft.steps": 8, "sft.batch_size": 8,
                                         "sft.micro_batch_size": 4, "checkpoint": {"every": 1, "keep_last": 10},
                                         "guards": {"max_consecutive_nonfinite": 3}}))

@@ -1,4 +1,4 @@
-"""The fused C kernels (forkrl/sampling/kernels.c) against the torch operations they replace, on odd sizes (loop
+"""The fused C kernels (forkrl/cpu/kernels.c) against the torch operations they replace, on odd sizes (loop
 tails), strided rows and extreme inputs; and how the library is found, built, refused and switched off."""
 
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forkrl.sampling import kernels
-from forkrl.sampling.engine import FastEngine
+from forkrl.cpu import kernels
+from forkrl.cpu.engine import FastEngine
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_a_kernel_refuses_a_tensor_it_cannot_read(lib):
 
 def fresh(env: dict) -> str:
     """What a new process's kernels.get() says (``ok`` or the reason for None), under ``env``."""
-    code = ("from forkrl.sampling import kernels; lib = kernels.get(); "
+    code = ("from forkrl.cpu import kernels; lib = kernels.get(); "
             "print('ok' if lib is not None else 'none: ' + kernels.why)")
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                          env={**os.environ, **env}, timeout=300)

@@ -249,8 +249,8 @@ def fake_score(self, problem, completion):
 
 def test_cli_two_models_counts_match_independent_sampling(tiny_model_dir, other_model_dir, tmp_path, monkeypatch):
     from forkrl.diagnostics.source import encode_prompts, heldout_problems, load_eval_model, load_task_config
-    from forkrl.sampling import HFSampler
-    from forkrl.trainers.common import decode_completions, row_seeds, sampling_params
+    from forkrl.sampling import completion_texts as decode_completions
+    from forkrl.sampling import make_sampler, row_seeds, sampling_params
 
     monkeypatch.setattr(ArithmeticTask, "score", fake_score)
     cfg_path = write_config(tmp_path, tiny_model_dir)
@@ -265,7 +265,7 @@ def test_cli_two_models_counts_match_independent_sampling(tiny_model_dir, other_
     task, problems = heldout_problems(cfg, 5)
     for name, path in (("a", tiny_model_dir), ("b", other_model_dir)):
         model, tok, _ = load_eval_model(path, cfg)
-        rollouts = HFSampler(model, tok, batch_size=64).sample(
+        rollouts = make_sampler(cfg.sampling.model_copy(update={"batch_size": 64}), model, tok).sample(
             encode_prompts(cfg, tok, task, model, problems), 8, sampling_params(cfg, for_eval=True),
             seeds=row_seeds("passk:7", list(range(5)), 8))
         verdicts = [passk.verdict(task, problems[pi], t)[0]

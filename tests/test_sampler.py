@@ -1,17 +1,26 @@
-"""The HF sampler: roles, stop at EOS, truncation, group ids, and sampler log-probs that equal the
-trainer's recomputation under the sampling temperature."""
+"""The samplers (``make_sampler``, the default backend): roles, stop at EOS, truncation, group ids, and sampler
+log-probs that equal the trainer's recomputation under the sampling temperature."""
 
 import torch
 
+from forkrl.config import SamplingCfg
+from forkrl.forward import ModelForward
 from forkrl.models import load_model, load_tokenizer
-from forkrl.sampling import HFSampler, SamplingParams
-from forkrl.trainers.common import completion_logprobs
+from forkrl.sampling import SamplingParams, make_sampler
 from forkrl.types import Role
+
+
+def S(model, tok, batch_size=256, backend="auto"):
+    return make_sampler(SamplingCfg(batch_size=batch_size, backend=backend), model, tok)
+
+
+def completion_logprobs(model, batch, **kw):
+    return ModelForward(model).logprobs(batch, **kw)
 
 
 def _sampler(path, batch_size=64):
     model, tok = load_model(str(path)), load_tokenizer(str(path))
-    return HFSampler(model, tok, batch_size=batch_size), model, tok
+    return S(model, tok, batch_size=batch_size), model, tok
 
 
 def test_rollouts_layout_groups_and_truncation(tiny_model_dir):
@@ -67,8 +76,6 @@ def test_greedy_is_deterministic(tiny_model_dir):
 
 
 def test_row_samples_depend_only_on_their_seed(tiny_model_dir):
-    from forkrl.sampling.hf import HFSampler as S
-
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     prompts = [tok("12+34=").input_ids, tok("56+78=").input_ids, tok("90+12=").input_ids]
     seeds = list(range(100, 109))
@@ -84,7 +91,7 @@ def test_row_samples_depend_only_on_their_seed(tiny_model_dir):
 
 
 def test_truncation_hand_derived():
-    from forkrl.sampling.hf import _truncate
+    from forkrl.sampling.decode import truncate as _truncate
 
     p = torch.tensor([[0.0625, 0.5, 0.1875, 0.25]])  # exact in binary floating point
     # top-p 0.75: sorted 0.5, 0.25 | 0.1875, 0.0625 -> mass before 0.1875 is 0.75, not < 0.75: keep two
@@ -103,8 +110,8 @@ def test_sampling_frequencies_follow_the_tempered_policy(tiny_model_dir):
         logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
     T = 0.5
     probs = torch.softmax(logits / T, -1)
-    r = HFSampler(model, tok, batch_size=512).sample([prompt], 2000, SamplingParams(temperature=T, max_new_tokens=1),
-                                                     seeds=list(range(2000)))
+    r = S(model, tok, batch_size=512).sample([prompt], 2000, SamplingParams(temperature=T, max_new_tokens=1),
+                                             seeds=list(range(2000)))
     first = r.input_ids_NL[:, len(prompt)]
     top = probs.topk(3).indices
     for t in top:
@@ -115,7 +122,7 @@ def test_sampling_frequencies_follow_the_tempered_policy(tiny_model_dir):
 
 def test_counter_rng_is_splitmix64():
     """The vectorised int64 generator equals SplitMix64 written with Python's unbounded ints."""
-    from forkrl.sampling.hf import _uniform
+    from forkrl.sampling.decode import uniform as _uniform
 
     def reference(seed, step):
         x = (seed + step * 0x9E3779B97F4A7C15) % 2**64
@@ -130,17 +137,13 @@ def test_counter_rng_is_splitmix64():
 
 
 def test_sampler_entropy_equals_teacher_forced_entropy(tiny_model_dir):
-    """``sample(..., entropy=True)`` reads H_t off the decode's logits; teacher forcing the same rows through
+    """``sample_with_entropy`` reads H_t off the decode's logits; teacher forcing the same rows through
     the model (what METHODS §4 step 3 describes) gives the same numbers at every completion target."""
-    from forkrl.models import load_model, load_tokenizer
-    from forkrl.trainers.common import completion_logprobs
-
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     prompts = [tok(t).input_ids for t in ("12+34=", "7*8=", "99-1=")]
-    for engine in ("auto", "hf"):
-        rollouts, H_NT = HFSampler(model, tok, batch_size=5, engine=engine).sample(
-            prompts, 3, SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=9), seeds=list(range(9)),
-            entropy=True)
+    for backend in ("auto", "hf"):
+        rollouts, H_NT = S(model, tok, batch_size=5, backend=backend).sample_with_entropy(
+            prompts, 3, SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=9), seeds=list(range(9)))
         with torch.no_grad():
             _, H_ref, mask = completion_logprobs(model, rollouts, entropy="metric")
         assert H_NT.shape == mask.shape and (H_NT[~mask] == 0).all() and (H_NT[mask] > 0).all()

@@ -1,6 +1,6 @@
 """``forkrl diff`` (METHODS §3): the U/R/S taxonomy, ranks and entropy ratio on hand-built logits; a
 hand-built bigram model pair whose forks, substitutions and pass@1 are known exactly; the two-model
-decode reproducing HFSampler token for token; streaming equals one batch; the command on real tiny
+decode reproducing the sampler token for token; streaming equals one batch; the command on real tiny
 models (schema, base vs itself); tokenizer mismatch refused."""
 
 import argparse
@@ -17,8 +17,13 @@ from forkrl.diagnostics import substitute, tokendiff
 from forkrl.diagnostics.substitute import (CausalSetup, EntropyGate, Oracle, RandomControl, causal_test,
                                            control_plan, decode, rank_of, recovery)
 from forkrl.diagnostics.tokendiff import PositionStats, classify, summarize, teacher_force
-from forkrl.sampling import HFSampler, SamplingParams
-from forkrl.sampling.hf import _uniform
+from forkrl.config import SamplingCfg
+from forkrl.sampling import SamplingParams, make_sampler
+from forkrl.sampling.decode import uniform as _uniform
+
+
+def default_sampler(model, tok, batch_size=256):  # the default backend, as forkrl diff gets it
+    return make_sampler(SamplingCfg(batch_size=batch_size), model, tok)
 from forkrl.types import Role, Rollouts
 
 from conftest import tiny_cfg_dict
@@ -228,8 +233,8 @@ def test_bigram_causal_test_exactly():
     u = _uniform(torch.tensor(seeds), 1)
     base_b, tuned_b = (u >= 0.5) & (u < 0.75), (u >= 0.25) & (u < 0.75)
     p_base, p_tuned = float(base_b.double().mean()), float(tuned_b.double().mean())
-    setup = CausalSetup(BTask(), [None] * 20, [[EQ]] * 20, 3, params, seeds, batch_size=16)
-    own, subs = decode(base, None, tok, setup.prompt_ids, 3, params, seeds, batch_size=16)
+    setup = CausalSetup(BTask(), [None] * 20, [[EQ]] * 20, 3, params, seeds, SamplingCfg(batch_size=16))
+    own, subs = decode(base, None, tok, setup.prompt_ids, 3, params, seeds, sampling=SamplingCfg(batch_size=16))
     assert subs.sum() == 0
     assert substitute.score_rollouts(BTask(), setup.problems, tok, own) == base_b.double().tolist()
     out = causal_test(base, tuned, tok, setup, p_base=p_base, p_tuned=p_tuned, top_k=3, tau=0.5)
@@ -241,7 +246,8 @@ def test_bigram_causal_test_exactly():
     # the control: one planned step in range(2) per row; at step 0 it emits b or c (the base's non-argmax
     # top-3); at step 1 only EOS has probability > 0, so nothing is substituted there
     plan = control_plan(torch.ones(60, dtype=torch.long), torch.full((60,), 2), seeds, 5)
-    ctrl, ctrl_subs = decode(base, None, tok, setup.prompt_ids, 3, params, seeds, RandomControl(plan, 3), batch_size=16)
+    ctrl, ctrl_subs = decode(base, None, tok, setup.prompt_ids, 3, params, seeds, RandomControl(plan, 3),
+                             sampling=SamplingCfg(batch_size=16))
     assert torch.equal(ctrl_subs, plan[:, 0].long())
     first = ctrl.input_ids_NL[:, 1]
     assert all(int(first[r]) in (B, C) for r in range(60) if plan[r, 0])
@@ -287,11 +293,11 @@ def _prompts(tok):
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0, 1.0, 0, 12), SamplingParams(0.7, 0.9, 20, 12),
                                     SamplingParams(0.0, 1.0, 0, 12)])
-def test_decode_without_substitution_reproduces_hfsampler(eos_model, params):
+def test_decode_without_substitution_reproduces_the_sampler(eos_model, params):
     model, tok = eos_model
     prompts, seeds = _prompts(tok), list(range(500, 515))
-    want = HFSampler(model, tok, batch_size=4).sample(prompts, 3, params, seeds=seeds)
-    got, subs = decode(model, None, tok, prompts, 3, params, seeds, batch_size=4)
+    want = default_sampler(model, tok, batch_size=4).sample(prompts, 3, params, seeds=seeds)
+    got, subs = decode(model, None, tok, prompts, 3, params, seeds, sampling=SamplingCfg(batch_size=4))
     lengths = want.completion_len_N
     if not params.greedy:
         assert lengths.min() < lengths.max() and want.truncated_N.any()  # rows stop at different steps
@@ -299,7 +305,8 @@ def test_decode_without_substitution_reproduces_hfsampler(eos_model, params):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
     assert subs.eq(0).all()
     # the tuned model equal to the base: the oracle never substitutes, and the rows are unchanged
-    same, subs = decode(model, model, tok, prompts, 3, params, seeds, Oracle(5), batch_size=4)
+    same, subs = decode(model, model, tok, prompts, 3, params, seeds, Oracle(5),
+                        sampling=SamplingCfg(batch_size=4))
     assert subs.eq(0).all() and torch.equal(same.input_ids_NL, want.input_ids_NL)
 
 
@@ -307,8 +314,9 @@ def test_entropy_gate_always_open_on_the_base_itself_is_greedy(eos_model):
     """τ = −1 opens the gate at every step, where the 'tuned' argmax is the base's own: greedy decoding."""
     model, tok = eos_model
     prompts, seeds = _prompts(tok), list(range(500, 510))
-    greedy = HFSampler(model, tok).sample(prompts, 2, SamplingParams(0.0, 1.0, 0, 12), seeds=seeds)
-    gated, subs = decode(model, model, tok, prompts, 2, SamplingParams(1.0, 1.0, 0, 12), seeds, EntropyGate(-1.0))
+    greedy = default_sampler(model, tok).sample(prompts, 2, SamplingParams(0.0, 1.0, 0, 12), seeds=seeds)
+    gated, subs = decode(model, model, tok, prompts, 2, SamplingParams(1.0, 1.0, 0, 12), seeds, EntropyGate(-1.0),
+                         sampling=SamplingCfg())
     assert torch.equal(gated.input_ids_NL, greedy.input_ids_NL)
     assert torch.equal(subs, greedy.completion_len_N)
 
@@ -328,7 +336,7 @@ class CountRows(torch.nn.Module):
 def test_streaming_equals_one_batch(eos_model, tiny_model_dir, tmp_path):
     model, tok = eos_model
     tuned = models.load_model(str(_perturbed_copy(tiny_model_dir, tmp_path / "tuned")))
-    traj = HFSampler(model, tok).sample(_prompts(tok), 3, SamplingParams(1.0, 1.0, 0, 12), seeds=list(range(15)))
+    traj = default_sampler(model, tok).sample(_prompts(tok), 3, SamplingParams(1.0, 1.0, 0, 12), seeds=list(range(15)))
     whole = teacher_force(model, tuned, traj, 5, micro_batch_size=64)
     base_c, tuned_c = CountRows(model), CountRows(tuned)
     parts = teacher_force(base_c, tuned_c, traj, 5, micro_batch_size=4)

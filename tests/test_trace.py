@@ -1,4 +1,4 @@
-"""The update replayed from the decode (sampling/trace.py) is the update the model's own forward gives: the same
+"""The update replayed from the decode (cpu/trace.py) is the update the model's own forward gives: the same
 log-probs and entropies, and the same gradient for every trainable parameter, on the architectures and
 adapters the fused decoder runs (Llama and Qwen2, GQA, biases, untied heads, LoRA with and without biases in
 the base), for any subset and order of the sampled rows, across sampler chunks, under temperature, with an
@@ -9,9 +9,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, Qwen2Config
 
-from forkrl.sampling import HFSampler, SamplingParams
-from forkrl.sampling.trace import _fingerprint, trace_bytes
-from forkrl.trainers.common import completion_logprobs
+from forkrl.config import SamplingCfg
+from forkrl.cpu import FusedSampler, ReplayForward
+from forkrl.cpu.trace import _fingerprint, trace_bytes
+from forkrl.forward import ModelForward, make_forward
+from forkrl.sampling import SamplingParams, make_sampler
 
 from test_engine import build
 
@@ -46,12 +48,11 @@ def lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "d
 
 
 def sample(model, *, batch_size=64, temperature=1.0, new=7):
-    sampler = HFSampler(model, _Tok(), batch_size=batch_size)
+    sampler = FusedSampler(model, _Tok(), batch_size=batch_size, record=True)
     seeds = list(range(100, 100 + 3 * len(PROMPTS)))
-    rollouts, trace = sampler.sample(PROMPTS, 3, SamplingParams(temperature=temperature, max_new_tokens=new),
-                                     seeds=seeds, trace=True)
-    assert trace is not None, sampler.untraced_why
-    return rollouts, trace
+    rollouts = sampler.sample(PROMPTS, 3, SamplingParams(temperature=temperature, max_new_tokens=new), seeds=seeds)
+    assert sampler.trace is not None, sampler.untraced_why
+    return rollouts, sampler.trace
 
 
 def grads_of(model, logp_NT, H_NT, mask_NT, weight_NT):
@@ -67,7 +68,7 @@ def compare(model, rollouts, trace, rows, *, temperature=1.0):
     batch = rollouts.select(rows)
     model.train()
     ours = trace.completion_logprobs(batch, rows, temperature=temperature, entropy="grad")
-    ref = completion_logprobs(model, batch, temperature=temperature, entropy="grad")
+    ref = ModelForward(model).logprobs(batch, temperature=temperature, entropy="grad")
     mask = ref[2]
     assert torch.equal(ours[2], mask)
     weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
@@ -136,20 +137,20 @@ def test_a_stale_trace_refuses_to_replay():
 
 def test_no_trace_where_it_does_not_apply():
     model = MODELS["qwen2 gqa tied"]()
-    sampler = HFSampler(model, _Tok(), engine="hf")
-    _, trace = sampler.sample(PROMPTS, 2, SamplingParams(max_new_tokens=3), seeds=list(range(8)), trace=True)
-    assert trace is None and "engine" in sampler.untraced_why
+    for cfg in (SamplingCfg(backend="hf"), SamplingCfg(replay=False)):  # another backend, or the replay off
+        sampler = make_sampler(cfg, model, _Tok(), record=True)
+        assert isinstance(make_forward(model, sampler), ModelForward)
     dropout = build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1)
-    sampler = HFSampler(dropout, _Tok())
-    _, trace = sampler.sample(PROMPTS, 2, SamplingParams(max_new_tokens=3), seeds=list(range(8)), trace=True)
-    assert trace is None and "dropout" in sampler.untraced_why
+    sampler = make_sampler(SamplingCfg(), dropout, _Tok(), record=True)
+    sampler.sample(PROMPTS, 2, SamplingParams(max_new_tokens=3), seeds=list(range(8)))
+    assert sampler.trace is None and "dropout" in sampler.untraced_why
 
 
 def test_recording_leaves_the_samples_unchanged():
     model = MODELS["llama gqa biases untied"]()
     rollouts, _ = sample(model)
-    plain = HFSampler(model, _Tok()).sample(PROMPTS, 3, SamplingParams(max_new_tokens=7),
-                                            seeds=list(range(100, 112)))
+    plain = FusedSampler(model, _Tok()).sample(PROMPTS, 3, SamplingParams(max_new_tokens=7),
+                                               seeds=list(range(100, 112)))
     assert torch.equal(rollouts.input_ids_NL, plain.input_ids_NL)
     assert torch.equal(rollouts.sampler_logp_NL, plain.sampler_logp_NL)
 
@@ -164,11 +165,11 @@ def test_trace_bytes_counts_the_buffers():
 
 def test_the_record_memory_is_reused_only_when_no_trace_reads_it():
     model = MODELS["qwen2 gqa tied"]()
-    sampler = HFSampler(model, _Tok())
+    sampler = FusedSampler(model, _Tok(), record=True)
     params = SamplingParams(max_new_tokens=7)
 
     def run(seed):
-        return sampler.sample(PROMPTS, 3, params, seeds=list(range(seed, seed + 12)), trace=True)
+        return sampler.sample(PROMPTS, 3, params, seeds=list(range(seed, seed + 12))), sampler.trace
 
     def storage(trace):
         return trace.chunks[0].record["layers"][0]["qkv"].untyped_storage().data_ptr()
@@ -195,8 +196,8 @@ def test_the_record_memory_is_reused_only_when_no_trace_reads_it():
 def test_attention_by_hand_equals_sdpa_and_its_backward():
     """replay._attention_probs/_attention_backward against torch's SDPA under autograd: grouped-query heads, a causal
     mask with left padding (a padding query sees itself only), float64 so the comparison is tight."""
-    from forkrl.sampling.engine import causal_mask
-    from forkrl.sampling.replay import Scratch, _attention_backward, _attention_probs
+    from forkrl.cpu.engine import causal_mask
+    from forkrl.cpu.replay import Scratch, _attention_backward, _attention_probs
 
     g = torch.Generator().manual_seed(0)
     R, K, G, L, d = 3, 2, 3, 7, 8
@@ -240,8 +241,9 @@ def test_rows_that_end_early_and_rows_that_share_a_prompt(kernel_path):
     model = MODELS["llama gqa biases untied"]()
     with torch.no_grad():
         model.lm_head.weight[7].mul_(6.0)  # token 7 frequent: the EOS of this test
-    sampler = HFSampler(model, type("Tok", (_Tok,), {"eos_token_id": 7})(), batch_size=64)
-    rollouts, trace = sampler.sample(PROMPTS, 4, SamplingParams(max_new_tokens=9), seeds=list(range(16)), trace=True)
+    sampler = FusedSampler(model, type("Tok", (_Tok,), {"eos_token_id": 7})(), batch_size=64, record=True)
+    rollouts = sampler.sample(PROMPTS, 4, SamplingParams(max_new_tokens=9), seeds=list(range(16)))
+    trace = sampler.trace
     lens = rollouts.completion_len_N
     assert (lens < 9).sum() >= 4 and (lens == 9).any()  # rows end early, and some run to the end
     for d in compare(model, rollouts, trace, torch.arange(rollouts.num_rows)):
@@ -251,7 +253,7 @@ def test_rows_that_end_early_and_rows_that_share_a_prompt(kernel_path):
 
 
 def test_packing_keeps_each_prompt_once_and_no_position_past_eos():
-    from forkrl.sampling.replay import packing
+    from forkrl.cpu.replay import packing
 
     # rows 0 and 2 share a prompt of width 3 (row 2's first position is left padding in both), row 1 has its own
     real = torch.tensor([[False, True, True, True, True, True], [True, True, True, True, True, True],
@@ -300,7 +302,7 @@ def test_a_trace_keeps_the_record_but_not_the_decodes_caches(monkeypatch):
     through the update (about 400 MB on the 30M-parameter benchmark model); the replay still matches the forward."""
     import weakref
 
-    from forkrl.sampling.engine import FastEngine
+    from forkrl.cpu.engine import FastEngine
 
     seen = []
     real = FastEngine.end_decode
@@ -316,3 +318,26 @@ def test_a_trace_keeps_the_record_but_not_the_decodes_caches(monkeypatch):
     assert seen and all(ref() is None for ref in seen)
     for d in compare(model, rollouts, trace, torch.arange(rollouts.num_rows)):
         assert d < 1e-4
+
+
+def test_the_replaying_forward_replays_only_the_rollouts_it_recorded():
+    """``make_forward`` over a recording fused sampler replays the very Rollouts object the last call returned (the
+    same values as the model's forward), runs the model's forward for any other batch, and after the optimizer
+    step's ``sync_weights`` (the record released) for the recorded batch too."""
+    model = MODELS["qwen2 gqa tied"]()
+    sampler = make_sampler(SamplingCfg(), model, _Tok(), record=True)
+    policy = make_forward(model, sampler)
+    assert isinstance(sampler, FusedSampler) and isinstance(policy, ReplayForward)
+    rollouts = sampler.sample(PROMPTS, 3, SamplingParams(max_new_tokens=7), seeds=list(range(12)))
+    rows = torch.tensor([3, 0, 7])
+    replayed = policy.logprobs(rollouts, rows, entropy="metric")
+    assert policy.replayed == 1
+    ref = ModelForward(model).logprobs(rollouts, rows, entropy="metric")
+    mask = ref[2]
+    assert torch.equal(replayed[2], mask)
+    torch.testing.assert_close(replayed[0][mask], ref[0][mask], rtol=1e-4, atol=1e-5)
+    copy = rollouts.select(torch.arange(rollouts.num_rows))  # equal values, another object: not this decode's
+    policy.logprobs(copy, rows)
+    sampler.sync_weights()
+    policy.logprobs(rollouts, rows)
+    assert policy.replayed == 1

@@ -101,7 +101,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = parse_config(tiny_cfg_dict(**{"grpo.steps": 4, "checkpoint.every": 2}))
     run(cfg, tmp_path / "a")
 
-    import forkrl.trainers.common as common
+    import forkrl.trainers.loop as common
 
     real = common.maybe_checkpoint
 
@@ -130,7 +130,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
      "grpo.reduction": "seq_mean_token_sum_norm"},
     {"grpo.kl": {"estimator": "k1", "beta": 0.1, "where": "reward"}, "grpo.entropy_coef": 0.01,
      "grpo.reduction": "seq_mean_token_sum"},
-    {"grpo.kl": {"estimator": "k3", "beta": 0.1}, "grpo.clip": False, "grpo.filter_zero_variance": True,
+    {"grpo.kl": {"estimator": "k3", "beta": 0.1}, "grpo.clip": False, "grpo.filter": "zero_variance_groups",
      "grpo.rewards": [{"name": "correct"}, {"name": "format", "weight": 0.5}, {"name": "random", "weight": 0.1}]},
     {"stages": ["sft", "grpo"], "model.lora": {"enabled": True, "r": 4}, "grpo.kl": {"beta": 0.05}},
     {"stages": ["sft", "grpo"], "model.tiny.arch": "llama", "sft.reduction": "seq_mean_token_sum_norm"},

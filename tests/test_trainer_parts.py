@@ -9,14 +9,22 @@ import torch
 
 from forkrl.algos.advantages import grpo as grpo_adv
 from forkrl.algos.reductions import step_totals
-from forkrl.config import GrpoCfg
+from forkrl.config import GrpoCfg, SamplingCfg
+from forkrl.forward import ModelForward
 from forkrl.models import load_model, load_tokenizer
 from forkrl.rewards import score_rollouts
-from forkrl.sampling import HFSampler, SamplingParams
+from forkrl.sampling import SamplingParams, make_sampler
 from forkrl.tasks.arithmetic import ArithmeticTask
-from forkrl.trainers.common import completion_logprobs
 from forkrl.trainers.grpo import frozen_logprobs, policy_update
 from forkrl.trainers.sft import pack, sft_step
+
+
+def default_sampler(model, tok):  # the default backend, as the trainers get it
+    return make_sampler(SamplingCfg(), model, tok)
+
+
+def completion_logprobs(model, batch, **kw):
+    return ModelForward(model).logprobs(batch, **kw)
 
 
 def _grads(model):
@@ -48,7 +56,7 @@ def test_sft_gradient_independent_of_micro_batches(model64, reduction):
 
 def test_grpo_gradient_independent_of_micro_batches(model64):
     model, tok = model64
-    sampler = HFSampler(model, tok)
+    sampler = default_sampler(model, tok)
     torch.manual_seed(0)
     r = sampler.sample([tok("12+34=").input_ids, tok("5+5=").input_ids], 4, SamplingParams(max_new_tokens=10))
     adv_N = torch.linspace(-1.5, 1.5, r.num_rows, dtype=torch.float64)
@@ -57,7 +65,7 @@ def test_grpo_gradient_independent_of_micro_batches(model64):
     for mbs in (8, 4, 1):
         cfg = GrpoCfg(prompts_per_step=2, group_size=4, micro_batch_size=mbs, entropy_coef=0.01, dual_clip=3.0)
         model.zero_grad()
-        policy_update(model, r, adv_N, old, None, cfg, temperature=1.0, t_max=10,
+        policy_update(ModelForward(model), r, adv_N, old, None, cfg, temperature=1.0, t_max=10,
                       totals=step_totals(r.completion_mask_NL))
         grads.append(_grads(model))
     for g in grads[1:]:
@@ -68,7 +76,7 @@ def test_grpo_gradient_independent_of_micro_batches(model64):
 def test_zero_advantage_rows_get_no_backward_and_the_same_gradient(model64, objective):
     model, tok = model64
     torch.manual_seed(0)
-    r = HFSampler(model, tok).sample([tok("12+34=").input_ids, tok("5+5=").input_ids, tok("7+1=").input_ids], 4,
+    r = default_sampler(model, tok).sample([tok("12+34=").input_ids, tok("5+5=").input_ids, tok("7+1=").input_ids], 4,
                                      SamplingParams(max_new_tokens=10))
     adv_N = torch.linspace(-1.5, 1.5, r.num_rows, dtype=torch.float64)
     adv_N[4:8] = 0.0  # a zero-variance group, interleaved with live ones in every micro-batch split
@@ -82,7 +90,7 @@ def test_zero_advantage_rows_get_no_backward_and_the_same_gradient(model64, obje
         cfg = GrpoCfg(prompts_per_step=3, group_size=4, micro_batch_size=6, dual_clip=3.0, objective=objective,
                       eps_low=eps[0], eps_high=eps[1], skip_zero_advantage=skip)
         model.zero_grad()
-        stats = policy_update(model, r, adv_N, old, None, cfg, temperature=1.0, t_max=10,
+        stats = policy_update(ModelForward(model), r, adv_N, old, None, cfg, temperature=1.0, t_max=10,
                               totals=step_totals(r.completion_mask_NL))
         runs[skip] = stats, _grads(model)
     (full, g_full), (skipped, g_skip) = runs[False], runs[True]
@@ -97,11 +105,11 @@ def test_zero_advantage_rows_get_no_backward_and_the_same_gradient(model64, obje
 def test_all_zero_advantages_leave_zero_gradients_and_terms_in_the_loss_disable_the_skip(model64):
     model, tok = model64
     torch.manual_seed(0)
-    r = HFSampler(model, tok).sample([tok("12+34=").input_ids], 4, SamplingParams(max_new_tokens=8))
+    r = default_sampler(model, tok).sample([tok("12+34=").input_ids], 4, SamplingParams(max_new_tokens=8))
     zero_N = torch.zeros(r.num_rows, dtype=torch.float64)
     cfg = GrpoCfg(prompts_per_step=1, group_size=4, micro_batch_size=4)
     model.zero_grad(set_to_none=True)
-    stats = policy_update(model, r, zero_N, None, None, cfg, temperature=1.0, t_max=8,
+    stats = policy_update(ModelForward(model), r, zero_N, None, None, cfg, temperature=1.0, t_max=8,
                           totals=step_totals(r.completion_mask_NL))
     assert int(stats["rows_no_backward"]) == 4
     # as the full batch's backward leaves them: zeros, not None (AdamW still applies momentum and decay)
@@ -109,7 +117,7 @@ def test_all_zero_advantages_leave_zero_gradients_and_terms_in_the_loss_disable_
     # an entropy bonus reaches rows whose advantage is 0: every row gets its backward
     cfg = GrpoCfg(prompts_per_step=1, group_size=4, micro_batch_size=4, entropy_coef=0.01)
     model.zero_grad(set_to_none=True)
-    stats = policy_update(model, r, zero_N, None, None, cfg, temperature=1.0, t_max=8,
+    stats = policy_update(ModelForward(model), r, zero_N, None, None, cfg, temperature=1.0, t_max=8,
                           totals=step_totals(r.completion_mask_NL))
     assert int(stats["rows_no_backward"]) == 0 and _grads(model).abs().max() > 0
 
@@ -131,7 +139,7 @@ def test_unscorable_rows_are_excluded_and_counted(tiny_model_dir):
     task = FlakyTask(digits=2, train_size=50, heldout_size=10)
     problems = task.problems("train")[:4]
     torch.manual_seed(0)
-    r = HFSampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3, SamplingParams(max_new_tokens=6))
+    r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3, SamplingParams(max_new_tokens=6))
     texts = ["ab", "abc", "a"] * 4  # rows of problem 3: rewards 0, 1, 1
     scored, failures = score_rollouts(r, texts, problems, task, [("correct", 1.0)], seeds=list(range(12)))
     assert scored.valid_N.tolist() == [False] * 9 + [True] * 3
@@ -150,7 +158,7 @@ def test_lora_reference_is_adapter_disabled_base(tiny_model_dir):
     base = load_model(str(tiny_model_dir))
     tok = load_tokenizer(str(tiny_model_dir))
     torch.manual_seed(0)
-    r = HFSampler(base, tok).sample([tok("12+34=").input_ids], 4, SamplingParams(max_new_tokens=6))
+    r = default_sampler(base, tok).sample([tok("12+34=").input_ids], 4, SamplingParams(max_new_tokens=6))
     with torch.no_grad():
         base_logp, _, mask = completion_logprobs(base, r)
     model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
@@ -182,7 +190,7 @@ def test_a_hanging_or_infinite_reward_makes_its_row_unscorable(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     task = HangingTask(digits=2, train_size=50, heldout_size=10)
     problems = task.problems("train")[:3]
-    r = HFSampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 2, SamplingParams(max_new_tokens=4))
+    r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 2, SamplingParams(max_new_tokens=4))
     t0 = time.time()
     scored, failures = score_rollouts(r, ["x"] * 6, problems, task, [("correct", 1.0)], seeds=list(range(6)),
                                       timeout_s=0.2)

@@ -218,14 +218,13 @@ def sample_texts(spec: ModelSpec, cfg, task, problems, *, n: int, seed: int, ref
     ``ref_tokenizer`` or None). Problems are sampled in chunks of about ``sampling.batch_size`` rows;
     each row's seed depends only on (seed, problem index, sample index), so chunking changes nothing.
     """
-    from ..sampling import HFSampler
-    from ..trainers.common import decode_completions, row_seeds, sampling_params
+    from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
     from .source import encode_prompts, load_eval_model, same_tokenizer
 
     model, tokenizer, _ = load_eval_model(spec.path, cfg)
     differs = same_tokenizer(ref_tokenizer, tokenizer) if ref_tokenizer is not None else None
     prompt_ids = encode_prompts(cfg, tokenizer, task, model, problems)
-    sampler = HFSampler(model, tokenizer, batch_size=cfg.sampling.batch_size, engine=cfg.sampling.engine)
+    sampler = make_sampler(cfg.sampling, model, tokenizer)
     params = sampling_params(cfg, for_eval=True)
     texts_P: list[list[str]] = [[] for _ in problems]
     per_call, truncated, shown = max(1, cfg.sampling.batch_size // n), 0, 0
@@ -233,7 +232,7 @@ def sample_texts(spec: ModelSpec, cfg, task, problems, *, n: int, seed: int, ref
         index = list(range(start, min(len(problems), start + per_call)))
         rollouts = sampler.sample([prompt_ids[i] for i in index], n, params,
                                   seeds=row_seeds(f"passk:{seed}", index, n))
-        for text, j in zip(decode_completions(tokenizer, rollouts), rollouts.problem_N.tolist()):
+        for text, j in zip(completion_texts(tokenizer, rollouts), rollouts.problem_N.tolist()):
             texts_P[index[j]].append(text)
         truncated += int(rollouts.truncated_N.sum())
         done = index[-1] + 1
@@ -394,7 +393,7 @@ def check_args(args) -> None:
 def main(args) -> int:
     """Run ``forkrl passk``: sample every model, write DIR/passk.json, print the table."""
     from ..checkpoint import atomic_write_text
-    from ..trainers.common import sampling_params
+    from ..sampling import sampling_params
     from .source import heldout_problems, load_task_config
 
     t0 = time.time()

@@ -1,9 +1,10 @@
 """Decoding with two models in lockstep, and the causal test of METHODS §3 (2605.06241).
 
-``decode`` runs ``HFSampler``'s own KV-cached loop (``sampling.hf.decode_chunk``) over the BASE model (and,
-when a rule needs it, the TUNED model fed the same tokens). At every step the base's next token is drawn
-exactly as ``HFSampler`` draws it: the same ``_RowSampler`` (temperature, top-k, top-p, and row r's
-counter-based uniform u = U(seed_r, t)), the same left padding and decode engine. So with no substitution a
+``decode`` runs the sampler's lockstep capability (``sampling.LockstepSampler``: the shared KV-cached decode loop,
+``sampling.decode.decode_chunk``) over the BASE model (and, when a rule needs it, the TUNED model fed the same
+tokens). At every step the base's next token is drawn exactly as the sampler draws it: the same ``RowSampler``
+(temperature, top-k, top-p, and row r's counter-based uniform u = U(seed_r, t)), the same left padding and decode
+engine. So with no substitution a
 row reproduces the base's own sample token for token, and with substitutions a row differs from it only
 because of them (the random stream does not shift: u at step t depends on (seed, t) alone).
 
@@ -34,8 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from ..algos.logprobs import entropy_from_logits
-from ..sampling.engine import engine_for
-from ..sampling.hf import SamplingParams, _assemble, _uniform, decode_chunk
+from ..config import ConfigError
+from ..evaluation import heldout_scores
+from ..sampling import LockstepSampler, SamplingParams, make_sampler
+from ..sampling.decode import uniform
 from ..types import Rollouts
 
 _CONTROL_SALT = 0x2545F4914F6CDD1D  # keeps the control's token draws independent of the sampling draws
@@ -91,7 +94,7 @@ class RandomControl:
             return torch.zeros(base_BV.shape[0], dtype=torch.bool, device=base_BV.device), base_BV.argmax(-1)
         values_BK, top_BK = base_BV.topk(self.top_k, dim=-1)  # sorted: column 0 is the argmax
         n_B = torch.isfinite(values_BK[:, 1:]).sum(1).cpu()  # candidates the base could emit (p > 0)
-        u_B = _uniform(seeds_B ^ _CONTROL_SALT, step + 1)
+        u_B = uniform(seeds_B ^ _CONTROL_SALT, step + 1)
         pick_B = 1 + (u_B * n_B).long().clamp_(min=0).minimum((n_B - 1).clamp(min=0))
         where_B = self.plan_NS[rows_B, step] & (n_B > 0)
         return where_B.to(base_BV.device), top_BK.gather(1, pick_B[:, None].to(top_BK.device)).squeeze(1)
@@ -108,37 +111,24 @@ def control_plan(subs_N: torch.Tensor, length_N: torch.Tensor, seeds: list[int],
     return plan
 
 
-@torch.no_grad()
 def decode(base, tuned, tokenizer, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-           seeds: list[int], rule=None, *, batch_size: int = 256,
-           engine: str = "auto") -> tuple[Rollouts, torch.Tensor]:
+           seeds: list[int], rule=None, *, sampling) -> tuple[Rollouts, torch.Tensor]:
     """Sample ``group_size`` rows per prompt from ``base`` under ``rule``; returns (rollouts, subs_N).
 
-    Rows, seeds and chunks of ``batch_size`` rows are laid out as in ``HFSampler.sample``, and the loop is
-    its loop (``sampling.hf.decode_chunk``), so with ``rule=None`` the rollouts equal
-    ``HFSampler(base, tokenizer, batch_size, engine=engine).sample(...)``."""
+    The sampler is the one ``sampling`` (a ``SamplingCfg``) builds for ``base``, and the decode its lockstep
+    capability, so with ``rule=None`` the rollouts equal that sampler's ``sample(...)``."""
     rule = rule or NoSubstitution()
-    rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
-    if len(seeds) != len(rows):
-        raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows")
-    models = [base] + ([tuned] if rule.needs_tuned else [])
-    chunks, subs = [], []
-    for s in range(0, len(rows), batch_size):
-        engines = [engine_for(m, engine) for m in models]
-        chunk, sub_B = decode_chunk(engines, [p for p, _ in rows[s : s + batch_size]], seeds[s : s + batch_size],
-                                    params, tokenizer=tokenizer, rule=rule,
-                                    rows_B=torch.arange(s, min(s + batch_size, len(rows))))
-        chunks.append(chunk)
-        subs.append(sub_B)
-    problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
-    return _assemble(chunks, problem_N, pad_id=tokenizer.pad_token_id)[0], torch.cat(subs)
+    sampler = make_sampler(sampling, base, tokenizer)
+    if not isinstance(sampler, LockstepSampler):
+        raise ConfigError(f"sampling.backend {sampling.backend!r} cannot decode two models in lockstep, which forkrl "
+                          "diff's causal test needs; use sampling.backend: auto or hf for the diagnostic")
+    return sampler.lockstep(tuned if rule.needs_tuned else None, prompt_ids, group_size, params, seeds=seeds,
+                            rule=rule)
 
 
 # ---------------------------------------------------------------------------------------- the causal test
 def score_rollouts(task, problems, tokenizer, rollouts: Rollouts) -> list[float]:
     """Each row's task score; an unscorable row (None / NaN) counts as a failure, as in ``evaluate``."""
-    from ..trainers.common import heldout_scores
-
     return heldout_scores(task, problems, tokenizer, rollouts)[1]
 
 
@@ -163,8 +153,7 @@ class CausalSetup:
     group_size: int
     params: SamplingParams
     seeds: list[int]
-    batch_size: int
-    engine: str = "auto"
+    sampling: object  # the run's SamplingCfg: the backend and its chunk size
 
 
 def causal_test(base, tuned, tokenizer, setup: CausalSetup, *, p_base: float, p_tuned: float, top_k: int,
@@ -176,7 +165,7 @@ def causal_test(base, tuned, tokenizer, setup: CausalSetup, *, p_base: float, p_
 
     def run(rule):
         rollouts, subs_N = decode(base, tuned, tokenizer, setup.prompt_ids, setup.group_size, setup.params,
-                                  setup.seeds, rule, batch_size=setup.batch_size, engine=setup.engine)
+                                  setup.seeds, rule, sampling=setup.sampling)
         scores = score_rollouts(setup.task, setup.problems, tokenizer, rollouts)
         p = sum(scores) / max(n, 1)
         return rollouts, subs_N, {"pass_at_1": p, "recovery": recovery(p, p_base, p_tuned, n),

@@ -55,7 +55,7 @@ CLASS_LETTERS = "URS"
 @dataclass(frozen=True)
 class PositionStats:
     """Per-position statistics of a teacher-forced batch; T index t is the distribution predicting token
-    t + 1 (``completion_logprobs``' alignment). Masked positions hold cls −1, rank 0, H 0."""
+    t + 1 (``forward.ModelForward.logprobs``' alignment). Masked positions hold cls −1, rank 0, H 0."""
 
     mask_NT: torch.Tensor  # bool: a completion target
     cls_NT: torch.Tensor  # int8: UNSHIFTED / RERANKED / SHIFTED, −1 where masked
@@ -291,7 +291,7 @@ def _load_pair(base: str, tuned: str, cfg):
 def _causal_setup(cfg, task: str, tokenizer, base_model, num_problems: int | None, spp: int):
     """Held-out problems, prompts, eval sampling params and the eval seeds of training (one per row)."""
     from ..config import ConfigError
-    from ..trainers.common import row_seeds, sampling_params
+    from ..sampling import row_seeds, sampling_params
     from .source import encode_prompts, heldout_problems
     from .substitute import CausalSetup
 
@@ -300,19 +300,18 @@ def _causal_setup(cfg, task: str, tokenizer, base_model, num_problems: int | Non
         raise ConfigError(f"--task {task}: the task has no held-out problems to sample")
     prompt_ids = encode_prompts(cfg, tokenizer, task_obj, base_model, problems)
     seeds = row_seeds(f"eval:{cfg.seed}", list(range(len(problems))), spp)
-    return CausalSetup(task_obj, problems, prompt_ids, spp, sampling_params(cfg, for_eval=True), seeds,
-                       cfg.sampling.batch_size, cfg.sampling.engine)
+    return CausalSetup(task_obj, problems, prompt_ids, spp, sampling_params(cfg, for_eval=True), seeds, cfg.sampling)
 
 
 def _sample_both(base_model, tuned_model, tokenizer, setup, samples_from: str):
     """Both models' own samples on the setup's rows: (trajectories to teacher-force, their correctness,
     base pass@1, tuned pass@1)."""
-    from ..sampling import HFSampler
+    from ..sampling import make_sampler
     from .substitute import score_rollouts
 
     samples, scores = {}, {}
     for name, model in (("base", base_model), ("tuned", tuned_model)):
-        sampler = HFSampler(model, tokenizer, batch_size=setup.batch_size, engine=setup.engine)
+        sampler = make_sampler(setup.sampling, model, tokenizer)
         samples[name] = sampler.sample(setup.prompt_ids, setup.group_size, setup.params, seeds=setup.seeds)
         scores[name] = score_rollouts(setup.task, setup.problems, tokenizer, samples[name])
     names = ("base", "tuned") if samples_from == "both" else (samples_from,)

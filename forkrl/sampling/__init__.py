@@ -1,7 +1,10 @@
-"""Samplers turn prompts into ``Rollouts``. ``hf.HFSampler`` decodes a Hugging Face causal LM (CPU or GPU)
-through a decode engine (``engine.py``: the model's own forward, or a fused Llama/Qwen2 decoder on CPU).
-A vLLM sampler belongs here too, imported lazily, so that CPU installs never need vLLM."""
+"""Samplers turn prompts into ``Rollouts`` behind one interface (``base.Sampler``), built by one factory
+(``make_sampler``, from ``sampling.backend``). ``hf.HFSampler`` decodes any Hugging Face causal LM through its own
+forward; the fused CPU decoder lives in ``forkrl.cpu`` and is reached only through the factory. A GPU engine is
+one more entry of ``base.SAMPLERS``, imported lazily there, so CPU installs never need it."""
 
-from .hf import HFSampler, SamplingParams
+from .base import (SAMPLERS, EntropySampler, LockstepSampler, Sampler, SamplingParams, completion_texts,
+                   make_sampler, row_seeds, sampling_params)
 
-__all__ = ["HFSampler", "SamplingParams"]
+__all__ = ["SAMPLERS", "EntropySampler", "LockstepSampler", "Sampler", "SamplingParams", "completion_texts",
+           "make_sampler", "row_seeds", "sampling_params"]

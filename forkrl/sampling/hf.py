@@ -1,260 +1,40 @@
-"""Batched sampling from Hugging Face causal LMs (KV cache), returning typed ``Rollouts``.
+"""The Hugging Face backend: any causal LM, on any device, through its own forward and KV cache.
 
-``decode_chunk`` is the loop ``generate`` runs, written out over a decode engine (``engine.py``), so that the
-sampler and ``forkrl diff``'s lockstep decoding share it. Each row is drawn from its own seeded stream (see
-``_RowSampler``), and its sampler log-probs, log_softmax(logits / T) at the drawn token before top-k/top-p
-truncation, are recorded on the way: the tempered policy the trainer recomputes.
+``HFEngine`` runs the model exactly as ``generate`` does (position ids ``cumsum(mask) - 1``, the mask dropped when
+it is all ones, ``logits_to_keep=1``); ``HFSampler`` drives it through the shared decode loop (``decode.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..algos.logprobs import entropy_from_logits
-from ..types import Role, Rollouts
-from .engine import FastEngine, RecordArena, engine_for, fast_unsupported
-from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, replay_unsupported, trace_bytes
+from .decode import EngineSampler
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 64
+class HFEngine:
+    def __init__(self, model):
+        self.model, self.device = model, next(model.parameters()).device
+        self.cache = self.mask = None
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+    def prefill(self, ids_BW: torch.Tensor, attn_BW: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        pos = (attn_BW.cumsum(-1) - 1).masked_fill_(attn_BW == 0, 0)
+        self.mask = None if bool(attn_BW.all()) else attn_BW  # generate drops an all-ones mask too
+        return self._forward(ids_BW, pos)
 
+    def step(self, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return self._forward(token_B[:, None], pos_B[:, None])
 
-class _RowSampler:
-    """Samples every row from its own seeded random stream, and records sampler log-probs.
-
-    Called with (the previous step's tokens or None, this step's logits), it does temperature, top-k, top-p
-    and the draw itself and returns the tokens (the argmax when greedy). Why: a row's sample
-    depends only on its seed, not on which other rows share its batch or its rank, so rollouts are the same
-    however a step is split across micro-batches, sampler chunks or processes, and a resumed run replays them.
-
-    At step t it also gathers step t-1's tempered log-prob, log_softmax(logits / T), of the token drawn
-    there (before truncation: what the trainer recomputes). One [rows, V] buffer is held at a time.
-    """
-
-    def __init__(self, params: SamplingParams, seeds: list[int], *, entropy: bool = False):
-        self.params, self.entropy = params, entropy
-        self.H: list[torch.Tensor] = []  # with ``entropy``: each step's entropy of softmax(logits), temperature 1
-        self.temperature = params.temperature if not params.greedy else 1.0
-        self.seeds_B = torch.tensor(seeds, dtype=torch.int64)
-        self.step = 0
-        self.u_BS: torch.Tensor | None = None  # every draw's uniform, made on the first draw (one call, not one a step)
-        self.prev_logp_BV: torch.Tensor | None = None
-        self.logp: list[torch.Tensor] = []
-
-    def gather_last(self, token_B: torch.Tensor) -> None:
-        if self.prev_logp_BV is not None:
-            self.logp.append(self.prev_logp_BV.gather(1, token_B[:, None].to(self.prev_logp_BV.device)).squeeze(1))
-
-    def __call__(self, prev_token_B: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        if prev_token_B is not None:
-            self.gather_last(prev_token_B)
-        if self.entropy:
-            self.H.append(entropy_from_logits(scores.float()).cpu())
-        logits = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature  # x / 1 is x
-        self.prev_logp_BV = torch.log_softmax(logits, dim=-1)
-        if self.params.greedy:
-            return scores.argmax(-1)
-        probs = _truncate(self.prev_logp_BV.exp(), self.params.top_k, self.params.top_p).double()
-        self.step += 1
-        if self.u_BS is None:
-            steps = torch.arange(1, self.params.max_new_tokens + 1)
-            self.u_BS = _uniform(self.seeds_B[:, None], steps[None]).to(probs.device)
-        u_B = self.u_BS[:, self.step - 1] if self.step <= self.u_BS.shape[1] else _uniform(self.seeds_B, self.step)
-        cdf = probs.cumsum(1)
-        token = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
-        return token.squeeze(1)
+    def _forward(self, ids, pos):
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
 
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
+class HFSampler(EngineSampler):
+    """Samples from a Hugging Face causal LM through its own forward (``sampling.backend: hf``)."""
 
-
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _uniform(seeds_B: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-    """A uniform [0, 1) float64 per row from (seed, step): SplitMix64 (Steele et al. 2014) on int64 tensors,
-    whose multiplications wrap mod 2^64. Counter-based, so one vectorised call serves every row (and, with a tensor
-    of steps broadcast against the seeds, every step)."""
-    x = seeds_B + (step * _signed(_GOLDEN) if torch.is_tensor(step) else _signed(step * _GOLDEN % (1 << 64)))
-    x = (x ^ _srl(x, 30)) * _MIX1
-    x = (x ^ _srl(x, 27)) * _MIX2
-    x = x ^ _srl(x, 31)
-    return _srl(x, 11).double() * 2.0**-53
-
-
-def _truncate(probs_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Zero all but the top-k tokens, then all but the smallest set with mass >= top_p (at least one)."""
-    if top_k and top_k < probs_BV.shape[1]:
-        kth = probs_BV.topk(top_k, dim=1).values[:, -1:]
-        probs_BV = torch.where(probs_BV >= kth, probs_BV, torch.zeros_like(probs_BV))
-    if top_p < 1.0:
-        sorted_p, order = probs_BV.sort(dim=1, descending=True)
-        mass_before = sorted_p.cumsum(1) - sorted_p
-        keep_sorted = mass_before < top_p * sorted_p.sum(1, keepdim=True)
-        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
-        probs_BV = torch.where(keep, probs_BV, torch.zeros_like(probs_BV))
-    return probs_BV
-
-
-class HFSampler:
-    """Samples ``group_size`` completions for each prompt from a Hugging Face causal LM, KV-cached, through a
-    decode engine (``engine.engine_for``: the fused fast path where it applies, else the model's forward)."""
-
-    def __init__(self, model, tokenizer, *, batch_size: int = 256, engine: str = "auto"):
-        self.model, self.tokenizer, self.batch_size, self.engine = model, tokenizer, batch_size, engine
-        self.untraced_why: str | None = None  # why the last sample(trace=True) call returned no trace
-        self.arena = RecordArena()  # the traces' record memory, reused across calls (engine.RecordArena)
-
-    @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], group_size: int, params: SamplingParams,
-               *, seeds: list[int] | None = None, entropy: bool = False, trace: bool = False):
-        """``seeds``: one per row (prompt-major, ``len(prompt_ids) * group_size``); by default drawn
-        from torch's global generator, so ``torch.manual_seed`` still fixes the result. With ``entropy``,
-        returns (rollouts, H_NT): the sampled model's entropy (temperature 1) at each target position
-        ``input_ids[:, 1:]`` of the completions, 0 elsewhere, taken from the decode's own logits (no second
-        teacher-forced pass). With ``trace`` (and not ``entropy``), returns (rollouts, ``RolloutTrace`` or None):
-        the decode's record for the update to replay (``trace.py``); None, with the reason in
-        ``self.untraced_why``, where the fused decoder does not run this model or a record does not apply."""
-        rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
-        if seeds is None:
-            seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
-        if len(seeds) != len(rows):
-            raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows")
-        record = trace and self._traceable(prompt_ids, params)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            chunks, traces = [], []
-            if record:
-                self.arena.start()
-            for s in range(0, len(rows), self.batch_size):
-                # per chunk: an engine reads the current weights
-                engine = FastEngine(self.model, record=True, arena=self.arena) if record \
-                    else engine_for(self.model, self.engine)
-                prompts = [p for p, _ in rows[s : s + self.batch_size]]
-                chunks.append(decode_chunk([engine], prompts, seeds[s : s + self.batch_size], params,
-                                           tokenizer=self.tokenizer, entropy=entropy)[0])
-                if record:
-                    engine.end_decode()
-                    traces.append(DecodeTrace(self.model, engine, prompts, chunks[-1][1]))
-                    self.arena.hold(traces[-1])
-        finally:
-            self.model.train(was_training)
-        problem_N = torch.tensor([i for _, i in rows], dtype=torch.long)
-        rollouts, H_NL = _assemble(chunks, problem_N, pad_id=self.tokenizer.pad_token_id)
-        if entropy:
-            return rollouts, H_NL[:, 1:]
-        if trace:
-            return rollouts, RolloutTrace(traces, self.batch_size) if record else None
-        return rollouts
-
-    def _traceable(self, prompt_ids: list[list[int]], params: SamplingParams) -> bool:
-        """Whether this call's decode can be recorded for the update; if not, why goes to ``untraced_why``."""
-        rows = min(self.batch_size, len(prompt_ids))
-        size = trace_bytes(self.model, rows, max(len(p) for p in prompt_ids) + params.max_new_tokens)
-        checks = [(self.engine == "auto", "sampling.engine is 'hf'"),
-                  (fast_unsupported(self.model) is None, f"the fused decoder does not run this model "
-                                                         f"({fast_unsupported(self.model)})"),
-                  (replay_unsupported(self.model) is None, f"{replay_unsupported(self.model)} in training"),
-                  (size <= MAX_TRACE_BYTES, f"a record of {size / 2**30:.1f} GiB per chunk (over "
-                                            f"{MAX_TRACE_BYTES / 2**30:.0f} GiB; lower sampling.batch_size)")]
-        self.untraced_why = next((why for ok, why in checks if not ok), None)
-        return self.untraced_why is None
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), left-padded: generation continues from the right edge."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        attn[r, width - len(p) :] = 1
-    return ids, attn
-
-
-def decode_chunk(engines, prompts: list[list[int]], seeds: list[int], params: SamplingParams, *, tokenizer,
-                 rule=None, rows_B: torch.Tensor | None = None, entropy: bool = False):
-    """The decode loop ``generate`` runs, written out, over one left-padded batch.
-
-    ``engines[0]`` is the model sampled from: each step's token is drawn from its logits by ``_RowSampler``.
-    Any further engine is fed the same tokens, and ``rule(step, logits_0, logits_last, rows_B, seeds_B)``
-    (``forkrl diff``'s substitutions) may return (where_B, token_B) to overwrite the draw at rows still
-    generating. After a row's EOS it gets padding. Returns ((prompts, new_BS, logp_BS, eos_id), subs_B), and
-    with ``entropy`` the chunk gains H_BS, each step's entropy of ``engines[0]``'s distribution (temperature 1)."""
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ids, attn = left_pad(prompts, pad_id)
-    device = engines[0].device
-    ids, attn = ids.to(device), attn.to(device)
-    draw = _RowSampler(params, seeds, entropy=entropy)
-    seeds_B = torch.tensor(seeds, dtype=torch.int64)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    subs_B = torch.zeros(len(prompts), dtype=torch.long)
-    logits = [e.prefill(ids, attn, params.max_new_tokens) for e in engines]
-    pos_B = attn.sum(-1) - 1  # the last prompt token's position (left padding: it is the last column)
-    new, prev = [], None
-    for step in range(params.max_new_tokens):
-        token = draw(prev, logits[0])
-        if rule is not None:
-            sub, alt = rule(step, logits[0], logits[-1], rows_B, seeds_B)
-            sub = sub.to(device) & ~finished
-            token = torch.where(sub, alt.to(device), token)
-            subs_B += sub.cpu().long()
-        token = token.masked_fill(finished, pad_id)
-        new.append(token)
-        finished |= token == eos_id
-        if step == params.max_new_tokens - 1 or bool(finished.all()):
-            break
-        prev, pos_B = token, pos_B + 1
-        logits = [e.step(token, pos_B) for e in engines]
-    new_BS = torch.stack(new, dim=1).cpu()
-    draw.gather_last(new_BS[:, -1])
-    logp = torch.stack(draw.logp, dim=1).cpu()
-    chunk = (prompts, new_BS, logp, eos_id) + ((torch.stack(draw.H, dim=1),) if entropy else ())
-    return chunk, subs_B
-
-
-def _assemble(chunks, problem_N: torch.Tensor, *, pad_id: int) -> tuple[Rollouts, torch.Tensor | None]:
-    """Re-lay generated rows as ``[prompt | completion up to and including EOS | pad]``, right-padded; with
-    the chunks' per-step entropies (``decode_chunk(entropy=True)``) also H_NL, laid out like the sampler
-    log-probs (at each completion token's input position), else None."""
-    rows = []
-    for prompts, new, logp, eos_id, *H in chunks:
-        for r, prompt in enumerate(prompts):
-            is_eos = (new[r] == eos_id).nonzero()
-            n = int(is_eos[0]) + 1 if len(is_eos) else new.shape[1]
-            rows.append((prompt, new[r, :n].tolist(), logp[r, :n], H[0][r, :n] if H else None, not len(is_eos)))
-    width = max(len(p) + len(c) for p, c, *_ in rows)
-    N = len(rows)
-    ids = torch.full((N, width), pad_id, dtype=torch.long)
-    role = torch.full((N, width), int(Role.PAD), dtype=torch.int8)
-    slogp = torch.zeros(N, width)
-    H_NL = torch.zeros(N, width) if rows[0][3] is not None else None
-    for r, (p, c, lp, h, _) in enumerate(rows):
-        ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-        role[r, : len(p)] = Role.PROMPT
-        role[r, len(p) : len(p) + len(c)] = Role.COMPLETION
-        slogp[r, len(p) : len(p) + len(c)] = lp
-        if H_NL is not None:
-            H_NL[r, len(p) : len(p) + len(c)] = h
-    rollouts = Rollouts(input_ids_NL=ids, role_NL=role, sampler_logp_NL=slogp, group_N=problem_N.clone(),
-                        problem_N=problem_N, truncated_N=torch.tensor([t for *_, t in rows]))
-    return rollouts, H_NL
+    def engine(self, model):
+        return HFEngine(model)

@@ -17,11 +17,11 @@ import math
 import re
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .base import Problem, Split, TaskError
 
-Verifier = Literal["exact", "numeric", "math_verify"]
+Verifier = str  # a name of VERIFIERS
 _TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_COLON_RE = re.compile(r"answer:", re.IGNORECASE)
 
@@ -67,15 +67,19 @@ def _math_verify(gold: str, pred: str) -> float | None:
     return float(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
+def _exact(gold: str, pred: str) -> float:
+    return float(pred.strip() == gold.strip())
+
+
+def _numeric(gold: str, pred: str) -> float:
+    g, p = _parse_float(gold), _parse_float(pred)
+    if g is None or p is None:
+        return 0.0
+    return float(math.isclose(g, p, rel_tol=1e-6))  # relative only: a gold of 0 needs an exact 0
+
+
 def _verify(verifier: Verifier, gold: str, pred: str) -> float | None:
-    if verifier == "exact":
-        return float(pred.strip() == gold.strip())
-    if verifier == "numeric":
-        g, p = _parse_float(gold), _parse_float(pred)
-        if g is None or p is None:
-            return 0.0
-        return float(math.isclose(g, p, rel_tol=1e-6))  # relative only: a gold of 0 needs an exact 0
-    return _math_verify(gold, pred)
+    return VERIFIERS[verifier](gold, pred)
 
 
 def _where(path: Path, line: int) -> str:
@@ -140,8 +144,8 @@ class JsonlTask:
         verifier: Verifier = "exact",
         answer_pattern: str | None = None,
     ) -> None:
-        if verifier not in ("exact", "numeric", "math_verify"):
-            raise TaskError(f"task.verifier={verifier!r} is not a verifier; valid: exact, numeric, math_verify.")
+        if verifier not in VERIFIERS:
+            raise TaskError(f"task.verifier={verifier!r} is not a verifier; valid: {', '.join(VERIFIERS)}.")
         self.verifier: Verifier = verifier
         self.answer_pattern = _compile_pattern(answer_pattern)
         self.prompt_field, self.answer_field = prompt_field, answer_field
@@ -223,3 +227,11 @@ def _compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
         raise TaskError(f"task.answer_pattern={pattern!r} has {compiled.groups} groups; it needs exactly one "
                         f"capturing group around the answer, e.g. 'The answer is (\\S+)'.")
     return compiled
+
+
+# gold answer, extracted prediction -> 1.0 / 0.0, or None where the gold itself cannot be read
+VERIFIERS = {
+    "exact": _exact,
+    "numeric": _numeric,
+    "math_verify": _math_verify,
+}

@@ -33,11 +33,12 @@ from ..algos.fork import entropy_tau, fork_advantages, fork_loss, full_kl, get_g
 from ..algos.logprobs import token_logprobs
 from ..checkpoint import atomic_save_tensors
 from ..config import ConfigError
-from ..sampling import HFSampler
+from ..forward import ModelForward
 from ..types import Role, Rollouts
-from .common import (TrainingError, batch_indices, clip_and_step, completion_logits, completion_logprobs, end_step,
-                     finish_stage, make_optimizer, micro_slices, resume_state, skip_micro_batch, stage_log)
+from .accumulate import EXACT, Plan, accumulate, micro_slices, parts
+from .data import batch_indices
 from .fork_data import BaseRollouts, FrozenBase, base_rollouts, select_problems
+from .loop import StageLoop, TrainingError
 
 
 def prepare(ctx, base: FrozenBase) -> tuple[BaseRollouts, torch.Tensor, torch.Tensor, dict]:
@@ -88,8 +89,7 @@ def base_logits(base, rollouts: Rollouts, micro_batch_size: int) -> torch.Tensor
     out = None
     with base.active():
         for sl in micro_slices(n, no_grad_rows(base.model, rollouts, micro_batch_size)):
-            mb = rollouts.select(torch.arange(n)[sl])
-            logits, _, start = completion_logits(base.model, mb)
+            logits, _, start = ModelForward(base.model).logits(rollouts, torch.arange(n)[sl])
             if out is None:
                 if n * (length - 1) * logits.shape[-1] * 4 > REF_CACHE_BYTES:
                     return None
@@ -98,44 +98,53 @@ def base_logits(base, rollouts: Rollouts, micro_batch_size: int) -> torch.Tensor
     return out
 
 
+class ForkStepLoss:
+    """The fork loss (``algos.fork.fork_loss``) of the rows of ``rollouts`` a micro-batch holds: the policy's logits,
+    the frozen base's (from ``ref_logits_NTV``, the cache of ``base_logits``, or a forward of ``base``), the exact
+    KL between them off the decision set ``gate_NT``."""
+
+    def __init__(self, model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: float,
+                 neg_floor: float | None, ref_logits_NTV: torch.Tensor | None):
+        self.policy, self.base, self.rollouts, self.adv_N, self.gate_NT = ModelForward(model), base, rollouts, adv_N, gate_NT
+        self.kl_coef, self.neg_floor, self.ref_logits_NTV = kl_coef, neg_floor, ref_logits_NTV
+
+    def counts(self, rows_N):
+        mask_NT = self.rollouts.completion_mask_NL[rows_N, 1:]
+        decision = self.gate_NT[rows_N][:, : mask_NT.shape[1]] & mask_NT
+        return int(decision.sum()), int((mask_NT & ~decision).sum())
+
+    def __call__(self, rows_N, totals):
+        mb = self.rollouts.select(rows_N)
+        logits, targets, start = self.policy.logits(mb)
+        width = mb.input_ids_NL.shape[1] - 1
+        if self.ref_logits_NTV is not None:
+            ref_logits = self.ref_logits_NTV[rows_N][:, start:width].to(logits.device)
+        else:
+            with torch.no_grad(), self.base.active():
+                ref_logits, _, _ = ModelForward(self.base.model).logits(mb)  # same rows: same ``start``
+        mask = (mb.role_NL[:, 1:] == Role.COMPLETION)[:, start:].to(logits.device)
+        gate = self.gate_NT[rows_N][:, :width][:, start:].to(logits.device)
+        logp = token_logprobs(logits, targets)
+        kl = full_kl(ref_logits, logits)
+        loss, con, anc = fork_loss(logp, kl, self.adv_N[rows_N].to(logits.device), gate, mask, kl_coef=self.kl_coef,
+                                   total_decision=totals[0], total_anchor=totals[1], neg_floor=self.neg_floor,
+                                   base_logp_NT=token_logprobs(ref_logits, targets) if self.neg_floor else None)
+        return loss, {"contrastive": con, "anchor_kl": anc}
+
+
 def fork_update(model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: float, micro_batch_size: int,
-                totals: tuple[int, int], neg_floor: float | None = None, inject: str = "none",
+                totals: tuple[int, int], neg_floor: float | None = None, plan: Plan = EXACT,
                 world_size: int = 1, ref_logits_NTV: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Accumulate one optimizer step's gradient over micro-batches; returns summed statistics.
 
     ``totals`` = (|D|, |¬D|) of the whole step over every rank, fixed before the loop. ``base`` has
     ``.model`` and ``.active()`` (see ``FrozenBase``); ``ref_logits_NTV``, the base's logits of these rows
-    (``base_logits``), saves its forward. ``inject`` reproduces the historical accumulation bugs for
-    ``forkrl check`` (METHODS §1): ``mean_of_means`` divides each micro-batch by its own counts."""
-    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "contrastive", "anchor_kl")}
-    slices = micro_slices(rollouts.num_rows, micro_batch_size)
-    for i, sl in enumerate(slices):
-        if skip_micro_batch(inject, i):
-            continue
-        idx = torch.arange(rollouts.num_rows)[sl]
-        mb = rollouts.select(idx)
-        logits, targets, start = completion_logits(model, mb)
-        width = mb.input_ids_NL.shape[1] - 1
-        if ref_logits_NTV is not None:
-            ref_logits = ref_logits_NTV[idx][:, start:width].to(logits.device)
-        else:
-            with torch.no_grad(), base.active():
-                ref_logits, _, _ = completion_logits(base.model, mb)  # same rows: same ``start``
-        mask = (mb.role_NL[:, 1:] == Role.COMPLETION)[:, start:].to(logits.device)
-        gate = gate_NT[idx][:, :width][:, start:].to(logits.device)
-        counts, scale = totals, 1.0
-        if inject == "mean_of_means":
-            counts = (int((mask & gate).sum()), int((mask & ~gate).sum()))
-            scale = 1.0 / (len(slices) * world_size)
-        logp = token_logprobs(logits, targets)
-        kl = full_kl(ref_logits, logits)
-        loss, con, anc = fork_loss(logp, kl, adv_N[idx].to(logits.device), gate, mask, kl_coef=kl_coef,
-                                   total_decision=counts[0], total_anchor=counts[1], neg_floor=neg_floor,
-                                   base_logp_NT=token_logprobs(ref_logits, targets) if neg_floor else None)
-        (scale * loss).backward()
-        for k, v in (("loss", loss), ("contrastive", con), ("anchor_kl", anc)):
-            sums[k] += scale * v.detach().double().cpu()
-    return sums
+    (``base_logits``), saves its forward."""
+    loss = ForkStepLoss(model, base, rollouts, adv_N, gate_NT, kl_coef=kl_coef, neg_floor=neg_floor,
+                        ref_logits_NTV=ref_logits_NTV)
+    sums = accumulate(parts(torch.arange(rollouts.num_rows), micro_batch_size), loss, totals, plan=plan,
+                      world_size=world_size)
+    return {k: sums.get(k, torch.zeros((), dtype=torch.float64)) for k in ("loss", "contrastive", "anchor_kl")}
 
 
 @torch.no_grad()
@@ -146,9 +155,10 @@ def policy_logratio(model, rollouts: Rollouts, temperature: float, micro_batch_s
     out = torch.zeros(rollouts.num_rows, dtype=torch.float64)
     was_training = model.training
     model.eval()
+    forward = ModelForward(model)
     for sl in micro_slices(rollouts.num_rows, no_grad_rows(model, rollouts, micro_batch_size)):
         mb = rollouts.select(torch.arange(rollouts.num_rows)[sl])
-        logp_NT, _, mask_NT = completion_logprobs(model, mb, temperature=temperature)
+        logp_NT, _, mask_NT = forward.logprobs(mb, temperature=temperature)
         diff = (logp_NT.double().cpu() - mb.sampler_logp_NL[:, 1:].double()) * mask_NT.cpu()
         out[sl] = diff.sum(1)
     model.train(was_training)
@@ -186,20 +196,15 @@ def train_fork(ctx) -> dict:
     n_rows = data.rollouts.num_rows
     per_epoch = math.ceil(n_rows / cfg.batch_size)
     total = cfg.epochs * per_epoch
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg.optim, total)
-    start = resume_state(ctx, opt, sched)
-    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
-                        engine=ctx.cfg.sampling.engine)
-    log = stage_log(ctx, total, start)
+    loop = StageLoop(ctx, steps=total, optim=cfg.optim, eval_every=cfg.eval_every)
     mask_NT = data.rollouts.completion_mask_NL[:, 1:]
     ref_NTV = base_logits(base, data.rollouts, cfg.micro_batch_size)
     ctx.model.train()
     adv_base_N, ess = adv_N, None
-    for step in range(start + 1, total + 1):
+    for step in loop.steps():
         t0 = time.time()
         epoch, j = divmod(step - 1, per_epoch)
-        if cfg.reweight and epoch > 0 and (j == 0 or step == start + 1):
+        if cfg.reweight and epoch > 0 and (j == 0 or step == loop.start + 1):
             logw_N = epoch_log_weights(ctx, data.rollouts, epoch, fresh=j == 0)
             adv_N, ess_N = reweighted_advantages(data.reward_N, data.rollouts.group_N, data.valid_N, logw_N,
                                                  clip=cfg.adv_clip)
@@ -212,20 +217,19 @@ def train_fork(ctx) -> dict:
         mine = rows[dist.rank :: dist.world_size]
         sums = fork_update(ctx.model, base, data.select(mine).rollouts, adv_N[mine], gate_NT[mine],
                            kl_coef=cfg.kl_coef, micro_batch_size=cfg.micro_batch_size, totals=totals,
-                           neg_floor=cfg.neg_floor, inject=ctx.cfg.debug.inject, world_size=dist.world_size,
+                           neg_floor=cfg.neg_floor, plan=ctx.plan, world_size=dist.world_size,
                            ref_logits_NTV=None if ref_NTV is None else ref_NTV[mine])
-        dist.sum_gradients(params)
         sums = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
-        grad_norm = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
+        grad_norm = loop.optimizer_step()
         dt = time.time() - t0
         trained = int(mask_NT[rows].sum())
-        metrics = {**sums, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "epoch": epoch + 1,
+        metrics = {**sums, "grad_norm": grad_norm, "lr": loop.lr, "epoch": epoch + 1,
                    "decision_tokens": totals[0], "anchor_tokens": totals[1], "tau": stats["tau"],
                    "gate_share": stats["gate_share"], "ess": ess, "rows_trained": len(rows), "tokens_trained": trained,
                    "train_s": dt, "train_tokens_per_s": trained / max(dt, 1e-9),
                    "micro_batches": len(micro_slices(len(mine), cfg.micro_batch_size)), "world_size": dist.world_size}
-        end_step(ctx, sampler, log, step, cfg, metrics, opt, sched, total=total)
-    result = finish_stage(ctx, sampler, log, total)
+        loop.end_step(step, metrics)
+    result = loop.finish()
     moved = float((adv_N - adv_base_N).abs().mean())  # how far the last epoch's advantages moved from the base's
     return {**result, **stats, "tokens_trained": int(mask_NT.sum()) * cfg.epochs,
             "reweight_ess": ess, "reweight_adv_shift": moved if cfg.reweight else None}

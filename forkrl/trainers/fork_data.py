@@ -26,9 +26,11 @@ from ..checkpoint import atomic_save_tensors
 from ..config import ConfigError
 from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
-from ..sampling import HFSampler, SamplingParams
+from ..forward import ModelForward
+from ..sampling import EntropySampler, SamplingParams, completion_texts, make_sampler, row_seeds
 from ..types import Rollouts
-from .common import batch_indices, decode_completions, row_seeds
+from .accumulate import micro_slices
+from .data import batch_indices
 
 CACHE_NAME = "base_rollouts.safetensors"
 _ROLLOUT_FIELDS = ("input_ids_NL", "role_NL", "sampler_logp_NL", "group_N", "problem_N", "truncated_N")
@@ -84,7 +86,9 @@ def cache_key(ctx) -> str:
             tail = fh.read()
         h.update(f"{f.name}:{size}".encode() + head + tail)
     settings = {"seed": ctx.cfg.seed, "task": ctx.cfg.task.model_dump(mode="json"),
-                "max_new_tokens": ctx.cfg.sampling.max_new_tokens, "engine": ctx.cfg.sampling.engine,
+                # "engine": the key's name from before sampling.engine became sampling.backend (same values), so that
+                # base rollouts cached then are still found
+                "max_new_tokens": ctx.cfg.sampling.max_new_tokens, "engine": ctx.cfg.sampling.backend,
                 **{k: getattr(cfg, k) for k in ("candidates", "samples_per_problem", "temperature", "top_p")},
                 "rewards": [r.model_dump() for r in cfg.rewards]}
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -133,10 +137,10 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_new_tokens=ctx.cfg.sampling.max_new_tokens)
     with base.active():
-        rollouts, H_NT = HFSampler(base.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
-                                   engine=ctx.cfg.sampling.engine).sample(
-            prompt_ids, cfg.samples_per_problem, params, seeds=seeds, entropy=True)
-    texts = decode_completions(ctx.tokenizer, rollouts)
+        sampler = make_sampler(ctx.cfg.sampling, base.model, ctx.tokenizer, ctx.device)
+        rollouts, H_NT = sample_with_entropy(sampler, base.model, prompt_ids, cfg.samples_per_problem, params,
+                                             seeds=seeds)
+    texts = completion_texts(ctx.tokenizer, rollouts)
     scored, _ = score_rollouts(rollouts, texts, [problems[i] for i in pick], ctx.task,
                                [(r.name, r.weight) for r in cfg.rewards], seeds=seeds, timeout_s=cfg.reward_timeout_s)
     # index the task's train problems, not the candidate list, so a row names its problem on its own
@@ -144,6 +148,20 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
     rollouts = Rollouts(**{**{f: getattr(rollouts, f) for f in _ROLLOUT_FIELDS}, "problem_N": problem_N,
                            "group_N": problem_N.clone()})
     return BaseRollouts(rollouts, scored.reward_N, scored.valid_N, H_NT, round(time.time() - t0, 3))
+
+
+def sample_with_entropy(sampler, model, prompt_ids, group_size: int, params: SamplingParams, *, seeds):
+    """(rollouts, H_NT): the decode's own entropies where the backend has them (``EntropySampler``), else one
+    teacher-forced no-grad pass of the sampled ``model`` over its rollouts (the same numbers to float rounding)."""
+    if isinstance(sampler, EntropySampler):
+        return sampler.sample_with_entropy(prompt_ids, group_size, params, seeds=seeds)
+    rollouts = sampler.sample(prompt_ids, group_size, params, seeds=seeds)
+    forward, H_NT = ModelForward(model), torch.zeros(rollouts.num_rows, rollouts.input_ids_NL.shape[1] - 1)
+    with torch.no_grad():
+        for sl in micro_slices(rollouts.num_rows, 64):
+            _, H, mask = forward.logprobs(rollouts, torch.arange(rollouts.num_rows)[sl], entropy="metric")
+            H_NT[sl, : H.shape[1]] = (H * mask).float().cpu()
+    return rollouts, H_NT
 
 
 def _save(path: Path, data: BaseRollouts, key: str) -> None:

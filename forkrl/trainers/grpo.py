@@ -9,6 +9,10 @@ open, made here and named in the config:
 * each of the μ inner iterations is one optimizer step over the whole batch (micro-batched).
 * KL in the reward subtracts β · Σ_t kl_t (per row, detached) before advantages are computed.
 * a reference model is loaded only when β > 0; under LoRA it is the adapter-disabled base.
+
+The step's loss is ``algos.loss.grpo_loss``, accumulated over micro-batches by ``accumulate``; the log-probs come
+from the policy forward (``forward.make_forward``: the replay of the decode where the fused CPU sampler recorded
+it, else the model's forward).
 """
 
 from __future__ import annotations
@@ -19,106 +23,103 @@ from contextlib import nullcontext
 import torch
 
 from ..algos.advantages import get_advantage
-from ..algos.filters import zero_variance_groups
+from ..algos.filters import get_filter, zero_variance_groups
 from ..algos.kl import get_kl
-from ..algos.objectives import get_objective
-from ..algos.reductions import reduce_loss
+from ..algos.loss import grpo_loss, zero_advantage_rows_vanish
+from ..forward import ModelForward, make_forward
 from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
-from ..sampling import HFSampler
+from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
 from ..types import Rollouts
-from .common import (batch_indices, clip_and_step, completion_logprobs, decode_completions, end_step,
-                     finish_stage, global_totals, make_optimizer, micro_denominators, micro_slices, resume_state,
-                     row_seeds, sampling_params, skip_micro_batch, stage_log, stage_sums)
+from .accumulate import EXACT, Plan, accumulate, global_totals, micro_slices, parts
+from .data import batch_indices
+from .loop import StageLoop
+from .metrics import stage_sums
 
-
-def _fit(t_NT: torch.Tensor, like_NT: torch.Tensor) -> torch.Tensor:
-    """Trim a full-batch [N, T] tensor to a micro-batch's width (select() drops trailing padding)."""
-    return t_NT[:, : like_NT.shape[1]].to(like_NT.device)
+STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch")  # summed over masked tokens, per step
 
 
 @torch.no_grad()
 def frozen_logprobs(model, batch: Rollouts, *, temperature: float, micro_batch_size: int, adapter_off: bool):
     """log-probs of ``batch`` under a frozen model (reference or old policy), micro-batched."""
     ctx = model.disable_adapter() if adapter_off else nullcontext()
+    forward = ModelForward(model)
     out = torch.zeros(batch.num_rows, batch.input_ids_NL.shape[1] - 1)
     with ctx:
         for sl in micro_slices(batch.num_rows, micro_batch_size):
-            logp, _, _ = completion_logprobs(model, batch.select(torch.arange(batch.num_rows)[sl]),
-                                             temperature=temperature)
+            logp, _, _ = forward.logprobs(batch, torch.arange(batch.num_rows)[sl], temperature=temperature)
             out[sl, : logp.shape[1]] = logp.float().cpu()
     return out
 
 
-def policy_update(model, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, *, temperature: float,
-                  t_max: int, totals: tuple[int, int], inject: str = "none", world_size: int = 1,
-                  trace=None, rows_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Accumulate this rank's gradient of one optimizer step over micro-batches; returns summed statistics.
+def loss_terms(cfg) -> dict:
+    """The named arguments of ``grpo_loss`` that the ``grpo`` section sets."""
+    clip = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
+    return dict(objective=cfg.objective, eps_low=clip[0], eps_high=clip[1], dual_clip=cfg.dual_clip,
+                kl_estimator=cfg.kl.estimator, kl_coef=cfg.kl.beta if cfg.kl.active and cfg.kl.where == "loss" else 0.0,
+                entropy_coef=cfg.entropy_coef, reduction=cfg.reduction)
+
+
+class GrpoStepLoss:
+    """``grpo_loss`` of the rows of ``batch`` a micro-batch holds, and its statistics (``STATS``). ``adv_N`` and the
+    old and reference log-probs (full-batch [N, T], or None) are indexed like ``batch``'s rows."""
+
+    def __init__(self, policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, *, temperature: float,
+                 entropy: str, t_max: int, terms: dict):
+        self.policy, self.batch, self.adv_N, self.old_NT, self.ref_NT = policy, batch, adv_N, old_logp_NT, ref_logp_NT
+        self.temperature, self.entropy, self.t_max, self.terms = temperature, entropy, t_max, terms
+
+    def counts(self, rows_N):
+        mask_NT = self.batch.completion_mask_NL[rows_N, 1:]
+        return int(mask_NT.sum()), int(mask_NT.shape[0])
+
+    def __call__(self, rows_N, totals):
+        logp, H, mask = self.policy.logprobs(self.batch, rows_N, temperature=self.temperature, entropy=self.entropy)
+        width = logp.shape[1]
+        old = logp.detach() if self.old_NT is None else self.old_NT[rows_N][:, :width].to(logp.device)
+        ref = None if self.ref_NT is None else self.ref_NT[rows_N][:, :width].to(logp.device)
+        out = grpo_loss(logp, old, self.adv_N[rows_N], mask, total_tokens=totals[0], total_seqs=totals[1],
+                        ref_logp_NT=ref, entropy_NT=H, t_max=self.t_max, **self.terms)
+        m = mask.double()
+        sampler_logp = self.batch.sampler_logp_NL[rows_N][:, 1 : width + 1].to(logp.device)
+        stats = {key: (val.detach().double() * m).sum().cpu()
+                 for key, val in (("entropy", H), ("kl", out.kl_NT), ("clip_low", out.clip_low_NT),
+                                  ("clip_high", out.clip_high_NT), ("logp_mismatch", (logp.detach() - sampler_logp).abs()))}
+        return out.loss, stats
+
+
+def policy_update(policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, *, temperature: float,
+                  t_max: int, totals: tuple[int, int], rows_N: torch.Tensor | None = None, plan: Plan = EXACT,
+                  world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Accumulate this rank's gradient of one optimizer step over micro-batches of the rows ``rows_N`` of ``batch``
+    (all rows by default); returns summed statistics. ``policy``: a ``forward.PolicyForward``.
 
     ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop (METHODS §1).
-    ``trace``: the sampler's ``RolloutTrace`` of the rows ``rows_N`` that make up ``batch``; the log-probs are
-    then replayed from the decode instead of a forward of ``model`` (same values and gradient, tested).
 
     Rows whose advantage is exactly 0 contribute exactly 0 to the loss and its gradient when nothing else in
-    the loss reaches them (see ``zero_advantage_skippable``): they keep their place in the denominators (the
+    the loss reaches them (``zero_advantage_rows_vanish``): they keep their place in the denominators (the
     totals), and their statistics (entropy, KL, log-prob mismatch) are still computed, by a no-grad pass, but
     they get no backward. The gradient equals the full batch's to float rounding (tests/test_trainer_parts.py)."""
-    objective = get_objective(cfg.objective)
-    kl_fn = get_kl(cfg.kl.estimator) if cfg.kl.active else None
-    eps_low, eps_high = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
-    sums = {k: torch.zeros((), dtype=torch.float64) for k in
-            ("loss", "entropy", "kl", "clip_low", "clip_high", "logp_mismatch")}
-    rows = torch.arange(batch.num_rows)
-    idle_N = torch.zeros(batch.num_rows, dtype=torch.bool)
-    if zero_advantage_skippable(cfg, inject):
-        idle_N = (adv_N == 0).cpu()
-    live, idle = rows[~idle_N], rows[idle_N]
+    rows_N = torch.arange(batch.num_rows) if rows_N is None else rows_N
+    terms = loss_terms(cfg)
+    loss = GrpoStepLoss(policy, batch, adv_N, old_logp_NT, ref_logp_NT, temperature=temperature,
+                        entropy="grad" if cfg.entropy_coef > 0 else "metric", t_max=t_max, terms=terms)
+    idle_R = torch.zeros(len(rows_N), dtype=torch.bool)
+    if plan.exact and cfg.skip_zero_advantage and zero_advantage_rows_vanish(
+            objective=cfg.objective, kl_coef=terms["kl_coef"], entropy_coef=cfg.entropy_coef):
+        idle_R = (adv_N[rows_N] == 0).cpu()
+    live, idle = rows_N[~idle_R], rows_N[idle_R]
     # live rows first, then the idle ones in micro-batches of their own; without idle rows this is the plain split
-    slices = [(live[sl], True) for sl in micro_slices(len(live), cfg.micro_batch_size)]
-    slices += [(idle[sl], False) for sl in micro_slices(len(idle), cfg.micro_batch_size)]
+    micro = parts(live, cfg.micro_batch_size) + parts(idle, cfg.micro_batch_size, grad=False)
+    sums = accumulate(micro, loss, totals, plan=plan, world_size=world_size)
+    sums = {"loss": sums["loss"], **{k: sums.get(k, torch.zeros((), dtype=torch.float64)) for k in STATS}}
     sums["rows_no_backward"] = torch.tensor(float(len(idle)), dtype=torch.float64)
-    for i, (idx, grad) in enumerate(slices):
-        if skip_micro_batch(inject, i):
-            continue
-        mb = batch.select(idx)
-        entropy = "grad" if cfg.entropy_coef > 0 else "metric"
-        with torch.enable_grad() if grad else torch.no_grad():
-            if trace is not None:
-                logp, H, mask = trace.completion_logprobs(mb, rows_N[idx], temperature=temperature, entropy=entropy)
-            else:
-                logp, H, mask = completion_logprobs(model, mb, temperature=temperature, entropy=entropy)
-        old = logp.detach() if old_logp_NT is None else _fit(old_logp_NT[idx], logp)
-        loss_NT, clip_low, clip_high = objective(logp, old, adv_N[idx].to(logp.device), mask,
-                                                 eps_low=eps_low, eps_high=eps_high, dual_clip=cfg.dual_clip)
-        kl_NT = kl_fn(logp, _fit(ref_logp_NT[idx], logp)) if kl_fn is not None else torch.zeros_like(logp)
-        if cfg.kl.active and cfg.kl.where == "loss":
-            loss_NT = loss_NT + cfg.kl.beta * kl_NT
-        if cfg.entropy_coef > 0:
-            loss_NT = loss_NT - cfg.entropy_coef * H
-        tokens, seqs, scale = micro_denominators(inject, totals, mask, len(slices), world_size)
-        loss = scale * reduce_loss(loss_NT, mask, cfg.reduction, total_tokens=tokens, total_seqs=seqs, t_max=t_max)
-        if grad:
-            loss.backward()
-        m = mask.double()
-        sampler_logp = mb.sampler_logp_NL[:, 1:].to(logp.device)
-        for key, val in (("entropy", H), ("kl", kl_NT), ("clip_low", clip_low), ("clip_high", clip_high),
-                         ("logp_mismatch", (logp.detach() - sampler_logp).abs())):
-            sums[key] += (val.detach().double() * m).sum().cpu()
-        sums["loss"] += loss.detach().double().cpu()
     if not len(live):  # the full batch's backward would have left zeros, which AdamW still steps on (momentum, decay)
+        model = policy.model
         for p in model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
     return sums
-
-
-def zero_advantage_skippable(cfg, inject: str) -> bool:
-    """Whether a row with advantage 0 has exactly zero loss and gradient: both objectives are −A·(a function of
-    the ratio), and their clip flags need A ≠ 0, so it holds unless a KL or entropy term is in the loss (or a
-    fault injection, which must see the step as written)."""
-    kl_in_loss = cfg.kl.active and cfg.kl.where == "loss"
-    return (cfg.skip_zero_advantage and cfg.objective in ("ppo_clip", "gspo") and not kl_in_loss
-            and cfg.entropy_coef == 0 and inject == "none")
 
 
 def train_grpo(ctx) -> dict:
@@ -129,35 +130,31 @@ def train_grpo(ctx) -> dict:
     ref_model = None
     if cfg.kl.active and not lora:
         ref_model = load_model(str(ctx.init_path), dtype=next(ctx.model.parameters()).dtype).to(ctx.device).eval()
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg.optim, cfg.steps * cfg.inner_iterations)
-    start = resume_state(ctx, opt, sched)
-    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=run_cfg.sampling.batch_size,
-                         engine=run_cfg.sampling.engine)
-    log = stage_log(ctx, cfg.steps, start)
+    sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device, record=True)
+    policy = make_forward(ctx.model, sampler)
+    loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every,
+                     schedule_steps=cfg.steps * cfg.inner_iterations, samplers=(sampler,))
     shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
     prompt_cache: dict[int, list[int]] = {}
-    for step in range(start + 1, cfg.steps + 1):
+    for step in loop.steps():
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
         prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
-        metrics = grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step)
-        end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
-    return {**finish_stage(ctx, sampler, log, cfg.steps), **stage_sums(ctx, ("tokens_sampled", "tokens_trained"))}
+        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds)
+        loop.end_step(step, metrics)
+    keys = ("tokens_sampled", "tokens_trained")
+    sums = stage_sums(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, keys) if dist.is_main else dict.fromkeys(keys, 0)
+    return {**loop.finish(), **sums}
 
 
-def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, seeds, step: int) -> dict:
+def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds) -> dict:
     """One GRPO step, top to bottom, on this rank's shard of the step's prompts."""
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
-    temperature = run_cfg.sampling.temperature
     t0 = time.time()
-    if cfg.reuse_decode:  # trace: the decode's record for the update to replay, or None where it does not apply
-        rollouts, trace = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds, trace=True)
-    else:
-        rollouts, trace = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds), None
+    rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
     sample_s = time.time() - t0
-    texts = decode_completions(ctx.tokenizer, rollouts)
+    texts = completion_texts(ctx.tokenizer, rollouts)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
                                       [(r.name, r.weight) for r in cfg.rewards], seeds=seeds,
                                       timeout_s=cfg.reward_timeout_s)
@@ -172,35 +169,31 @@ def grpo_step(ctx, sampler, ref_model, opt, sched, step_problems, prompt_ids, se
     adv_all = get_advantage(cfg.advantage)(dist.all_gather(reward_N), dist.all_gather(group_N),
                                            dist.all_gather(scored.valid_N), eps=cfg.adv_eps)
     adv_N = adv_all[dist.shard(len(adv_all), "rows per step")]
-    # Zero variance is judged on the task reward: a KL-in-reward term would make every group look informative.
+    # Zero variance and filters are judged on the task reward: a KL-in-reward term would make every group look
+    # informative.
     zero_var = ~zero_variance_groups(scored.reward_N, rollouts.group_N, scored.valid_N)
-    keep_N = ~zero_var if cfg.filter_zero_variance else torch.ones_like(zero_var)
-    batch = rollouts.select(keep_N)
-    totals = global_totals(batch.completion_mask_NL, dist)
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    keep_N = torch.ones_like(zero_var) if cfg.filter == "none" else \
+        get_filter(cfg.filter)(scored.reward_N, rollouts.group_N, scored.valid_N)
+    rows_N = keep_N.nonzero().squeeze(1)
+    totals = global_totals(rollouts.completion_mask_NL[keep_N], dist)
+    replayed = policy.replayed
     stats = {}
-    for it in range(cfg.inner_iterations if totals[1] else 0):
-        stats = policy_update(ctx.model, batch, adv_N[keep_N], _rows(old_logp, keep_N), _rows(ref_logp, keep_N), cfg,
-                              temperature=temperature, t_max=cfg.t_max or run_cfg.sampling.max_new_tokens,
-                              totals=totals, inject=run_cfg.debug.inject, world_size=dist.world_size,
-                              trace=trace if it == 0 else None, rows_N=keep_N.nonzero().squeeze(1))
-        dist.sum_gradients(params)
+    for _ in range(cfg.inner_iterations if totals[1] else 0):
+        stats = policy_update(policy, rollouts, adv_N, old_logp, ref_logp, cfg, rows_N=rows_N,
+                              temperature=run_cfg.sampling.temperature,
+                              t_max=cfg.t_max or run_cfg.sampling.max_new_tokens, totals=totals, plan=ctx.plan,
+                              world_size=dist.world_size)
         stats = {k: dist.all_reduce_sum(v) for k, v in stats.items()}
-        stats["grad_norm"] = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
+        stats["grad_norm"] = loop.optimizer_step()  # the sampler releases its record here: the weights moved
     stats["tokens"] = totals[0]
-    stats["replayed_decode"] = trace is not None and totals[1] > 0
-    del trace  # its record is the step's largest allocation
+    stats["replayed_decode"] = policy.replayed > replayed and totals[1] > 0
     train_s = time.time() - t1
     gathered = {k: dist.all_gather(v) for k, v in (
         ("reward", scored.reward_N), ("valid", scored.valid_N), ("adv", adv_N), ("keep", keep_N),
         ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N), ("zero_var", zero_var),
         ("group", group_N), *((f"reward/{k}", v) for k, v in scored.components.items()))}
     return step_metrics(gathered, stats, failures, cfg, dist.world_size,
-                        sample_s=sample_s, train_s=train_s, lr=sched.get_last_lr()[0])
-
-
-def _rows(t_NT: torch.Tensor | None, keep_N: torch.Tensor) -> torch.Tensor | None:
-    return t_NT[keep_N] if t_NT is not None else None
+                        sample_s=sample_s, train_s=train_s, lr=loop.lr)
 
 
 def frozen_passes(ctx, ref_model, rollouts: Rollouts):

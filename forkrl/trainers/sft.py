@@ -12,11 +12,12 @@ import time
 import torch
 
 from ..algos.reductions import reduce_loss
-from ..sampling import HFSampler
+from ..forward import ModelForward
 from ..tasks.base import TaskError
 from ..types import Role, Rollouts
-from .common import (batch_indices, clip_and_step, completion_logprobs, end_step, finish_stage, global_totals,
-                     make_optimizer, micro_denominators, micro_slices, resume_state, skip_micro_batch, stage_log)
+from .accumulate import EXACT, Plan, accumulate, global_totals, micro_slices, parts
+from .data import batch_indices
+from .loop import StageLoop
 
 
 def pack(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Rollouts:
@@ -42,52 +43,54 @@ def encode_demonstrations(ctx) -> list[tuple[list[int], list[int]]]:
             for p, c in demos]
 
 
+class SftLoss:
+    """The step loss of ``accumulate``: reduce(−log π(y_t)) over the rows of ``batch`` a micro-batch holds."""
+
+    def __init__(self, forward, batch: Rollouts, *, reduction: str, t_max: int):
+        self.forward, self.batch, self.reduction, self.t_max = forward, batch, reduction, t_max
+
+    def counts(self, rows_N):
+        mask_NT = self.batch.completion_mask_NL[rows_N, 1:]
+        return int(mask_NT.sum()), int(mask_NT.shape[0])
+
+    def __call__(self, rows_N, totals):
+        logp_NT, _, mask_NT = self.forward.logprobs(self.batch, rows_N)
+        loss = reduce_loss(-logp_NT, mask_NT, self.reduction, total_tokens=totals[0], total_seqs=totals[1],
+                           t_max=self.t_max)
+        return loss, {}
+
+
 def sft_step(model, batch: Rollouts, *, reduction: str, t_max: int, micro_batch_size: int,
-             totals: tuple[int, int], inject: str = "none", world_size: int = 1) -> torch.Tensor:
+             totals: tuple[int, int], plan: Plan = EXACT, world_size: int = 1) -> torch.Tensor:
     """Accumulate this rank's gradient of one optimizer step; returns its share of the loss (detached).
 
     ``totals`` are the whole step's (tokens, sequences) over every rank, fixed before the loop."""
-    slices = micro_slices(batch.num_rows, micro_batch_size)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for i, sl in enumerate(slices):
-        if skip_micro_batch(inject, i):
-            continue
-        mb = batch.select(torch.arange(batch.num_rows)[sl])
-        logp_NT, _, mask_NT = completion_logprobs(model, mb)
-        tokens, seqs, scale = micro_denominators(inject, totals, mask_NT, len(slices), world_size)
-        loss = scale * reduce_loss(-logp_NT, mask_NT, reduction, total_tokens=tokens, total_seqs=seqs, t_max=t_max)
-        loss.backward()
-        loss_sum += loss.detach().double().cpu()
-    return loss_sum
+    loss = SftLoss(ModelForward(model), batch, reduction=reduction, t_max=t_max)
+    micro = parts(torch.arange(batch.num_rows), micro_batch_size)
+    return accumulate(micro, loss, totals, plan=plan, world_size=world_size)["loss"]
 
 
 def train_sft(ctx) -> dict:
     cfg, dist = ctx.cfg.sft, ctx.dist
     examples = encode_demonstrations(ctx)
     t_max = cfg.t_max or max(len(c) for _, c in examples)
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
-    start = resume_state(ctx, opt, sched)
-    sampler = HFSampler(ctx.model, ctx.tokenizer, batch_size=ctx.cfg.sampling.batch_size,
-                        engine=ctx.cfg.sampling.engine)
-    log = stage_log(ctx, cfg.steps, start)
+    loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every)
     shard = dist.shard(cfg.batch_size, "sft.batch_size")
     ctx.model.train()
-    for step in range(start + 1, cfg.steps + 1):
+    for step in loop.steps():
         t0 = time.time()
         rows = batch_indices(len(examples), cfg.batch_size, step - 1, ctx.cfg.seed)[shard]
         batch = pack([examples[i] for i in rows], ctx.tokenizer.pad_token_id)
         totals = global_totals(batch.completion_mask_NL, dist)
         loss = sft_step(ctx.model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size,
-                        totals=totals, inject=ctx.cfg.debug.inject, world_size=dist.world_size)
-        dist.sum_gradients(params)
-        grad_norm = clip_and_step(ctx.model, opt, sched, cfg.optim.grad_clip)
+                        totals=totals, plan=ctx.plan, world_size=dist.world_size)
+        grad_norm = loop.optimizer_step()
         dt = time.time() - t0
-        metrics = {"loss": float(dist.all_reduce_sum(loss)), "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+        metrics = {"loss": float(dist.all_reduce_sum(loss)), "grad_norm": grad_norm, "lr": loop.lr,
                    "tokens": totals[0], "train_s": dt, "train_tokens_per_s": totals[0] / dt,
                    "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
                    "denominator_value": totals[0] if cfg.reduction == "token_mean" else totals[1],
                    "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size)),
                    "world_size": dist.world_size}
-        end_step(ctx, sampler, log, step, cfg, metrics, opt, sched)
-    return finish_stage(ctx, sampler, log, cfg.steps)
+        loop.end_step(step, metrics)
+    return loop.finish()

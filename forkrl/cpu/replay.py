@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .threads import use
 
 
 def _index(params: list[torch.Tensor], p: torch.Tensor) -> int:
@@ -236,6 +237,7 @@ class Inputs:
     head_dim: int
     scratch: Scratch
     packing: Packing
+    threads: int  # torch's intra-op threads for the backward (threads.py): the decode's
 
 
 def _rows(t_LRF: torch.Tensor) -> torch.Tensor:
@@ -445,8 +447,9 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dH):
-        grads = backward(ctx.inp, ctx.plan, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.head, dlogp,
-                         dH if ctx.inp.entropy else None)
+        with use(ctx.inp.threads):
+            grads = backward(ctx.inp, ctx.plan, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.head, dlogp,
+                             dH if ctx.inp.entropy else None)
         return (None, None, *grads)
 
 

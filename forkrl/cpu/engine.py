@@ -1,27 +1,23 @@
-"""Decode engines: a prefill over a left-padded batch, then one-token steps, each returning float32 logits.
+"""The fused Llama/Qwen2 decode engine: a prefill over a left-padded batch, then one-token steps, each returning
+float32 logits, as ``sampling.hf.HFEngine`` does through the model's own forward (the shared decode loop,
+``sampling.decode.decode_chunk``, drives either).
 
-The sampler (``hf.HFSampler``) and ``forkrl diff``'s lockstep decoding drive the same loop
-(``hf.decode_chunk``) over an engine, so they draw the same tokens from the same logits.
+``FastEngine`` runs the Llama/Qwen2 decoder (RMSNorm, rotary embeddings with the default rope, grouped-query
+attention, SwiGLU) as a few fused tensor operations per layer: q/k/v in one matmul, gate/up in one, a key/value
+cache preallocated for the whole completion and written in place, a precomputed rotary table applied to queries
+and keys at once, elementwise steps in place where that changes no rounding. On a CPU a
+one-token step of a small model is dominated by per-operation and per-module overhead, not by FLOPs; fusing
+removes most of it (``benchmarks/grpo_step.py`` measures the effect). Where the C kernels build
+(``kernels.py``), a one-token step's elementwise groups (RMSNorm with its record; bias, rotary and cache writes;
+the one-query attention; SwiGLU) are one kernel each, and where BLAS is reachable from C the whole step through
+every layer is one call (``kernels.decode_layers``); the torch operations remain the fallback. Weights are read
+at construction, with a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives
+the base), so an engine is built per sampling call and sees the current parameters. Its logits equal
+``HFEngine``'s to float rounding (about 1e-6; tested), so a sample can differ only where a uniform draw falls
+within that distance of a boundary of the cumulative distribution.
 
-* ``HFEngine`` runs any Hugging Face causal LM through its own ``forward`` and KV cache, exactly as
-  ``generate`` does (position ids ``cumsum(mask) - 1``, the mask dropped when it is all ones,
-  ``logits_to_keep=1``).
-* ``FastEngine`` runs the Llama/Qwen2 decoder (RMSNorm, rotary embeddings with the default rope, grouped-query
-  attention, SwiGLU) as a few fused tensor operations per layer: q/k/v in one matmul, gate/up in one, a key/value
-  cache preallocated for the whole completion and written in place, a precomputed rotary table applied to queries
-  and keys at once, elementwise steps in place where that changes no rounding. On a CPU a
-  one-token step of a small model is dominated by per-operation and per-module overhead, not by FLOPs; fusing
-  removes most of it (``benchmarks/grpo_step.py`` measures the effect). Where the C kernels build
-  (``kernels.py``), a one-token step's elementwise groups (RMSNorm with its record; bias, rotary and cache writes;
-  the one-query attention; SwiGLU) are one kernel each, and where BLAS is reachable from C the whole step through
-  every layer is one call (``kernels.decode_layers``); the torch operations remain the fallback. Weights are read
-  at construction, with a peft LoRA adapter's delta added when the adapter is active (``disable_adapter()`` gives
-  the base), so an engine is built per sampling call and sees the current parameters. Its logits equal
-  ``HFEngine``'s to float rounding (about 1e-6; tested), so a sample can differ only where a uniform draw falls
-  within that distance of a boundary of the cumulative distribution.
-
-``engine_for(model, "auto")`` picks ``FastEngine`` for a float32 model on CPU that it supports and ``HFEngine``
-otherwise; ``sampling.engine: hf`` forces the Hugging Face path.
+With ``record=True`` it also keeps what the replayed update's backward needs (``record_widths``), in memory from a
+``RecordArena``; ``trace.py`` and ``replay.py`` read it.
 """
 
 from __future__ import annotations
@@ -34,31 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .replay import Scratch
 
 FAST_MODEL_TYPES = ("llama", "qwen2")
-
-
-class HFEngine:
-    def __init__(self, model):
-        self.model, self.device = model, next(model.parameters()).device
-        self.cache = self.mask = None
-
-    def prefill(self, ids_BW: torch.Tensor, attn_BW: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        pos = (attn_BW.cumsum(-1) - 1).masked_fill_(attn_BW == 0, 0)
-        self.mask = None if bool(attn_BW.all()) else attn_BW  # generate drops an all-ones mask too
-        return self._forward(ids_BW, pos)
-
-    def step(self, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        return self._forward(token_B[:, None], pos_B[:, None])
-
-    def _forward(self, ids, pos):
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
-        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
 
 def fast_unsupported(model) -> str | None:
@@ -120,7 +93,6 @@ class RecordArena:
 
     def __init__(self):
         self.flat, self.used, self.wanted, self.holders = torch.empty(0), 0, 0, []
-        self.scratch = Scratch()  # the replayed backward's temporaries (replay.Scratch), kept with the record's memory
 
     def start(self) -> None:
         if any(ref() is not None for ref in self.holders):
@@ -154,7 +126,7 @@ def record_widths(cfg) -> tuple[dict[str, int], dict[str, int]]:
 class FastEngine:
     """``record``: also keep, for the prefill and each step, what the update's backward needs (``record_widths``;
     ``self.record``, time-major ``[position, row, features]``), so the update replays this forward instead of running
-    it again (``sampling/trace.py``); ``arena``: where the record's memory comes from (a ``RecordArena``; fresh if
+    it again (``trace.py``); ``arena``: where the record's memory comes from (a ``RecordArena``; fresh if
     None). A one-token step writes each of them straight into the record (``out=``), a prefill by a copy."""
 
     def __init__(self, model, *, record: bool = False, arena: RecordArena | None = None):
@@ -406,12 +378,3 @@ class FastEngine:
         o = torch.bmm(torch.softmax(scores, dim=-1), v_BKLD.reshape(B * K, L, D),
                       out=None if out is None else out.view(B * K, H // K, D))
         return o.view(B, 1, H, D)
-
-
-def engine_for(model, kind: str = "auto"):
-    """``FastEngine`` when ``kind`` is "auto" and it supports ``model``, else ``HFEngine``."""
-    if kind not in ("auto", "hf"):
-        raise ValueError(f"unknown decode engine {kind!r}: use 'auto' or 'hf'")
-    if kind == "auto" and fast_unsupported(model) is None:
-        return FastEngine(model)
-    return HFEngine(model)

@@ -1,6 +1,6 @@
-"""The update's forward, taken from the decode: ``DecodeTrace`` holds what the fused decoder computed while it
+"""The update's forward, taken from the decode (``forward.ReplayForward`` uses it): ``DecodeTrace`` holds what the fused decoder computed while it
 sampled (``engine.record_widths``: per layer the norms' normalized inputs, q′|k′|v, the attention output and
-gate|up, time-major), and ``DecodeTrace.completion_logprobs`` gives the policy's differentiable log-probs of the
+gate|up, time-major), and ``RolloutTrace.completion_logprobs`` gives the policy's differentiable log-probs of the
 sampled rows from it without running the model's forward again (``replay.py``).
 
 Why: with μ = 1 (one optimizer step per batch) the update differentiates the very function the sampler just
@@ -11,9 +11,9 @@ record for every activation it needs. The log-probs equal a teacher-forced forwa
 1e-6; ``tests/test_trace.py`` compares log-probs and every parameter's gradient with the Hugging Face forward's,
 full fine-tuning and LoRA).
 
-Where it does not apply the trainer runs the model's forward as before: another decode engine (bf16, GPU,
-an architecture ``FastEngine`` does not run), dropout active, μ > 1 after the first iteration, or a trace
-larger than ``MAX_TRACE_BYTES``. A trace refuses to replay once any trainable parameter has changed since the
+Where it does not apply the update runs the model's forward: another backend (bf16, GPU, an architecture
+``FastEngine`` does not run), dropout active, μ > 1 after the first iteration (the optimizer step released the
+record), or a trace larger than ``MAX_TRACE_BYTES``. A trace refuses to replay once any trainable parameter has changed since the
 decode (a fingerprint of their values), instead of giving a gradient at stale weights.
 """
 
@@ -63,12 +63,11 @@ class DecodeTrace:
         self.record, self.length = engine.record, engine.length
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.plan = Plan(hf)  # the parameters as the decode computed with them (adapters active then)
-        self.scratch = engine.arena.scratch if engine.arena is not None else Scratch()
 
     def logprobs(self, rows: torch.Tensor, completion_len_R: torch.Tensor, *, temperature: float,
-                 entropy: str = "none"):
+                 entropy: str = "none", scratch: Scratch, threads: int):
         """(logp_RS, H_RS) of the chunk's ``rows``' sampled tokens ``new_BS[rows]``, differentiable in the
-        model's trainable parameters (``entropy`` as in ``completion_logprobs``); positions past a row's EOS
+        model's trainable parameters (``entropy`` as in ``forward.ModelForward.logprobs``); positions past a row's EOS
         (``completion_len_R``: its sampled tokens up to and including EOS) carry finite values that a loss must
         mask, and no gradient (``replay.Packing``). At the decode's weights only: ``RolloutTrace`` checks."""
         e, rec = self.engine, self.record
@@ -86,25 +85,29 @@ class DecodeTrace:
                      rows_R=rows, all_rows=every, final={k: pick(v) for k, v in rec["final"].items()},
                      width=W, targets_SR=self.new_BS[rows, : L - W + 1].t().to(ids_LR.device),
                      temperature=temperature, entropy=entropy != "none", eps=e.eps, n_heads=e.n_heads,
-                     n_kv=e.n_kv, head_dim=d, scratch=self.scratch, packing=pk)
+                     n_kv=e.n_kv, head_dim=d, scratch=scratch, packing=pk, threads=threads)
         logp_SR, H_SR = replay(inp, self.plan)
         return logp_SR.t(), (H_SR if entropy == "grad" else H_SR.detach()).t()
 
 
 class RolloutTrace:
-    """The traces of a sampling call's chunks (``HFSampler.sample(trace=True)``): row n of the returned
-    rollouts is row ``n % chunk_rows`` of chunk ``n // chunk_rows``. Built right after the decode (which changes
-    no weight), it stamps the trainable parameters' fingerprint, and refuses to replay once they moved."""
+    """The traces of one sampling call's chunks (``FusedSampler.sample`` with ``record``), for the ``rollouts`` that
+    call returned: row n of them is row ``n % chunk_rows`` of chunk ``n // chunk_rows``. Built right after the decode
+    (which changes no weight), it stamps the trainable parameters' fingerprint, and refuses to replay once they
+    moved."""
 
-    def __init__(self, chunks: list[DecodeTrace], chunk_rows: int):
-        self.chunks, self.chunk_rows = chunks, chunk_rows
+    def __init__(self, chunks: list[DecodeTrace], chunk_rows: int, rollouts: Rollouts, *, threads: int = 0):
+        self.chunks, self.chunk_rows, self.rollouts = chunks, chunk_rows, rollouts
+        self.threads = threads or torch.get_num_threads()  # what the decode ran on; the replay runs on as many
         self.params = [p for p in chunks[0].model.parameters() if p.requires_grad]
         self.stamp = _fingerprint(self.params)
 
     def completion_logprobs(self, batch: Rollouts, rows_N: torch.Tensor, *, temperature: float = 1.0,
-                            entropy: str = "none"):
-        """What ``trainers.common.completion_logprobs(model, batch, …)`` returns, (logp_NT, H_NT, mask_NT) aligned
-        to targets ``batch.input_ids_NL[:, 1:]``, for ``batch`` made of the sampled rows ``rows_N`` (in order)."""
+                            entropy: str = "none", scratch: Scratch | None = None):
+        """What ``forward.ModelForward.logprobs`` returns, (logp_NT, H_NT, mask_NT) aligned to targets
+        ``batch.input_ids_NL[:, 1:]``, for ``batch`` made of the sampled rows ``rows_N`` (in order). ``scratch``: the
+        backward's temporaries, reused from one replay to the next by their owner (fresh ones by default)."""
+        scratch = scratch if scratch is not None else Scratch()
         mask_NT = batch.role_NL[:, 1:] == Role.COMPLETION
         T = mask_NT.shape[1]
         prompt_N = (batch.role_NL == Role.PROMPT).sum(1)
@@ -117,7 +120,7 @@ class RolloutTrace:
         for c in chunk_N.unique().tolist():
             sel = (chunk_N == c).nonzero().squeeze(1)
             logp_RS, H_RS = self.chunks[c].logprobs(local_N[sel], comp_N[sel], temperature=temperature,
-                                                    entropy=entropy)
+                                                    entropy=entropy, scratch=scratch, threads=self.threads)
             j_S = torch.arange(logp_RS.shape[1])
             # completion token j of a row sits at target index prompt_len - 1 + j; j past its EOS goes to column T
             index_RS = torch.where(j_S < comp_N[sel, None], prompt_N[sel, None] - 1 + j_S, T).to(logp_RS.device)

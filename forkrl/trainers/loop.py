@@ -1,0 +1,142 @@
+"""The loop every trainer runs around its step: the optimizer and its schedule, resume, the guards, held-out
+evaluation, the metrics line and checkpoints. A trainer makes one ``StageLoop`` and writes only its step::
+
+    loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every)
+    for step in loop.steps():
+        ...                                   # sample, score, accumulate the step's gradient
+        metrics["grad_norm"] = loop.optimizer_step()
+        loop.end_step(step, metrics)
+    return loop.finish()
+
+``optimizer_step`` also tells every sampler of the stage that the weights changed (``Sampler.sync_weights``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import checkpoint
+from ..evaluation import EvalResult, evaluate
+from ..sampling import make_sampler, sampling_params
+from .metrics import MetricsLog, truncate_metrics
+from .optim import clip_and_step, make_optimizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated NaN/inf gradients); the message says what to try."""
+
+
+class Guards:
+    """Counts consecutive skipped (NaN/inf) updates and mostly-unscorable batches (``guards`` in the config); once
+    either reaches its limit, ``check`` returns the message that stops the run (with what to try)."""
+
+    def __init__(self, cfg, stage: str):
+        self.cfg, self.stage = cfg, stage
+        self.nonfinite = 0  # consecutive skipped (NaN/inf) updates
+        self.unscorable = 0  # consecutive steps with most rows unscorable
+
+    def check(self, step: int, metrics: dict) -> str | None:
+        """Update the streaks from the step's ``metrics`` (marking a skipped update there); the stop message or None."""
+        norm = metrics.get("grad_norm")
+        skipped = norm is not None and not math.isfinite(norm)
+        metrics["update_skipped"] = skipped
+        if skipped:
+            metrics["grad_norm"] = None  # JSON has no NaN; update_skipped says why it is missing
+        self.nonfinite = self.nonfinite + 1 if skipped else 0
+        self.unscorable = self.unscorable + 1 if metrics.get("unscorable_frac", 0.0) > 0.5 else 0
+        stage = self.stage
+        if self.nonfinite >= self.cfg.max_consecutive_nonfinite:
+            return (f"{stage} step {step}: the loss or gradient was NaN/inf for {self.nonfinite} consecutive "
+                    f"steps, so those updates were skipped and the run stopped (the last checkpoint is intact). Try: a "
+                    f"lower {stage}.optim.lr, {stage}.optim.grad_clip on, float32 instead of float16 (model.dtype), "
+                    f"and rewards that stay finite and bounded; raise guards.max_consecutive_nonfinite to tolerate "
+                    f"more.")
+        if self.unscorable >= self.cfg.max_unscorable_steps:
+            return (f"{stage} step {step}: more than half of the rows were unscorable for {self.unscorable} "
+                    f"consecutive steps (first error this step: {metrics.get('unscorable_first_error')}). Fix the "
+                    f"reward or verifier, or raise guards.max_unscorable_steps.")
+        return None
+
+
+def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
+    every = ctx.cfg.checkpoint.every
+    if (every and step % every == 0) or step == total:
+        if ctx.dist.is_main:  # ranks hold identical weights and optimizer state: one copy is the checkpoint
+            checkpoint.save(ctx.stage_dir / "checkpoints", step, ctx.model, opt, sched, {},
+                            keep_last=ctx.cfg.checkpoint.keep_last)
+        ctx.dist.barrier()
+
+
+def want_eval(every: int, step: int, total: int) -> bool:
+    return bool(every and step % every == 0) and step != total
+
+
+class StageLoop:
+    """One stage's loop state: the optimizer over the trainable parameters (its schedule spans
+    ``schedule_steps``, default ``steps``), the step to start from (restored with the optimizer, scheduler and RNG
+    from ``ctx.resume_from``), the guards, the metrics log, the held-out evaluation's sampler and time. ``samplers``:
+    the stage's other samplers, told after each optimizer step that the weights changed."""
+
+    def __init__(self, ctx, *, steps: int, optim, eval_every: int, schedule_steps: int | None = None,
+                 samplers: tuple = ()):
+        self.ctx, self.total, self.eval_every, self.grad_clip = ctx, steps, eval_every, optim.grad_clip
+        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        self.opt, self.sched = make_optimizer(self.params, optim, schedule_steps or steps)
+        state = checkpoint.load_trainer_state(ctx.resume_from, self.opt, self.sched) if ctx.resume_from else {"step": 0}
+        self.start = state["step"]
+        if ctx.dist.is_main:  # no duplicate steps: drop this stage's lines past the checkpoint
+            truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, self.start)
+        self.eval_sampler = make_sampler(ctx.cfg.sampling, ctx.model, ctx.tokenizer, ctx.device)
+        self.samplers = (self.eval_sampler, *samplers)
+        self.log = MetricsLog(ctx.run_dir / "metrics.jsonl", stage=ctx.stage_dir.name, total=steps, start=self.start,
+                              log_every=ctx.cfg.log_every, enabled=ctx.dist.is_main)
+        self.guards = Guards(ctx.cfg.guards, ctx.stage_dir.name)
+        self.eval_s = 0.0  # seconds in held-out evaluation this stage (interim and final)
+
+    def steps(self) -> range:
+        return range(self.start + 1, self.total + 1)
+
+    @property
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def optimizer_step(self) -> float:
+        """Sum the ranks' gradients, clip, step (skipped on a NaN/inf gradient), tell the samplers; returns the
+        gradient norm before clipping."""
+        self.ctx.dist.sum_gradients(self.params)
+        norm = clip_and_step(self.ctx.model, self.opt, self.sched, self.grad_clip)
+        for sampler in self.samplers:
+            sampler.sync_weights()
+        return norm
+
+    def heldout_eval(self) -> EvalResult:
+        ctx = self.ctx
+        problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
+        ids = [ctx.encode_prompt(p.prompt) for p in problems]
+        result = evaluate(self.eval_sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
+                          ctx.cfg.eval.samples_per_problem, seed=ctx.cfg.seed)
+        self.eval_s += result.seconds
+        return result
+
+    def end_step(self, step: int, metrics: dict) -> None:
+        """The guards, held-out pass@1 when due, the metrics line, and a checkpoint when due; raises
+        ``TrainingError`` when a guard stops the run."""
+        stop = self.guards.check(step, metrics)
+        if want_eval(self.eval_every, step, self.total) and self.ctx.dist.is_main and not stop:
+            metrics["pass_at_1"] = self.heldout_eval().pass_at_1
+        self.log.write(step, metrics)
+        maybe_checkpoint(self.ctx, step, self.total, self.opt, self.sched)
+        if stop:
+            self.log.close()
+            raise TrainingError(stop)
+
+    def finish(self) -> dict:
+        """Held-out evaluation on rank 0 (the others wait at the next barrier). ``eval_s`` is the stage's time in
+        held-out evaluation, so wall_s − eval_s is the training cost."""
+        self.log.close()
+        trainable = sum(p.numel() for p in self.params)
+        if not self.ctx.dist.is_main:
+            return {"steps": self.total, "trainable_params": trainable}
+        final = self.heldout_eval()
+        return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": self.total,
+                "trainable_params": trainable, "eval_s": round(self.eval_s, 2)}

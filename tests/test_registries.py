@@ -1,0 +1,114 @@
+"""One source of truth for names: every config key that names a registered thing accepts exactly its registry's
+names (a name registered later included), refuses others with the list and the key path, and no registry's names
+are repeated in the config as a fixed list of choices. Old key names still load."""
+
+import typing
+
+import pytest
+from pydantic import BaseModel
+
+from forkrl import config
+from forkrl.config import NAMED, ConfigError, RunCfg, parse_config
+
+from conftest import tiny_cfg_dict
+
+JSONL = {"type": "jsonl", "train_path": "train.jsonl", "heldout_path": "heldout.jsonl"}
+
+
+def with_name(path: str, value: str) -> dict:
+    """The tiny config with the key ``path`` (``[]``: a list's only entry) set to ``value``."""
+    head, _, rest = path.partition("[]")
+    if path == "stages[]":
+        return tiny_cfg_dict(stages=[value])
+    if rest:  # grpo.rewards[].name
+        return tiny_cfg_dict(**{head: [{rest.lstrip("."): value}]})
+    if path.startswith("task."):
+        return tiny_cfg_dict(task={**JSONL, path.split(".", 1)[1]: value})
+    return tiny_cfg_dict(**{path: value})
+
+
+@pytest.mark.parametrize("path", sorted(NAMED))
+def test_a_named_key_accepts_its_registry_and_lists_it_when_wrong(path):
+    registry, extra = NAMED[path]
+    assert len(registry) > 0
+    for name in (*extra, *registry):
+        parse_config(with_name(path, name))
+    with pytest.raises(ConfigError) as e:
+        parse_config(with_name(path, "no_such_name"))
+    msg = str(e.value)
+    shown = path.replace("[]", ".0")
+    assert shown in msg and "'no_such_name'" in msg
+    assert all(repr(name) in msg for name in (*extra, *registry)), msg
+
+
+def test_a_name_registered_later_is_a_valid_value(monkeypatch):
+    from forkrl.algos import advantages
+
+    with pytest.raises(ConfigError, match="unknown advantage estimator 'mine'"):
+        parse_config(tiny_cfg_dict(**{"grpo.advantage": "mine"}))
+    monkeypatch.setitem(advantages.ADVANTAGES, "mine", advantages.dr_grpo)
+    assert parse_config(tiny_cfg_dict(**{"grpo.advantage": "mine"})).grpo.advantage == "mine"
+
+
+def _models(cls=RunCfg, seen=None):
+    """Every config section class reachable from ``cls``."""
+    seen = seen if seen is not None else set()
+    if cls in seen:
+        return seen
+    seen.add(cls)
+    for field in cls.model_fields.values():
+        for arg in _walk(field.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                _models(arg, seen)
+    return seen
+
+
+def _walk(annotation):
+    yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _walk(arg)
+
+
+def test_no_registry_is_repeated_as_a_literal_in_the_config():
+    """A fixed list of choices that shares two or more names with a registry is a copy of it (one name in common,
+    like model.dtype's and sampling.backend's "auto", is a coincidence)."""
+    literals = {(cls.__name__, field_name): set(typing.get_args(arg))
+                for cls in _models() for field_name, field in cls.model_fields.items()
+                for arg in _walk(field.annotation) if typing.get_origin(arg) is typing.Literal}
+    assert ("ModelCfg", "dtype") in literals  # the walk sees the config's fixed choices
+    copies = [(key, path) for key, values in literals.items() for path, (registry, extra) in NAMED.items()
+              if len(values & {*registry, *extra}) >= 2]
+    assert not copies
+
+
+def _is_named(field) -> bool:
+    """Whether a field's value (or a list's entries) is checked by ``config._named``."""
+    metadata = [*field.metadata, *(m for arg in _walk(field.annotation) for m in getattr(arg, "__metadata__", ()))]
+    return any(getattr(getattr(m, "func", None), "__qualname__", "").startswith("_named") for m in metadata)
+
+
+def _owner(path: str) -> tuple[type, str]:
+    """(the section class, the field name) a NAMED key path ends at."""
+    *parents, last = path.replace("[]", "").split(".")
+    cls = RunCfg
+    for i, key in enumerate(parents):
+        nxt = (parents + [last])[i + 1]
+        options = [a for a in _walk(cls.model_fields[key].annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cls = next(o for o in options if nxt in o.model_fields)
+    return cls, last
+
+
+def test_every_key_that_checks_a_name_is_listed():
+    """A field validated by ``_named`` that ``NAMED`` does not list would escape the tests above."""
+    checked = {(cls, name) for cls in _models() for name, field in cls.model_fields.items() if _is_named(field)}
+    assert checked == {_owner(path) for path in NAMED}
+
+
+def test_old_key_names_load_under_their_new_names():
+    old = tiny_cfg_dict(**{"sampling.engine": "hf", "grpo.reuse_decode": False, "grpo.filter_zero_variance": True})
+    cfg = parse_config(old)
+    assert (cfg.sampling.backend, cfg.sampling.replay, cfg.grpo.filter) == ("hf", False, "zero_variance_groups")
+    assert parse_config(tiny_cfg_dict(**{"grpo.filter_zero_variance": False})).grpo.filter == "none"
+    with pytest.raises(ConfigError, match="sampling.engine is the old name of sampling.backend"):
+        parse_config(tiny_cfg_dict(**{"sampling.engine": "hf", "sampling.backend": "auto"}))
+    assert set(config._MOVED) == {("sampling", "engine"), ("grpo", "reuse_decode"), ("grpo", "filter_zero_variance")}
