@@ -6,7 +6,7 @@ and exits with status 2.
 
 Names of things forkrl has a registry of (advantage estimators, objectives, reductions, KL estimators, rewards,
 filters, fork gates, stages, sampler backends, schedules, verifiers, fault injections) are checked against that
-registry itself (``_named``, ``NAMED`` lists them), not against a copy of its keys: a name added to a registry is a
+registry itself (``names.named``; ``NAMED`` lists them), not against a copy of its keys: a name added to a registry is a
 valid config value.
 Keys renamed since a run was written are read under their new name (``_MOVED``), so older run directories load.
 """
@@ -14,10 +14,10 @@ Keys renamed since a run was written are read under their new name (``_MOVED``),
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .algos.advantages import ADVANTAGES
 from .algos.filters import FILTERS
@@ -26,38 +26,26 @@ from .algos.kl import KL_ESTIMATORS
 from .algos.objectives import OBJECTIVES
 from .algos.reductions import REDUCTIONS
 from .check import FAULTS
+from .names import named
 from .rewards import REWARDS
 from .sampling.base import SAMPLERS
+from .tasks import TASKS
 from .tasks.jsonl import VERIFIERS
 from .trainers import STAGES
 from .trainers.optim import SCHEDULES
 
 
-def _named(registry: Mapping, what: str, *, extra: tuple[str, ...] = ()):
-    """A str config value that must name an entry of ``registry`` as it is when the config is validated (or one of
-    ``extra``, e.g. "none"); the error lists the valid names."""
-
-    def check(value: str) -> str:
-        if value not in extra and value not in registry:
-            valid = ", ".join(repr(v) for v in (*extra, *registry))
-            raise ValueError(f"unknown {what} {value!r}; valid: {valid}")
-        return value
-
-    return Annotated[str, AfterValidator(check)]
-
-
-Advantage = _named(ADVANTAGES, "advantage estimator")
-Objective = _named(OBJECTIVES, "objective")
-Reduction = _named(REDUCTIONS, "loss reduction")
-KlEstimator = _named(KL_ESTIMATORS, "KL estimator", extra=("none",))
-RewardName = _named(REWARDS, "reward")
-FilterName = _named(FILTERS, "filter", extra=("none",))
-GateKind = _named(GATES, "fork gate")
-StageName = _named(STAGES, "stage")
-Backend = _named(SAMPLERS, "sampler backend")
-Schedule = _named(SCHEDULES, "learning-rate schedule")
-Verifier = _named(VERIFIERS, "verifier")
-Fault = _named(FAULTS, "fault injection")
+Advantage = named(ADVANTAGES, "advantage estimator")
+Objective = named(OBJECTIVES, "objective")
+Reduction = named(REDUCTIONS, "loss reduction")
+KlEstimator = named(KL_ESTIMATORS, "KL estimator", extra=("none",))
+RewardName = named(REWARDS, "reward")
+FilterName = named(FILTERS, "filter", extra=("none",))
+GateKind = named(GATES, "fork gate")
+StageName = named(STAGES, "stage")
+Backend = named(SAMPLERS, "sampler backend")
+Schedule = named(SCHEDULES, "learning-rate schedule")
+Fault = named(FAULTS, "fault injection")
 
 # config key (a list's entries: ``[]``) -> (the registry it names an entry of, names it accepts besides)
 NAMED = {
@@ -120,47 +108,7 @@ class ModelCfg(Strict):
         return self
 
 
-class FormatCfg(Strict):
-    style: Literal["plain", "chat"] = "plain"  # real instruct models need "chat"
-    template: str = "{prompt}"
-    system_prompt: str | None = None
-
-
-class ArithmeticCfg(Strict):
-    type: Literal["arithmetic"]
-    digits: Annotated[int, Field(ge=1, le=9)] = 2
-    train_size: Pos = 3000
-    heldout_size: Pos = 200
-    strategy_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.1, 0.5)  # col, split, direct, guess
-    wrong_turn_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    seed: int = 0
-    format: FormatCfg = FormatCfg()
-
-
-class ReasoningGymCfg(Strict):
-    type: Literal["reasoning_gym"]
-    name: str
-    config: dict[str, Any] = {}
-    size: Pos = 1000
-    heldout_size: Pos = 200
-    seed: int = 0
-    format: FormatCfg = FormatCfg()
-
-
-class JsonlCfg(Strict):
-    type: Literal["jsonl"]
-    train_path: str
-    heldout_path: str
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    completion_field: str | None = "completion"
-    id_field: str | None = None
-    verifier: Verifier = "exact"
-    answer_pattern: str | None = None
-    format: FormatCfg = FormatCfg()
-
-
-TaskCfg = Annotated[Union[ArithmeticCfg, ReasoningGymCfg, JsonlCfg], Field(discriminator="type")]
+TaskCfg = Annotated[Union[tuple(TASKS.values())], Field(discriminator="type")]
 
 
 class SamplingCfg(Strict):
@@ -391,7 +339,7 @@ def _section(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-_TASK_TYPES = {"arithmetic": ArithmeticCfg, "reasoning_gym": ReasoningGymCfg, "jsonl": JsonlCfg}
+_TASK_TYPES = TASKS
 
 
 def _describe(err: dict, root: yaml.Node | None) -> str:

@@ -82,9 +82,9 @@ def test_no_registry_is_repeated_as_a_literal_in_the_config():
 
 
 def _is_named(field) -> bool:
-    """Whether a field's value (or a list's entries) is checked by ``config._named``."""
+    """Whether a field's value (or a list's entries) is checked by ``names.named``."""
     metadata = [*field.metadata, *(m for arg in _walk(field.annotation) for m in getattr(arg, "__metadata__", ()))]
-    return any(getattr(getattr(m, "func", None), "__qualname__", "").startswith("_named") for m in metadata)
+    return any(getattr(getattr(m, "func", None), "__qualname__", "").startswith("named.") for m in metadata)
 
 
 def _owner(path: str) -> tuple[type, str]:
@@ -99,7 +99,7 @@ def _owner(path: str) -> tuple[type, str]:
 
 
 def test_every_key_that_checks_a_name_is_listed():
-    """A field validated by ``_named`` that ``NAMED`` does not list would escape the tests above."""
+    """A field validated by ``names.named`` that ``NAMED`` does not list would escape the tests above."""
     checked = {(cls, name) for cls in _models() for name, field in cls.model_fields.items() if _is_named(field)}
     assert checked == {_owner(path) for path in NAMED}
 
@@ -112,3 +112,12 @@ def test_old_key_names_load_under_their_new_names():
     with pytest.raises(ConfigError, match="sampling.engine is the old name of sampling.backend"):
         parse_config(tiny_cfg_dict(**{"sampling.engine": "hf", "sampling.backend": "auto"}))
     assert set(config._MOVED) == {("sampling", "engine"), ("grpo", "reuse_decode"), ("grpo", "filter_zero_variance")}
+
+
+def test_each_task_type_is_its_registry_key():
+    from forkrl.tasks import TASKS
+
+    for name, cls in TASKS.items():
+        assert typing.get_args(cls.model_fields["type"].annotation) == (name,)
+    with pytest.raises(ConfigError, match="'arithmetic', 'reasoning_gym', 'jsonl'"):
+        parse_config(tiny_cfg_dict(task={"type": "nope"}))

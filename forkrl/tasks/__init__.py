@@ -1,27 +1,25 @@
-"""Tasks: problems with gold answers and a verifier. ``build_task`` makes one from its config section."""
+"""Tasks: problems with gold answers and a verifier. Each task module defines its task and its config section (a
+``base.TaskConfig`` whose ``build`` makes the task); ``TASKS`` names them, and ``task.type`` in a config is one of its
+keys. A new task is one module here and one entry below (or, without touching forkrl, any object following the Task
+protocol passed to ``forkrl.train(..., task=...)``)."""
 
 from __future__ import annotations
 
-from .arithmetic import ArithmeticTask
-from .base import Problem, Task, TaskError
+from .arithmetic import ArithmeticCfg, ArithmeticTask
+from .base import Problem, Task, TaskConfig, TaskError
+from .jsonl import JsonlCfg
+from .rgym import ReasoningGymCfg
 
-__all__ = ["ArithmeticTask", "Problem", "Task", "TaskError", "build_task"]
+__all__ = ["TASKS", "ArithmeticTask", "Problem", "Task", "TaskConfig", "TaskError", "build_task"]
 
 
-def build_task(cfg) -> Task:
-    """A Task from ``cfg`` (one of the ``task`` config variants, chosen by ``task.type``)."""
-    if cfg.type == "arithmetic":
-        return ArithmeticTask(digits=cfg.digits, train_size=cfg.train_size, heldout_size=cfg.heldout_size,
-                              strategy_weights=tuple(cfg.strategy_weights), wrong_turn_rate=cfg.wrong_turn_rate,
-                              seed=cfg.seed)
-    if cfg.type == "reasoning_gym":
-        from .rgym import ReasoningGymTask
+def build_task(cfg: TaskConfig) -> Task:
+    """The Task a ``task`` config section describes."""
+    return cfg.build()
 
-        return ReasoningGymTask(cfg.name, dict(cfg.config), size=cfg.size, seed=cfg.seed, heldout_size=cfg.heldout_size)
-    if cfg.type == "jsonl":
-        from .jsonl import JsonlTask
 
-        return JsonlTask(cfg.train_path, cfg.heldout_path, prompt_field=cfg.prompt_field,
-                         answer_field=cfg.answer_field, completion_field=cfg.completion_field,
-                         id_field=cfg.id_field, verifier=cfg.verifier, answer_pattern=cfg.answer_pattern)
-    raise TaskError(f"unknown task.type {cfg.type!r}; valid: arithmetic, reasoning_gym, jsonl")
+TASKS = {
+    "arithmetic": ArithmeticCfg,
+    "reasoning_gym": ReasoningGymCfg,
+    "jsonl": JsonlCfg,
+}

@@ -29,8 +29,12 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from .base import Problem, Split, TaskError
+from pydantic import Field
+
+from .base import Problem, Split, TaskConfig, TaskError
+from .formatting import FormatCfg
 
 STRATEGIES = ("col", "split", "direct", "guess")
 _ANSWER_RE = re.compile(r"ans (-?\d+)")
@@ -154,3 +158,21 @@ class ArithmeticTask:
             # The leading space makes the first completion token the strategy word, as sampled after "=".
             out.append((p, " " + demonstration(p.meta["a"], p.meta["b"], strategy, rng, self.wrong_turn_rate)))
         return out
+
+
+class ArithmeticCfg(TaskConfig):
+    """``task: {type: arithmetic, ...}``: the built-in addition task (``digits`` is the difficulty)."""
+
+    type: Literal["arithmetic"]
+    digits: Annotated[int, Field(ge=1, le=9)] = 2
+    train_size: Annotated[int, Field(ge=1)] = 3000
+    heldout_size: Annotated[int, Field(ge=1)] = 200
+    strategy_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.1, 0.5)  # col, split, direct, guess
+    wrong_turn_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    seed: int = 0
+    format: FormatCfg = FormatCfg()
+
+    def build(self) -> ArithmeticTask:
+        return ArithmeticTask(digits=self.digits, train_size=self.train_size, heldout_size=self.heldout_size,
+                              strategy_weights=tuple(self.strategy_weights), wrong_turn_rate=self.wrong_turn_rate,
+                              seed=self.seed)

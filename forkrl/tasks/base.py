@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict
+
 Split = Literal["train", "heldout"]
 
 
@@ -38,3 +40,14 @@ class Task(Protocol):
     def demonstrations(self, split: Split) -> Sequence[tuple[Problem, str]]:
         """(problem, completion) pairs for SFT. Raises TaskError when the task has none."""
         ...
+
+
+class TaskConfig(BaseModel):
+    """A task's section of the run config (``task``): ``type`` is the task's name in ``tasks.TASKS``, the other keys
+    are the task's own; ``build`` makes the task. Unknown keys are refused and the section is never mutated, as
+    every config section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def build(self) -> Task:
+        raise NotImplementedError

@@ -16,9 +16,17 @@ from __future__ import annotations
 import string
 from typing import Any, Literal
 
-from .base import TaskError
+from .base import TaskConfig, TaskError
 
 Style = Literal["plain", "chat"]
+
+
+class FormatCfg(TaskConfig):
+    """``task.format``: how a problem's question becomes the prompt text (the module docstring)."""
+
+    style: Style = "plain"  # real instruct models need "chat"
+    template: str = "{prompt}"
+    system_prompt: str | None = None
 
 
 def _template_fields(template: str) -> set[str]:

@@ -17,9 +17,11 @@ import math
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .base import Problem, Split, TaskError
+from ..names import named
+from .base import Problem, Split, TaskConfig, TaskError
+from .formatting import FormatCfg
 
 Verifier = str  # a name of VERIFIERS
 _TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -235,3 +237,23 @@ VERIFIERS = {
     "numeric": _numeric,
     "math_verify": _math_verify,
 }
+
+
+class JsonlCfg(TaskConfig):
+    """``task: {type: jsonl, train_path: ..., heldout_path: ...}``: problems from JSON Lines files."""
+
+    type: Literal["jsonl"]
+    train_path: str
+    heldout_path: str
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    completion_field: str | None = "completion"
+    id_field: str | None = None
+    verifier: named(VERIFIERS, "verifier") = "exact"
+    answer_pattern: str | None = None
+    format: FormatCfg = FormatCfg()
+
+    def build(self) -> JsonlTask:
+        return JsonlTask(self.train_path, self.heldout_path, prompt_field=self.prompt_field,
+                         answer_field=self.answer_field, completion_field=self.completion_field,
+                         id_field=self.id_field, verifier=self.verifier, answer_pattern=self.answer_pattern)

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from .base import Problem, Split, TaskError
+from pydantic import Field
+
+from .base import Problem, Split, TaskConfig, TaskError
+from .formatting import FormatCfg
 
 HELDOUT_SEED_OFFSET = 1_000_000_007  # far beyond any train size, so seed+index never collides
 
@@ -162,3 +165,19 @@ class ReasoningGymTask:
             f"be used for SFT. For SFT use a JSONL task whose rows have a completion field "
             f"(task.completion_field), then train RL on this task."
         )
+
+
+class ReasoningGymCfg(TaskConfig):
+    """``task: {type: reasoning_gym, name: ..., config: {...}}``: one reasoning-gym dataset."""
+
+    type: Literal["reasoning_gym"]
+    name: str
+    config: dict[str, Any] = {}
+    size: Annotated[int, Field(ge=1)] = 1000
+    heldout_size: Annotated[int, Field(ge=1)] = 200
+    seed: int = 0
+    format: FormatCfg = FormatCfg()
+
+    def build(self) -> ReasoningGymTask:
+        return ReasoningGymTask(self.name, dict(self.config), size=self.size, seed=self.seed,
+                                heldout_size=self.heldout_size)
