@@ -8,8 +8,8 @@ AMD EPYC with one busy process beside it (``benchmarks/grpo_step.py --contend 1`
 
 So each fused call runs on as many of torch's intra-op threads as there are cores that other processes left free
 since the previous call: ``Meter.threads`` reads the busy time of this process's CPUs from ``/proc/stat``, takes
-away this process's own CPU time, and counts a core as taken for every whole core's worth that remains (steal
-time included: a VM's host taking the core counts too). With the cores free the count is torch's, so nothing
+away this process's own CPU time (its ended children's included), and counts a core as taken for every whole
+core's worth that remains, rounded (steal time included: a VM's host taking the core counts too). With the cores free the count is torch's, so nothing
 changes; under load results may differ from an unloaded run's in float rounding (BLAS sums in another order on
 fewer threads), as they may between machines. ``FORKRL_ADAPTIVE_THREADS=0`` keeps torch's count always. Where
 ``/proc/stat`` cannot be read (not Linux), torch's count is kept.
@@ -17,6 +17,7 @@ fewer threads), as they may between machines. ``FORKRL_ADAPTIVE_THREADS=0`` keep
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -51,8 +52,9 @@ class Meter:
 
     def _reading(self):
         busy = _busy_seconds(self.cpus) if self.cpus else None
-        own = os.times()
-        return None if busy is None else (time.monotonic(), busy, own.user + own.system)
+        own = os.times()  # this process's threads, and its children that ended (a reward's sandbox)
+        return None if busy is None else (time.monotonic(), busy,
+                                          own.user + own.system + own.children_user + own.children_system)
 
     def threads(self, limit: int) -> int:
         """How many threads (at most ``limit``) a fused call should use now: the cores of this process's CPU set
@@ -67,7 +69,7 @@ class Meter:
             return min(limit, self.decided or limit)
         others = (now[1] - self.last[1]) - (now[2] - self.last[2])  # core-seconds used by other processes
         self.last = now
-        self.decided = max(1, len(self.cpus) - round(max(others, 0.0) / wall))
+        self.decided = max(1, len(self.cpus) - math.floor(max(others, 0.0) / wall + 0.5))
         return min(limit, self.decided)
 
 
