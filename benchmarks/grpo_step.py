@@ -47,8 +47,9 @@ for ``--rounds``) so drift of the machine hits both.
     python benchmarks/grpo_step.py --device cuda --json grpo_step_gpu.json  # on a GPU, bf16
     python benchmarks/grpo_step.py --contend 1 --json grpo_step_busy.json  # one core taken by another process
 
-* contention (``--contend N``): N processes spinning in a Python loop for the whole run (the matmul peaks and
-  every worker included), as a laptop's or shared machine's other work would take cores.
+* contention (``--contend N``): N processes busy for the whole run (the matmul peaks and every worker included), as
+  a laptop's or shared machine's other work would take cores: each spins in a Python loop (``--contend-with
+  spin``), or multiplies small matrices on torch's own threads (``torch``, another training job).
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ SIZES = {  # (model size, sampling, batch)
                  max_new_tokens=8, prompts=2, group=2),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BUSY = {  # --contend-with: what a busy process runs until it is killed
+    "spin": "while True: pass",
+    "torch": "import torch\na = torch.randn(256, 256)\nwhile True: a @ a",
+}
 LORA = dict(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 LR, BETAS, GRAD_CLIP = 1e-4, (0.9, 0.99), 1.0
 
@@ -550,8 +555,11 @@ def main() -> None:
                     help="the model's weights and compute (auto: float32 on cpu, bfloat16 on cuda; TRL with bf16=True)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each worker (0: torch's)")
     ap.add_argument("--contend", type=int, default=0,
-                    help="N busy processes (a Python spin loop each) running beside both libraries for the whole run: "
-                         "a laptop or shared machine whose cores are not all free")
+                    help="N busy processes running beside both libraries for the whole run: a laptop or shared "
+                         "machine whose cores are not all free")
+    ap.add_argument("--contend-with", choices=tuple(BUSY), default="spin",
+                    help="what each busy process runs: a Python spin loop, or small torch matmuls on torch's "
+                         "threads (another training job)")
     ap.add_argument("--profile", help="write a cProfile of each worker's whole run into this directory")
     ap.add_argument("--skip-losscheck", action="store_true")
     ap.add_argument("--json", help="write the results here")
@@ -580,7 +588,7 @@ def main() -> None:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+        busy = [subprocess.Popen([sys.executable, "-c", BUSY[args.contend_with]]) for _ in range(args.contend)]
         try:
             gflops_before = matmul_gflops(device, dtype)
             runs = {"forkrl": [], "trl": []}
@@ -603,7 +611,7 @@ def main() -> None:
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
                         "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
                         "warmup": args.warmup, "rounds": args.rounds, "reward": args.reward, "lr": LR,
-                        "contend": args.contend,
+                        "contend": args.contend, "contend_with": args.contend_with,
                         "device": device, "dtype": dtype,
                         "model": base["size"], "lora": LORA if args.config == "lora" else None}
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
@@ -627,12 +635,12 @@ def main() -> None:
 
 def print_table(r: dict) -> None:
     s, m = r["setup"], r["machine"]
+    busy = f"; {s['contend']} busy process(es) beside it ({s.get('contend_with', 'spin')})" if s.get("contend") else ""
     print(f"GRPO step, {s['config']}: {r['forkrl']['params'] / 1e6:.2f}M params "
           f"({r['forkrl']['trainable_params'] / 1e6:.3f}M trainable), {s['prompts']}×{s['group']} rows, "
           f"{s['max_new_tokens']} new tokens, median of {r['forkrl']['steps_timed']} steps; "
           f"{s['dtype']} on {m['gpu'] or 'cpu'}; {m['torch_threads']} CPU threads, {s['dtype']} matmul "
-          f"{m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward"
-          + (f"; {s['contend']} busy process(es) beside it" if s.get("contend") else ""))
+          f"{m['matmul_gflops_peak']:.0f} GFLOP/s, {s['reward']} reward{busy}")
     cols = [("s/step", "s_per_step", ".3f"), ("sample s", "sample_s", ".3f"), ("train s", "train_s", ".3f"),
             ("other s", "other_s", ".3f"), ("tok/s", "tokens_per_s", ".0f"),
             ("sample tok/s", "sample_tokens_per_s", ".0f"), ("samp eff", "sampling_efficiency", ".3f"),
@@ -657,7 +665,8 @@ def print_table(r: dict) -> None:
               f"(grad norm {lc['forkrl']['grad_norm']:.8g}), TRL {lc['trl']['loss']:.8g} "
               f"(grad norm {lc['trl']['grad_norm']:.8g}); |Δ loss| {lc['abs_diff']:.2e}, "
               f"grad norm rel. diff {lc['grad_norm_rel_diff']:.2e}")
-    print(f"  first-step loss as logged ({s['reward']} reward, each library's own samples): forkrl {r['forkrl']['first_step_loss_logged']}, "
+    print(f"  first-step loss as logged ({s['reward']} reward, each library's own samples): "
+          f"forkrl {r['forkrl']['first_step_loss_logged']}, "
           f"TRL {r['trl']['first_step_loss_logged']}")
 
 

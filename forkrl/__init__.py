@@ -10,14 +10,15 @@ from .types import Role, Rollouts, Scored
 __version__ = "0.1.0"
 
 
-def train(config, out_dir, *, resume: bool = False) -> dict:
-    """Run every stage of ``config`` (a path or a RunCfg) into ``out_dir``; returns the run summary."""
+def train(config, out_dir, *, resume: bool = False, task=None) -> dict:
+    """Run every stage of ``config`` (a path or a RunCfg) into ``out_dir``; returns the run summary. ``task``: any
+    object following the Task protocol (``tasks.base.Task``), instead of the config's ``task`` section."""
     from pathlib import Path
 
     from .pipeline import run
 
     cfg = config if isinstance(config, RunCfg) else load_config(config)
-    return run(cfg, Path(out_dir), resume=resume)
+    return run(cfg, Path(out_dir), resume=resume, task=task)
 
 
 def diff(base, tuned, task, **options) -> dict:

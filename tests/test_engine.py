@@ -161,3 +161,30 @@ def test_a_whole_step_in_c_equals_the_step_layer_by_layer(name, packed, monkeypa
     for a, b in zip(engines[0].record["layers"], engines[1].record["layers"]):
         for key in a:
             torch.testing.assert_close(a[key][:9], b[key][:9], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_decodes_the_smallest_calls_through_the_forward(monkeypatch):
+    """``sampling.backend: auto`` takes the model's forward for the smallest calls (``SMALL_ROWS`` rows × ``SMALL_TOKENS``
+    new tokens: the fused weights' setup costs more than it saves there, ``cpu.sampler``), the fused decoder for the
+    rest, and ``fused`` always; the rows are the same either way."""
+    from forkrl.cpu.sampler import SMALL_ROWS, SMALL_TOKENS
+
+    model = MODELS["qwen2 gqa tied"]()
+    built = []
+    real = FastEngine.__init__
+    monkeypatch.setattr(FastEngine, "__init__", lambda self, *a, **k: built.append(1) or real(self, *a, **k))
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+    auto, fused = (make_sampler(SamplingCfg(backend=b), model, Tok()) for b in ("auto", "fused"))
+    prompts, small = [[5, 6, 7]], SamplingParams(max_new_tokens=SMALL_TOKENS)
+    seeds = list(range(SMALL_ROWS))
+    a = auto.sample(prompts, SMALL_ROWS, small, seeds=seeds)
+    assert not built
+    b = fused.sample(prompts, SMALL_ROWS, small, seeds=seeds)
+    assert built and torch.equal(a.input_ids_NL, b.input_ids_NL)
+    for group, new in ((SMALL_ROWS, SMALL_TOKENS + 1), (SMALL_ROWS + 1, SMALL_TOKENS)):
+        built.clear()
+        auto.sample(prompts, group, SamplingParams(max_new_tokens=new), seeds=list(range(group)))
+        assert built

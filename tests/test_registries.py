@@ -93,7 +93,8 @@ def _owner(path: str) -> tuple[type, str]:
     cls = RunCfg
     for i, key in enumerate(parents):
         nxt = (parents + [last])[i + 1]
-        options = [a for a in _walk(cls.model_fields[key].annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        options = [a for a in _walk(cls.model_fields[key].annotation)
+                   if isinstance(a, type) and issubclass(a, BaseModel)]
         cls = next(o for o in options if nxt in o.model_fields)
     return cls, last
 

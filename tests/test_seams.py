@@ -124,3 +124,28 @@ def test_the_fork_stage_teacher_forces_the_entropy_for_a_backend_without_it(tiny
     assert torch.equal(got[0].input_ids_NL, want[0].input_ids_NL)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     assert (want[1] > 0).any()
+
+
+def test_the_cpu_path_and_the_trainers_stay_behind_their_seams():
+    """``forkrl/cpu`` is imported by the sampler factory alone; the diagnostics import no trainer module."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "forkrl"
+
+    def imports(path: Path) -> set[str]:
+        package = ".".join(path.relative_to(root.parent).with_suffix("").parts[:-1])
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                out.add(f"{base}.{node.module}" if node.level and node.module else node.module or base)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    users = {str(p.relative_to(root)) for p in root.rglob("*.py") if not p.is_relative_to(root / "cpu")
+             and any(m == "forkrl.cpu" or m.startswith("forkrl.cpu.") for m in imports(p))}
+    assert users == {"sampling/base.py"}
+    for p in (root / "diagnostics").rglob("*.py"):
+        assert not [m for m in imports(p) if m.startswith("forkrl.trainers")], p

@@ -142,8 +142,11 @@ def test_no_trace_where_it_does_not_apply():
         assert isinstance(make_forward(model, sampler), ModelForward)
     dropout = build(Qwen2Config, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1)
     sampler = make_sampler(SamplingCfg(), dropout, _Tok(), record=True)
-    sampler.sample(PROMPTS, 2, SamplingParams(max_new_tokens=3), seeds=list(range(8)))
+    sampler.sample(PROMPTS, 3, SamplingParams(max_new_tokens=9), seeds=list(range(12)))
     assert sampler.trace is None and "dropout" in sampler.untraced_why
+    sampler = make_sampler(SamplingCfg(), model, _Tok(), record=True)  # a call auto decodes through the forward
+    sampler.sample(PROMPTS[:1], 1, SamplingParams(max_new_tokens=3), seeds=[0])
+    assert sampler.trace is None and "faster" in sampler.untraced_why
 
 
 def test_recording_leaves_the_samples_unchanged():

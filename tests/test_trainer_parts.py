@@ -139,7 +139,8 @@ def test_unscorable_rows_are_excluded_and_counted(tiny_model_dir):
     task = FlakyTask(digits=2, train_size=50, heldout_size=10)
     problems = task.problems("train")[:4]
     torch.manual_seed(0)
-    r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3, SamplingParams(max_new_tokens=6))
+    r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3,
+                                           SamplingParams(max_new_tokens=6))
     texts = ["ab", "abc", "a"] * 4  # rows of problem 3: rewards 0, 1, 1
     scored, failures = score_rollouts(r, texts, problems, task, [("correct", 1.0)], seeds=list(range(12)))
     assert scored.valid_N.tolist() == [False] * 9 + [True] * 3
@@ -190,7 +191,8 @@ def test_a_hanging_or_infinite_reward_makes_its_row_unscorable(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     task = HangingTask(digits=2, train_size=50, heldout_size=10)
     problems = task.problems("train")[:3]
-    r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 2, SamplingParams(max_new_tokens=4))
+    r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 2,
+                                           SamplingParams(max_new_tokens=4))
     t0 = time.time()
     scored, failures = score_rollouts(r, ["x"] * 6, problems, task, [("correct", 1.0)], seeds=list(range(6)),
                                       timeout_s=0.2)

@@ -7,6 +7,14 @@ step the record is stale, and its memory, the step's largest allocation, goes ba
 
 Each call runs on the threads ``threads.Meter`` finds free (all of torch's where no other process competes), and a
 record's replay on the same number (``self.threads``).
+
+With ``auto`` (``sampling.backend: auto``) a call of at most ``SMALL_ROWS`` rows and ``SMALL_TOKENS`` new tokens
+decodes through the model's own forward instead (on the same threads): setting up the fused weights then costs
+more than the few steps save. Measured on a 2-core AMD EPYC, quiet, in three runs of ``python
+benchmarks/backends.py --configs default short 30m``, the Hugging Face decode's time over the fused one's was
+0.86, 0.79 and 0.90 for 1 row × 4 new tokens; 1.02, 0.99 and 1.10 for 8 × 4 (a tie); and above 1 at every larger
+call, by 1.07 to 2.9 (1.3 to 1.6 at 1 row × 8 tokens, except a first run's 0.78; 1.19 to 1.35 for the
+31.6M-parameter model).
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ from .engine import FastEngine, RecordArena, fast_unsupported
 from .threads import meter, use
 from .trace import MAX_TRACE_BYTES, DecodeTrace, RolloutTrace, replay_unsupported, trace_bytes
 
+SMALL_ROWS, SMALL_TOKENS = 1, 4  # with ``auto``, calls at most this small decode through the model's forward
+
 
 class FusedSampler(EngineSampler):
-    def __init__(self, model, tokenizer, *, batch_size: int = 256, record: bool = False):
+    def __init__(self, model, tokenizer, *, batch_size: int = 256, record: bool = False, auto: bool = False):
         super().__init__(model, tokenizer, batch_size=batch_size)
-        self.record = record
+        self.record, self.auto = record, auto
         self.trace: RolloutTrace | None = None  # the last sample call's record (with ``record``)
         self.untraced_why: str | None = None  # why the last sample call kept no record
         self.arena = RecordArena()  # the records' memory, reused across calls (engine.RecordArena)
@@ -49,11 +59,23 @@ class FusedSampler(EngineSampler):
 
         return ReplayForward(model, self) if self.record else None
 
+    def small(self, rows: int, new_tokens: int) -> bool:
+        """Whether ``auto`` decodes a call of ``rows`` rows and ``new_tokens`` new tokens through the model's
+        forward."""
+        return self.auto and rows <= SMALL_ROWS and new_tokens <= SMALL_TOKENS
+
+    def _engine_for(self, prompt_ids, group_size: int, params):
+        return HFEngine if self.small(len(prompt_ids) * group_size, params.max_new_tokens) else None
+
     def sample(self, prompt_ids, group_size: int, params, *, seeds=None):
         self.trace = None  # released before this decode, so the arena can reuse its memory
-        if not (self.record and self._traceable(prompt_ids, group_size, params)):
+        engine = self._engine_for(prompt_ids, group_size, params)
+        if engine is not None or not (self.record and self._traceable(prompt_ids, group_size, params)):
+            if engine is not None and self.record:
+                self.untraced_why = (f"a call of at most {SMALL_ROWS} rows and {SMALL_TOKENS} new tokens, which the "
+                                     "model's forward decodes faster (sampling.backend: auto)")
             with self._threads():
-                return self.decode(prompt_ids, group_size, params, seeds)[0]
+                return self.decode(prompt_ids, group_size, params, seeds, engine=engine)[0]
         self.arena.start()
         traces = []
 
@@ -70,11 +92,15 @@ class FusedSampler(EngineSampler):
 
     def sample_with_entropy(self, prompt_ids, group_size: int, params, *, seeds=None):
         with self._threads():
-            return super().sample_with_entropy(prompt_ids, group_size, params, seeds=seeds)
+            rollouts, H_NL, _ = self.decode(prompt_ids, group_size, params, seeds, entropy=True,
+                                            engine=self._engine_for(prompt_ids, group_size, params))
+        return rollouts, H_NL[:, 1:]
 
     def lockstep(self, other, prompt_ids, group_size: int, params, *, seeds, rule):
         with self._threads():
-            return super().lockstep(other, prompt_ids, group_size, params, seeds=seeds, rule=rule)
+            rollouts, _, subs_N = self.decode(prompt_ids, group_size, params, seeds, other=other, rule=rule,
+                                              engine=self._engine_for(prompt_ids, group_size, params))
+        return rollouts, subs_N
 
     def _traceable(self, prompt_ids: list[list[int]], group_size: int, params) -> bool:
         """Whether this call's decode can be recorded for the update; if not, why goes to ``untraced_why``."""

@@ -4,13 +4,14 @@ The fused decoder and the replayed update run thousands of short OpenMP regions 
 BLAS product of every layer and step is one). A region ends when its slowest thread does, so when another process
 holds one of the cores, every region waits for a descheduled thread to get a slice of it: measured on a 2-core
 AMD EPYC with one busy process beside it (``benchmarks/grpo_step.py --contend 1``), the default GRPO step took
-5.3 s on 2 threads and 2.8 s on 1 (2.1 s on 2 threads with the cores free).
+5.6 s on torch's 2 threads and 2.5 s with this module's choice (1 thread), against 1.4–1.6 s with the cores free
+(README, "On a machine whose cores are busy").
 
 So each fused call runs on as many of torch's intra-op threads as there are cores that other processes left free
 since the previous call: ``Meter.threads`` reads the busy time of this process's CPUs from ``/proc/stat``, takes
 away this process's own CPU time (its ended children's included), and counts a core as taken for every whole
-core's worth that remains, rounded (steal time included: a VM's host taking the core counts too). With the cores free the count is torch's, so nothing
-changes; under load results may differ from an unloaded run's in float rounding (BLAS sums in another order on
+core's worth that remains, rounded (steal time included: a VM's host taking the core counts too). With the cores
+free the count is torch's, so nothing changes; under load results may differ from an unloaded run's in float rounding (BLAS sums in another order on
 fewer threads), as they may between machines. ``FORKRL_ADAPTIVE_THREADS=0`` keeps torch's count always. Where
 ``/proc/stat`` cannot be read (not Linux), torch's count is kept.
 """

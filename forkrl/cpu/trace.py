@@ -1,6 +1,6 @@
-"""The update's forward, taken from the decode (``forward.ReplayForward`` uses it): ``DecodeTrace`` holds what the fused decoder computed while it
-sampled (``engine.record_widths``: per layer the norms' normalized inputs, q′|k′|v, the attention output and
-gate|up, time-major), and ``RolloutTrace.completion_logprobs`` gives the policy's differentiable log-probs of the
+"""The update's forward, taken from the decode (``forward.ReplayForward`` uses it): ``DecodeTrace`` holds what the
+fused decoder computed while it sampled (``engine.record_widths``: per layer the norms' normalized inputs,
+q′|k′|v, the attention output and gate|up, time-major), and ``RolloutTrace.completion_logprobs`` gives the policy's differentiable log-probs of the
 sampled rows from it without running the model's forward again (``replay.py``).
 
 Why: with μ = 1 (one optimizer step per batch) the update differentiates the very function the sampler just
@@ -13,8 +13,8 @@ full fine-tuning and LoRA).
 
 Where it does not apply the update runs the model's forward: another backend (bf16, GPU, an architecture
 ``FastEngine`` does not run), dropout active, μ > 1 after the first iteration (the optimizer step released the
-record), or a trace larger than ``MAX_TRACE_BYTES``. A trace refuses to replay once any trainable parameter has changed since the
-decode (a fingerprint of their values), instead of giving a gradient at stale weights.
+record), or a trace larger than ``MAX_TRACE_BYTES``. A trace refuses to replay once any trainable parameter has
+changed since the decode (a fingerprint of their values), instead of giving a gradient at stale weights.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ nothing). Two further capabilities are named here, for the backends that have th
 * ``EntropySampler.sample_with_entropy``: the sampled model's entropy at each completion position, read off the
   decode's own logits (the fork stage's gate; without it the fork stage teacher-forces the base once more);
 * ``LockstepSampler.lockstep``: decode a second model fed the same tokens, with a rule that may substitute the
-  drawn token (``forkrl diff``'s causal test).
+  drawn token (``forkrl diff``'s causal test);
+* ``policy_forward(model)``: the backend's own policy forward for an update that trains on its rollouts, or None
+  (``forward.make_forward`` then takes the model's forward); the fused CPU backend's replays its decode.
 
 ``make_sampler(cfg.sampling, model, tokenizer, device)`` is the only place a backend is chosen
 (``sampling.backend``; the registry ``SAMPLERS`` at the bottom). Every row is drawn from its own seeded stream
@@ -121,21 +123,23 @@ def _hf(cfg, model, tokenizer, device, record):
     return HFSampler(model, tokenizer, batch_size=cfg.batch_size)
 
 
-def _fused(cfg, model, tokenizer, device, record):
+def _fused(cfg, model, tokenizer, device, record, *, auto: bool = False):
     from ..cpu import FusedSampler, fused_unsupported
 
     why = fused_unsupported(model)
     if why is not None:
         raise SamplerError(f"'fused' (forkrl's CPU decoder) cannot run this model: {why}; use 'auto' or 'hf'")
-    return FusedSampler(model, tokenizer, batch_size=cfg.batch_size, record=record and cfg.replay)
+    return FusedSampler(model, tokenizer, batch_size=cfg.batch_size, record=record and cfg.replay, auto=auto)
 
 
 def _auto(cfg, model, tokenizer, device, record):
-    """The fused CPU decoder where it runs the model (float32 on a CPU, Llama/Qwen2 layers: see ``forkrl.cpu``),
-    else Hugging Face's forward."""
+    """The fused CPU decoder where it runs the model (float32 on a CPU, Llama/Qwen2 layers: see ``forkrl.cpu``) and
+    is the faster one (every call but the smallest: ``cpu.sampler``), else Hugging Face's forward."""
     from ..cpu import fused_unsupported
 
-    return (_fused if fused_unsupported(model) is None else _hf)(cfg, model, tokenizer, device, record)
+    if fused_unsupported(model) is None:
+        return _fused(cfg, model, tokenizer, device, record, auto=True)
+    return _hf(cfg, model, tokenizer, device, record)
 
 
 SAMPLERS = {

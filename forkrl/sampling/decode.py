@@ -218,7 +218,7 @@ class EngineSampler:
     def decode(self, prompt_ids, group_size: int, params: SamplingParams, seeds, *, other=None, rule=None,
                entropy: bool = False, engine=None, after_chunk=None):
         """(rollouts, H_NL or None, subs_N): every row of ``prompt_ids`` × ``group_size`` through ``decode_chunk``.
-        ``engine(model)``: the engine of this call's sampled model (default ``self.engine``); ``after_chunk(engine,
+        ``engine(model)``: the engine of each of this call's models (default ``self.engine``); ``after_chunk(engine,
         prompts, chunk)``: called after each chunk's decode (a recording backend keeps the record there)."""
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(group_size)]
         if seeds is None:
@@ -232,7 +232,7 @@ class EngineSampler:
         try:
             chunks, subs = [], []
             for s in range(0, len(rows), self.batch_size):
-                engines = [(engine or self.engine)(self.model)] + [self.engine(m) for m in models[1:]]
+                engines = [(engine or self.engine)(m) for m in models]
                 prompts = [p for p, _ in rows[s : s + self.batch_size]]
                 chunk, sub_B = decode_chunk(engines, prompts, seeds[s : s + self.batch_size], params,
                                             tokenizer=self.tokenizer, rule=rule, entropy=entropy,

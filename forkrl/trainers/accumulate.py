@@ -86,6 +86,12 @@ def accumulate(micro: list[Part], loss: StepLoss, totals: Totals, *, plan: Plan 
     return sums
 
 
+def completion_counts(batch, rows_N: torch.Tensor) -> Totals:
+    """(completion tokens, rows) of the rows ``rows_N`` of ``batch``: the two counts of SFT's and GRPO's reductions."""
+    mask_NT = batch.completion_mask_NL[rows_N, 1:]
+    return int(mask_NT.sum()), int(mask_NT.shape[0])
+
+
 def global_totals(mask_NT: torch.Tensor, dist) -> Totals:
     """(tokens, sequences) of the whole optimizer step across every rank: the fixed denominator."""
     local = torch.tensor([float(mask_NT.sum()), float(mask_NT.shape[0])], dtype=torch.float64)

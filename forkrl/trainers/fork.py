@@ -105,7 +105,8 @@ class ForkStepLoss:
 
     def __init__(self, model, base, rollouts: Rollouts, adv_N, gate_NT, *, kl_coef: float,
                  neg_floor: float | None, ref_logits_NTV: torch.Tensor | None):
-        self.policy, self.base, self.rollouts, self.adv_N, self.gate_NT = ModelForward(model), base, rollouts, adv_N, gate_NT
+        self.policy, self.base, self.rollouts = ModelForward(model), base, rollouts
+        self.adv_N, self.gate_NT = adv_N, gate_NT
         self.kl_coef, self.neg_floor, self.ref_logits_NTV = kl_coef, neg_floor, ref_logits_NTV
 
     def counts(self, rows_N):

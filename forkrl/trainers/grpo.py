@@ -31,7 +31,7 @@ from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
 from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
 from ..types import Rollouts
-from .accumulate import EXACT, Plan, accumulate, global_totals, micro_slices, parts
+from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
 from .loop import StageLoop
 from .metrics import stage_sums
@@ -70,8 +70,7 @@ class GrpoStepLoss:
         self.temperature, self.entropy, self.t_max, self.terms = temperature, entropy, t_max, terms
 
     def counts(self, rows_N):
-        mask_NT = self.batch.completion_mask_NL[rows_N, 1:]
-        return int(mask_NT.sum()), int(mask_NT.shape[0])
+        return completion_counts(self.batch, rows_N)
 
     def __call__(self, rows_N, totals):
         logp, H, mask = self.policy.logprobs(self.batch, rows_N, temperature=self.temperature, entropy=self.entropy)
@@ -82,9 +81,9 @@ class GrpoStepLoss:
                         ref_logp_NT=ref, entropy_NT=H, t_max=self.t_max, **self.terms)
         m = mask.double()
         sampler_logp = self.batch.sampler_logp_NL[rows_N][:, 1 : width + 1].to(logp.device)
-        stats = {key: (val.detach().double() * m).sum().cpu()
-                 for key, val in (("entropy", H), ("kl", out.kl_NT), ("clip_low", out.clip_low_NT),
-                                  ("clip_high", out.clip_high_NT), ("logp_mismatch", (logp.detach() - sampler_logp).abs()))}
+        per_token = (("entropy", H), ("kl", out.kl_NT), ("clip_low", out.clip_low_NT), ("clip_high", out.clip_high_NT),
+                     ("logp_mismatch", (logp.detach() - sampler_logp).abs()))
+        stats = {key: (val.detach().double() * m).sum().cpu() for key, val in per_token}
         return out.loss, stats
 
 
@@ -144,7 +143,9 @@ def train_grpo(ctx) -> dict:
         metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds)
         loop.end_step(step, metrics)
     keys = ("tokens_sampled", "tokens_trained")
-    sums = stage_sums(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, keys) if dist.is_main else dict.fromkeys(keys, 0)
+    sums = dict.fromkeys(keys, 0)
+    if dist.is_main:
+        sums = stage_sums(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, keys)
     return {**loop.finish(), **sums}
 
 

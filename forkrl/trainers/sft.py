@@ -15,7 +15,7 @@ from ..algos.reductions import reduce_loss
 from ..forward import ModelForward
 from ..tasks.base import TaskError
 from ..types import Role, Rollouts
-from .accumulate import EXACT, Plan, accumulate, global_totals, micro_slices, parts
+from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
 from .loop import StageLoop
 
@@ -50,8 +50,7 @@ class SftLoss:
         self.forward, self.batch, self.reduction, self.t_max = forward, batch, reduction, t_max
 
     def counts(self, rows_N):
-        mask_NT = self.batch.completion_mask_NL[rows_N, 1:]
-        return int(mask_NT.sum()), int(mask_NT.shape[0])
+        return completion_counts(self.batch, rows_N)
 
     def __call__(self, rows_N, totals):
         logp_NT, _, mask_NT = self.forward.logprobs(self.batch, rows_N)
