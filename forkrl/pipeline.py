@@ -136,15 +136,15 @@ def save_final(ctx: StageContext) -> Path:
     return final
 
 
-def _saved_config(path: Path) -> RunCfg | None:
-    """The config a run directory was started with, as this version reads it (older key names migrated), or
-    None where it no longer parses."""
+def _saved_config(path: Path) -> RunCfg:
+    """The config a run directory was started with, as this version reads it (older key names migrated)."""
     import yaml
 
     try:
         return parse_config(yaml.safe_load(path.read_text()), source=str(path))
-    except (ConfigError, yaml.YAMLError):
-        return None
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}, the config this run was started with, no longer reads ({e}); "
+                          "start a new run with another --out") from None
 
 
 def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[str, Path]]:

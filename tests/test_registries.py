@@ -122,3 +122,22 @@ def test_each_task_type_is_its_registry_key():
         assert typing.get_args(cls.model_fields["type"].annotation) == (name,)
     with pytest.raises(ConfigError, match="'arithmetic', 'reasoning_gym', 'jsonl'"):
         parse_config(tiny_cfg_dict(task={"type": "nope"}))
+
+
+def test_a_run_directory_written_with_old_key_names_resumes(tmp_path):
+    """``--resume`` compares the run's saved config as this version reads it, so an older run's config.yaml (old
+    key names) matches the same config given today; one that no longer reads is a clear error."""
+    import yaml
+
+    from forkrl.pipeline import _saved_config
+
+    today = parse_config(tiny_cfg_dict(**{"sampling.backend": "hf", "grpo.filter": "zero_variance_groups"}))
+    old = today.model_dump(mode="json")
+    old["sampling"]["engine"] = old["sampling"].pop("backend")
+    old["grpo"]["filter_zero_variance"] = old["grpo"].pop("filter") == "zero_variance_groups"
+    old["grpo"]["reuse_decode"] = old["sampling"].pop("replay")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert _saved_config(tmp_path / "config.yaml") == today
+    (tmp_path / "config.yaml").write_bytes(b"stages: [\xe9")
+    with pytest.raises(ConfigError, match="no longer reads"):
+        _saved_config(tmp_path / "config.yaml")
