@@ -10,10 +10,13 @@ never picked up on resume.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +24,98 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint is damaged or missing; the message names the file."""
+
+
+class DiskFullError(CheckpointError):
+    """A write failed because the disk (or a quota) is full. ``what`` failed, at ``path``; it needed about ``need``
+    bytes and ``free`` were left. Nothing half-written is left behind, and the earlier checkpoints are intact."""
+
+    def __init__(self, message: str, *, what: str, path: Path, need: int, free: int):
+        super().__init__(message)
+        self.what, self.path, self.need, self.free = what, path, need, free
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _disk_full(e: Exception, path: Path, need: int) -> bool:
+    """Whether ``e``, raised while writing about ``need`` bytes to ``path``, is the disk being full. torch.save
+    reports it as a RuntimeError ("unexpected pos", "failed writing") and safetensors as its own error, neither with
+    an errno: then the free space decides."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return _free_bytes(path) < max(need, 1 << 20)
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def guarded_write(what: str, path: Path, need: int, *, cleanup: tuple[Path, ...] = ()):
+    """A write of about ``need`` bytes of ``what`` to ``path``: any failure removes ``cleanup`` (the write's
+    temporary files); a full disk becomes one ``DiskFullError`` saying what failed and how much it needed."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised, its temporary files go
+        for p in cleanup:
+            _remove(p)
+        if not _disk_full(e, path, need):
+            raise
+        free = _free_bytes(path)
+        raise DiskFullError(f"could not write {what} {path}: the disk is full ({free:,} bytes free, this write needs "
+                            f"about {need:,}; {type(e).__name__}: {str(e)[:200]})",
+                            what=what, path=path, need=need, free=free) from None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in ``obj`` (nested dicts, lists and tuples): what saving it writes, about."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")  # .NAME.tmp-PID: what atomic writes, checkpoints and final/ write first
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Remove the temporary files and directories (``.NAME.tmp-PID``) under ``root`` that no other live process
+    owns: what a killed run left half-written (a checkpoint's, with a real model, is a full copy of the weights and
+    the optimizer state). This process's own are stale too: it calls this before writing anything. Returns what
+    it removed."""
+    removed = []
+    for path in sorted(Path(root).rglob(".*.tmp-*"), key=lambda p: len(p.parts)):
+        m = _TEMP.match(path.name)
+        pid = int(m.group(1)) if m else None
+        if pid is not None and (pid == os.getpid() or not _alive(pid)) and path.exists():
+            _remove(path)
+            removed.append(path)
+    return removed
 
 
 def _sha256(path: Path) -> str:
@@ -31,7 +126,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")) + [root]:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -40,13 +135,17 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, what: str | None = None) -> None:
+    """``text`` written under a temporary name, fsynced, then renamed over ``path``; a full disk is a
+    ``DiskFullError`` and leaves ``path`` as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    with guarded_write(what or path.name, path, len(data), cleanup=(tmp,)):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -55,10 +154,11 @@ def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | No
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with guarded_write(path.name, path, tensor_bytes(tensors), cleanup=(tmp,)):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, *, keep_last: int) -> Path:
@@ -67,18 +167,28 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, *
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    need = tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict())
     try:
         _write(tmp, step, model, optimizer, scheduler, state)
-    except OSError as e:  # disk full, quota, I/O error: the previous checkpoints are untouched
+    except Exception as e:  # noqa: BLE001 - disk full, quota, I/O error: the previous checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(e, ckpt_root, need)
+        if not full and not isinstance(e, OSError):
+            raise
         previous = latest(ckpt_root)
         kept = f"the newest intact checkpoint is {previous}" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint step {step} under {ckpt_root}: {e}; {kept}. "
-                              "Free disk space and resume with --resume") from None
+        why = (f"the disk is full ({_free_bytes(ckpt_root):,} bytes free, a checkpoint needs about {need:,}; "
+               f"{type(e).__name__}: {str(e)[:200]})" if full else str(e))
+        message = (f"could not write checkpoint step {step} under {ckpt_root}: {why}; {kept}. "
+                   "Free disk space and resume with --resume")
+        if full:
+            raise DiskFullError(message, what=f"checkpoint step {step}", path=ckpt_root, need=need,
+                                free=_free_bytes(ckpt_root)) from None
+        raise CheckpointError(message) from None
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_tree(ckpt_root)
+    fsync_tree(ckpt_root)
     _prune(ckpt_root, keep_last)
     return final
 
@@ -92,7 +202,7 @@ def _write(tmp: Path, step: int, model, optimizer, scheduler, state: dict) -> No
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
 
 
 def verify(ckpt: Path) -> None:

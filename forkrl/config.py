@@ -398,10 +398,12 @@ def parse_config(data: Any, *, source: str = "<config>", text: str | None = None
 
 
 def load_config(path: str | Path) -> RunCfg:
+    from .userfiles import MAX_CONFIG_BYTES, read_text
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    text = read_text(path, "a YAML config", ConfigError, max_bytes=MAX_CONFIG_BYTES)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

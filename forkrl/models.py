@@ -100,12 +100,25 @@ def check_source(path: str) -> None:
                              "download it where the network allows and give the local path")
 
 
+def load_error(what: str, path: str, e: Exception) -> ModelLoadError:
+    """The error for a model or tokenizer that did not load: the damaged file when one is found
+    (``userfiles.damaged_model_file``), else what the loader said."""
+    from .userfiles import damaged_model_file
+
+    local = Path(path).expanduser()
+    damaged = damaged_model_file(local) if local.is_dir() else None
+    if damaged:
+        return ModelLoadError(f"could not load {what} from {path!r}: {damaged}. Restore the file (copy the "
+                              "directory again, or save the model again with save_pretrained)")
+    return ModelLoadError(f"could not load {what} from {path!r}: {type(e).__name__}: {str(e)[:500]}")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     check_source(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the tokenizer from {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - JSON, UTF-8 and the tokenizers library's own errors alike
+        raise load_error("the tokenizer", path, e) from None
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"the tokenizer at {path!r} has no EOS token; sampling could never stop. "
                              "Set tokenizer.eos_token and save it again")
@@ -119,6 +132,6 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_co
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a causal LM from {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither OSError nor ValueError
+        raise load_error("a causal LM", path, e) from None
     return model

@@ -7,14 +7,22 @@ Run directory layout::
     RUN_DIR/<stage>/checkpoints/ atomic checkpoints (see checkpoint.py)
     RUN_DIR/<stage>/final/       the stage's model + tokenizer (save_pretrained; loadable by from_pretrained)
     RUN_DIR/<stage>/final/adapter/  the LoRA adapter, when LoRA is on (final/ holds the merged weights)
-    RUN_DIR/summary.json         per-stage wall time and held-out pass@1
+    RUN_DIR/<stage>/final/stage.json  the stage's entry of summary.json, written before final/'s DONE mark
+    RUN_DIR/summary.json         per-stage wall time and held-out pass@1 (rebuilt from the stages' stage.json)
+
+What a resume relies on is written before the mark that says it is done, or derived: a finished stage is one
+whose final/DONE exists, and its summary entry is inside it; a run killed anywhere leaves at worst temporary
+files (``.NAME.tmp-PID``), which the next start removes when no live process owns them. A run directory that
+holds only its config.yaml (an earlier start stopped at an error before any work) may be started again as new.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,23 +56,72 @@ class StageContext:
     dist: Dist
     plan: Plan
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return encode_prompt(self.cfg, self.tokenizer, self.task, self.model, prompt)
+    def encode_prompt(self, prompt: str, *, where: str = "a prompt") -> list[int]:
+        return encode_prompt(self.cfg, self.tokenizer, self.task, self.model, prompt, where=where)
 
 
-def encode_prompt(cfg: RunCfg, tokenizer, task, model, prompt: str) -> list[int]:
+MAX_CHARS_PER_TOKEN = 128  # no tokenizer forkrl knows of has longer tokens: a prompt longer than this many
+# characters per context position cannot fit, and only that much of it is ever tokenized
+
+
+def context_of(model) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), from a model or its config; None if unset."""
+    config = getattr(model, "config", model)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def encode_prompt(cfg: RunCfg, tokenizer, task, model, prompt: str, *, where: str = "a prompt") -> list[int]:
     """A problem's prompt ids exactly as every stage and diagnostic sees them (format style, template,
-    system prompt); a prompt that cannot fit with ``sampling.max_new_tokens`` is a user error."""
+    system prompt); a prompt that cannot fit with ``sampling.max_new_tokens`` is a user error naming ``where``.
+    ``model``: the model or its config (for its context). A prompt far longer than the context is refused from a
+    prefix, without tokenizing all of it."""
     fmt = cfg.task.format
     text = format_prompt(prompt, tokenizer, style=fmt.style, template=fmt.template,
                          system_prompt=fmt.system_prompt or getattr(task, "system_prompt", None))
-    ids = tokenizer(text, add_special_tokens=fmt.style == "plain").input_ids
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_of(model)
+    cap = (limit + 1) * MAX_CHARS_PER_TOKEN if limit else None
+    plain = fmt.style == "plain"
+    ids = tokenizer(text[:cap] if cap and len(text) > cap else text, add_special_tokens=plain).input_ids
+    if cap and len(text) > cap and len(ids) + cfg.sampling.max_new_tokens <= limit:
+        ids = tokenizer(text, add_special_tokens=plain).input_ids  # a tokenizer with very long tokens
     if limit and len(ids) + cfg.sampling.max_new_tokens > limit:
-        raise ConfigError(f"a prompt of {len(ids)} tokens plus sampling.max_new_tokens="
-                          f"{cfg.sampling.max_new_tokens} exceeds the model's context of {limit}; "
-                          "lower sampling.max_new_tokens or shorten the prompts")
+        size = f"at least {len(ids):,}" if cap and len(text) > cap else f"{len(ids):,}"
+        raise ConfigError(f"{where}: {size} tokens, plus sampling.max_new_tokens={cfg.sampling.max_new_tokens}, "
+                          f"exceeds the model's context of {limit}; lower sampling.max_new_tokens or shorten the "
+                          "prompts")
     return ids
+
+
+def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
+    """Every prompt of the task (and every SFT demonstration, for an ``sft`` stage) fits the model's context: an
+    error naming the first that does not, before anything is written into the run directory."""
+    from transformers import AutoConfig
+
+    from .tasks.base import describe
+
+    tokenizer = models.load_tokenizer(str(_tokenizer_path(cfg, model_dir)), trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a damaged config.json
+        raise models.load_error("the model's config", str(model_dir), e) from None
+    limit = context_of(config)
+    for split in ("train", "heldout"):
+        for problem in task.problems(split):
+            encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
+    if "sft" in cfg.stages and limit:
+        for problem, completion in task.demonstrations("train"):
+            ids = encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
+            n = len(ids) + len(tokenizer(completion[: (limit + 1) * MAX_CHARS_PER_TOKEN],
+                                         add_special_tokens=False).input_ids) + 1
+            if n > limit:
+                raise ConfigError(f"{describe(problem)}: its demonstration, with its prompt and EOS, is {n:,} tokens "
+                                  f"or more, over the model's context of {limit}; shorten it or leave it out")
+
+
+def _tokenizer_path(cfg: RunCfg, init_path: Path) -> Path:
+    """Where the tokenizer of a stage starting from ``init_path`` is: ``model.tokenizer`` for the configured base
+    model, else the model directory itself."""
+    return Path(cfg.model.tokenizer) if (cfg.model.tokenizer and init_path == Path(cfg.model.path or "")) else init_path
 
 
 def device_and_dtype(cfg: RunCfg) -> tuple[torch.device, torch.dtype]:
@@ -98,8 +155,7 @@ def load_stage_model(cfg: RunCfg, init_path: Path, resume_from: Path | None, sta
     (``cfg.lora_for(stage)``) enables one, then the checkpoint's weights when resuming."""
     device, dtype = device_and_dtype(cfg)
     trc = cfg.model.trust_remote_code
-    tok_path = cfg.model.tokenizer if (cfg.model.tokenizer and init_path == Path(cfg.model.path or "")) else init_path
-    tokenizer = models.load_tokenizer(str(tok_path), trust_remote_code=trc)
+    tokenizer = models.load_tokenizer(str(_tokenizer_path(cfg, init_path)), trust_remote_code=trc)
     lora = cfg.lora_for(stage)
     if resume_from is not None and not lora.enabled:
         model = models.load_model(str(resume_from / "model"), dtype=dtype, trust_remote_code=trc)
@@ -116,20 +172,45 @@ def load_stage_model(cfg: RunCfg, init_path: Path, resume_from: Path | None, sta
     return model.to(device), tokenizer, device
 
 
-def save_final(ctx: StageContext) -> Path:
-    """Write the stage's model (merged when LoRA) + tokenizer to ``final/`` atomically, with a DONE mark.
-    Rank 0 writes; every rank waits until it is there, since the next stage starts from it."""
+STAGE_RECORD = "stage.json"  # in final/: the stage's summary entry, so a resume never loses it
+
+
+def _read_summary(path: Path) -> dict:
+    """summary.json as far as it is kept: its finished stages' entries are rebuilt from their final/stage.json, so
+    a damaged or missing file starts empty."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"stages": {}}
+    return summary if isinstance(summary, dict) and isinstance(summary.get("stages"), dict) else {"stages": {}}
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether a run directory holds work to keep: a summary, a metrics line, a checkpoint or a finished stage."""
+    metrics = run_dir / "metrics.jsonl"
+    return ((run_dir / "summary.json").exists() or (metrics.exists() and metrics.stat().st_size > 0)
+            or any(run_dir.glob("*/checkpoints/step-*")) or any(run_dir.glob("*/final")))
+
+
+def save_final(ctx: StageContext, result: dict) -> Path:
+    """Write the stage's model (merged when LoRA) + tokenizer and its summary entry ``result`` (``STAGE_RECORD``) to
+    ``final/`` atomically, with a DONE mark. Rank 0 writes; every rank waits until it is there, since the next stage
+    starts from it."""
     final = ctx.stage_dir / "final"
     if ctx.dist.is_main:
-        tmp = ctx.stage_dir / ".final.tmp"
+        tmp = ctx.stage_dir / f".final.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         model = ctx.model
-        if ctx.cfg.lora_for(ctx.name).enabled:
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(tmp)
-        (tmp / "DONE").write_text("ok\n")
+        with checkpoint.guarded_write(f"{ctx.stage_dir.name}'s final model", final,
+                                      checkpoint.tensor_bytes(model.state_dict()), cleanup=(tmp,)):
+            if ctx.cfg.lora_for(ctx.name).enabled:
+                model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                model = model.merge_and_unload()
+            model.save_pretrained(tmp, safe_serialization=True)
+            ctx.tokenizer.save_pretrained(tmp)
+            (tmp / STAGE_RECORD).write_text(json.dumps(result, indent=2))
+            checkpoint.fsync_tree(tmp)
+            (tmp / "DONE").write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     ctx.dist.barrier()
@@ -145,6 +226,20 @@ def _saved_config(path: Path) -> RunCfg:
     except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}, the config this run was started with, no longer reads ({e}); "
                           "start a new run with another --out") from None
+
+
+@contextmanager
+def _on_full_disk(stage_dir: Path):
+    """A ``DiskFullError`` inside a stage, completed with the stage's newest intact checkpoint and how to go on."""
+    try:
+        yield
+    except checkpoint.DiskFullError as e:
+        if "newest intact checkpoint" in str(e):
+            raise
+        newest = checkpoint.latest(stage_dir / "checkpoints")
+        kept = f"the newest intact checkpoint is {newest}" if newest else f"{stage_dir.name} has no checkpoint yet"
+        raise checkpoint.DiskFullError(f"{e}; {kept}. Free disk space and resume with --resume", what=e.what,
+                                       path=e.path, need=e.need, free=e.free) from None
 
 
 def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[str, Path]]:
@@ -163,9 +258,10 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     run_dir = Path(run_dir)
     dist = setup()
     saved = run_dir / "config.yaml"
-    if saved.exists() and not resume:
+    started = saved.exists() and _started(run_dir)  # a config alone: an earlier start stopped before any work
+    if started and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if saved.exists() and _saved_config(saved) != cfg:
+    if started and _saved_config(saved) != cfg:
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
     task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
     if init_path is None and dist.is_main:
@@ -173,27 +269,34 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     dist.barrier()
     init = init_path or base_model_path(cfg, task)  # ... and every rank then finds it in the cache
     models.check_source(str(init))
+    check_inputs(cfg, task, Path(init))  # prompts and demonstrations that do not fit, before anything is written
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temps(run_dir)  # what a killed run left half-written
         checkpoint.atomic_write_text(saved, cfg.to_yaml())
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+    summary = _read_summary(summary_path)
     for name, stage_dir in stage_dirs(cfg, run_dir):
-        if (stage_dir / "final" / "DONE").exists():
-            init = stage_dir / "final"
+        final = stage_dir / "final"
+        if (final / "DONE").exists():  # finished: its summary entry is in its final/, written before DONE
+            init = final
+            if (final / STAGE_RECORD).exists():
+                summary["stages"][stage_dir.name] = json.loads((final / STAGE_RECORD).read_text())
             continue
-        resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
-        model, tokenizer, device = load_stage_model(cfg, init, resume_from, name)
-        ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from, dist,
-                           FAULTS[cfg.debug.inject])
-        t0 = time.time()
-        result = STAGES[name](ctx)
-        init = save_final(ctx)
-        summary["stages"][stage_dir.name] = {"wall_s": round(time.time() - t0, 2), **result}
-        if dist.is_main:
-            checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
+        with _on_full_disk(stage_dir):
+            resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
+            model, tokenizer, device = load_stage_model(cfg, init, resume_from, name)
+            ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from,
+                               dist, FAULTS[cfg.debug.inject])
+            t0 = time.time()
+            result = STAGES[name](ctx)
+            result = {"wall_s": round(time.time() - t0, 2), **result}
+            init = save_final(ctx, result)
+            summary["stages"][stage_dir.name] = result
+            if dist.is_main:
+                checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     summary["final_model"] = str(init)
     if dist.is_main:
         checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))

@@ -8,7 +8,6 @@ directory, which stands for its final model (``summary.json``'s ``final_model``,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,7 +25,10 @@ def resolve_model_dir(arg: str | Path) -> Path:
     if (path / "config.yaml").exists():  # a run directory
         summary = path / "summary.json"
         if summary.exists():
-            final = json.loads(summary.read_text()).get("final_model")
+            from ..userfiles import read_json
+
+            data = read_json(summary, "a run's summary", ConfigError)
+            final = data.get("final_model") if isinstance(data, dict) else None
             if final and (Path(final) / "config.json").exists():
                 return Path(final)
         cfg = load_config(path / "config.yaml")
@@ -85,4 +87,6 @@ def encode_prompts(cfg: RunCfg, tokenizer, task, model, problems) -> list[list[i
     """Prompt ids of ``problems`` exactly as training encodes them (see ``pipeline.encode_prompt``)."""
     from ..pipeline import encode_prompt
 
-    return [encode_prompt(cfg, tokenizer, task, model, p.prompt) for p in problems]
+    from ..tasks.base import describe
+
+    return [encode_prompt(cfg, tokenizer, task, model, p.prompt, where=describe(p)) for p in problems]

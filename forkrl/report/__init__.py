@@ -12,7 +12,6 @@ Python API: ``build_report(run_dir) -> str`` and ``write_report(run_dir, out=Non
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..config import ConfigError
@@ -56,9 +55,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     text = build_report(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(out, text, what="the report")
     return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
+from ..userfiles import read_text
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,10 @@ class RunData:
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; ConfigError with the line and column when it does not parse."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "a run's JSON file", ConfigError))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
                           "re-run the command that wrote it") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top, found {type(data).__name__}")
     return data
@@ -58,10 +57,7 @@ def read_json(path: Path) -> dict:
 def read_metrics(path: Path) -> tuple[list[dict], bool]:
     """(one dict per line, whether a torn last line was skipped). A broken line before the last one is an
     error naming its line: it means the file was edited or corrupted, not that a run was killed."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    lines = read_text(path, "a run's metrics file", ConfigError).splitlines()
     filled = [i for i, line in enumerate(lines) if line.strip()]
     rows, torn = [], False
     for i in filled:
@@ -100,10 +96,7 @@ def config_files(run_dir: Path) -> list[tuple[str, str]]:
     paths = [top] if top.is_file() else sorted(run_dir.glob("*/config.yaml"))
     out = []
     for path in paths:
-        try:
-            out.append((str(path.relative_to(run_dir)), path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read ({e})") from None
+        out.append((str(path.relative_to(run_dir)), read_text(path, "a run's config", ConfigError)))
     return out
 
 

@@ -42,6 +42,13 @@ class Task(Protocol):
         ...
 
 
+def describe(problem: Problem) -> str:
+    """Where a problem comes from, for a message: ``file:line`` for a problem read from a file, else its id."""
+    if "path" in problem.meta and "line" in problem.meta:
+        return f"{problem.meta['path']}:{problem.meta['line']}"
+    return f"problem {problem.id!r}"
+
+
 class TaskConfig(BaseModel):
     """A task's section of the run config (``task``): ``type`` is the task's name in ``tasks.TASKS``, the other keys
     are the task's own; ``build`` makes the task. Unknown keys are refused and the section is never mutated, as

@@ -17,8 +17,11 @@ import math
 import re
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import Field
+
+from .. import userfiles
 from ..names import named
 from .base import Problem, Split, TaskConfig, TaskError
 from .formatting import FormatCfg
@@ -98,34 +101,45 @@ def _field(row: dict, key: str, option: str, path: Path, line: int) -> Any:
     return row[key]
 
 
-def _text(value: Any, key: str, path: Path, line: int, *, numbers_ok: bool) -> str:
-    if isinstance(value, str):
-        return value
+def _text(value: Any, key: str, path: Path, line: int, *, numbers_ok: bool, max_bytes: int) -> str:
     if numbers_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    kind = "a string or a number" if numbers_ok else "a string"
-    raise TaskError(f"{_where(path, line)}: field {key!r} must be {kind}, got {type(value).__name__}: {value!r}")
+    if not isinstance(value, str):
+        kind = "a string or a number" if numbers_ok else "a string"
+        shown = repr(value) if len(repr(value)) < 200 else repr(value)[:200] + "..."
+        raise TaskError(f"{_where(path, line)}: field {key!r} must be {kind}, got {type(value).__name__}: {shown}")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise TaskError(f"{_where(path, line)}: field {key!r} is {size:,} bytes, more than task.max_field_bytes "
+                        f"({max_bytes:,}); shorten it, or raise task.max_field_bytes if it is meant to be that long")
+    return value
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(1-based line number, object) for every non-blank line."""
+def _read_rows(path: Path, max_field_bytes: int) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line. Lines are read in pieces of at most a few fields'
+    bound, so a huge line is refused before it is read whole, let alone parsed."""
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise TaskError(f"task data file {path} {what}. Check the path "
                         f"(relative paths are from the working directory).")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{_where(path, line_no)}: invalid JSON ({e.msg} at column {e.colno}). "
-                                f"Each line must be one complete JSON object.") from e
-            if not isinstance(row, dict):
-                raise TaskError(f"{_where(path, line_no)}: expected a JSON object ({{...}}), got {type(row).__name__}.")
-            rows.append((line_no, row))
+    # a line holds a few fields, and JSON's escapes can make a field's text up to 6x its bytes
+    max_line = 8 * max_field_bytes + (64 << 10)
+    advice = f"lines are bounded by task.max_field_bytes ({max_field_bytes:,} a field): is it the right file?"
+    for line_no, line in userfiles.lines(path, "a JSONL task file", TaskError, max_line_bytes=max_line,
+                                         advice=advice):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{_where(path, line_no)}: invalid JSON ({e.msg} at column {e.colno}). "
+                            f"Each line must be one complete JSON object.") from None
+        except RecursionError:
+            raise TaskError(f"{_where(path, line_no)}: JSON nested too deeply to read.") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"{_where(path, line_no)}: expected a JSON object ({{...}}), got {type(row).__name__}.")
+        rows.append((line_no, row))
     if not rows:
         raise TaskError(f"task data file {path} is empty (no JSON lines). Put one JSON object per line in it.")
     return rows
@@ -145,6 +159,7 @@ class JsonlTask:
         id_field: str | None = None,
         verifier: Verifier = "exact",
         answer_pattern: str | None = None,
+        max_field_bytes: int = 1 << 20,
     ) -> None:
         if verifier not in VERIFIERS:
             raise TaskError(f"task.verifier={verifier!r} is not a verifier; valid: {', '.join(VERIFIERS)}.")
@@ -154,7 +169,8 @@ class JsonlTask:
         self.completion_field, self.id_field = completion_field, id_field
         self.paths = {"train": Path(train_path), "heldout": Path(heldout_path)}
         self.name = f"jsonl:{self.paths['train'].stem}"
-        self._rows = {split: _read_rows(p) for split, p in self.paths.items()}
+        self.max_field_bytes = max_field_bytes
+        self._rows = {split: _read_rows(p, max_field_bytes) for split, p in self.paths.items()}
         self._problems = {split: self._build(split) for split in self.paths}
         self._check_overlap()
 
@@ -162,9 +178,9 @@ class JsonlTask:
         path, problems, ids = self.paths[split], [], {}
         for line, row in self._rows[split]:
             prompt = _text(_field(row, self.prompt_field, "task.prompt_field", path, line),
-                           self.prompt_field, path, line, numbers_ok=False)
+                           self.prompt_field, path, line, numbers_ok=False, max_bytes=self.max_field_bytes)
             answer = _text(_field(row, self.answer_field, "task.answer_field", path, line),
-                           self.answer_field, path, line, numbers_ok=True)
+                           self.answer_field, path, line, numbers_ok=True, max_bytes=self.max_field_bytes)
             pid = f"{split}-{line}"
             if self.id_field is not None:
                 pid = str(_field(row, self.id_field, "task.id_field", path, line))
@@ -214,7 +230,8 @@ class JsonlTask:
         out = []
         for problem, (line, row) in zip(self._problems[split], self._rows[split]):
             value = _field(row, self.completion_field, "task.completion_field", path, line)
-            out.append((problem, _text(value, self.completion_field, path, line, numbers_ok=False)))
+            out.append((problem, _text(value, self.completion_field, path, line, numbers_ok=False,
+                                       max_bytes=self.max_field_bytes)))
         return out
 
 
@@ -251,9 +268,11 @@ class JsonlCfg(TaskConfig):
     id_field: str | None = None
     verifier: named(VERIFIERS, "verifier") = "exact"
     answer_pattern: str | None = None
+    max_field_bytes: Annotated[int, Field(ge=1)] = 1 << 20  # a longer prompt, answer or completion is refused
     format: FormatCfg = FormatCfg()
 
     def build(self) -> JsonlTask:
         return JsonlTask(self.train_path, self.heldout_path, prompt_field=self.prompt_field,
                          answer_field=self.answer_field, completion_field=self.completion_field,
-                         id_field=self.id_field, verifier=self.verifier, answer_pattern=self.answer_pattern)
+                         id_field=self.id_field, verifier=self.verifier, answer_pattern=self.answer_pattern,
+                         max_field_bytes=self.max_field_bytes)

@@ -28,6 +28,7 @@ from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
 from ..forward import ModelForward
 from ..sampling import EntropySampler, SamplingParams, completion_texts, make_sampler, row_seeds
+from ..tasks.base import describe
 from ..types import Rollouts
 from .accumulate import micro_slices
 from .data import batch_indices
@@ -132,7 +133,7 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
     problems = list(ctx.task.problems("train"))
     check_rewards(ctx.task, [r.name for r in cfg.rewards])
     pick = batch_indices(len(problems), min(cfg.candidates, len(problems)), 0, ctx.cfg.seed)
-    prompt_ids = [ctx.encode_prompt(problems[i].prompt) for i in pick]
+    prompt_ids = [ctx.encode_prompt(problems[i].prompt, where=describe(problems[i])) for i in pick]
     seeds = row_seeds(f"fork:{ctx.cfg.seed}", pick, cfg.samples_per_problem)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_new_tokens=ctx.cfg.sampling.max_new_tokens)

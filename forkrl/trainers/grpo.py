@@ -30,6 +30,7 @@ from ..forward import ModelForward, make_forward
 from ..models import load_model
 from ..rewards import check_rewards, score_rollouts
 from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
+from ..tasks.base import describe
 from ..types import Rollouts
 from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
@@ -138,7 +139,9 @@ def train_grpo(ctx) -> dict:
     for step in loop.steps():
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
-        prompt_ids = [prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt)) for i in pick]
+        prompt_ids = [prompt_cache[i] if i in prompt_cache else
+                      prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt, where=describe(problems[i])))
+                      for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
         metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds)
         loop.end_step(step, metrics)

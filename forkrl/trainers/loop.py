@@ -18,6 +18,7 @@ import math
 from .. import checkpoint
 from ..evaluation import EvalResult, evaluate
 from ..sampling import make_sampler, sampling_params
+from ..tasks.base import describe
 from .metrics import MetricsLog, truncate_metrics
 from .optim import clip_and_step, make_optimizer
 
@@ -112,7 +113,7 @@ class StageLoop:
     def heldout_eval(self) -> EvalResult:
         ctx = self.ctx
         problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
-        ids = [ctx.encode_prompt(p.prompt) for p in problems]
+        ids = [ctx.encode_prompt(p.prompt, where=describe(p)) for p in problems]
         result = evaluate(self.eval_sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),
                           ctx.cfg.eval.samples_per_problem, seed=ctx.cfg.seed)
         self.eval_s += result.seconds

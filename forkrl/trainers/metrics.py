@@ -30,9 +30,13 @@ class MetricsLog:
             return
         row = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")  # strict JSON: a NaN is written as null
-            f.flush()
+        line = (json.dumps(row, allow_nan=False) + "\n").encode()  # strict JSON: a NaN is written as null
+        from ..checkpoint import guarded_write
+
+        with guarded_write("the metrics line", self.path, len(line)):  # a torn last line is dropped on resume
+            with open(self.path, "ab") as f:
+                f.write(line)
+                f.flush()
         shown = {k: metrics[k] for k in self.KEYS if k in metrics and metrics[k] is not None}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
@@ -55,7 +59,7 @@ def truncate_metrics(path: Path, stage: str, keep_through: int) -> None:
     from ..checkpoint import atomic_write_text
 
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

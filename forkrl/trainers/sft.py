@@ -13,7 +13,7 @@ import torch
 
 from ..algos.reductions import reduce_loss
 from ..forward import ModelForward
-from ..tasks.base import TaskError
+from ..tasks.base import TaskError, describe
 from ..types import Role, Rollouts
 from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
@@ -39,8 +39,8 @@ def encode_demonstrations(ctx) -> list[tuple[list[int], list[int]]]:
     if not demos:
         raise TaskError(f"task {ctx.task.name!r} has no demonstrations for the sft stage")
     eos = ctx.tokenizer.eos_token_id
-    return [(ctx.encode_prompt(p.prompt), ctx.tokenizer(c, add_special_tokens=False).input_ids + [eos])
-            for p, c in demos]
+    return [(ctx.encode_prompt(p.prompt, where=describe(p)),
+             ctx.tokenizer(c, add_special_tokens=False).input_ids + [eos]) for p, c in demos]
 
 
 class SftLoss:
