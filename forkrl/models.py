@@ -61,7 +61,7 @@ def build_tiny(out_dir: Path, texts: list[str], *, arch: str, vocab_size: int, s
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # checkpoint.remove_stale_temps's pattern
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():  # another process built the same spec first; theirs is as good as ours

@@ -144,6 +144,7 @@ def base_model_path(cfg: RunCfg, task) -> Path:
     out = models.cache_dir() / f"tiny-{models.spec_hash(spec, texts)}"
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temps(out.parent)  # a build that a kill interrupted
         size = {k: spec[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                                      "intermediate_size", "max_positions")}
         models.build_tiny(out, texts, arch=spec["arch"], vocab_size=spec["vocab_size"], seed=spec["seed"], **size)
