@@ -65,13 +65,17 @@ def _remove(path: Path) -> None:
 @contextmanager
 def guarded_write(what: str, path: Path, need: int, *, cleanup: tuple[Path, ...] = ()):
     """A write of about ``need`` bytes of ``what`` to ``path``: any failure removes ``cleanup`` (the write's
-    temporary files); a full disk becomes one ``DiskFullError`` saying what failed and how much it needed."""
+    temporary files); a full disk becomes one ``DiskFullError`` saying what failed and how much it needed, another
+    I/O error (a read-only or vanished directory, permissions) one ``CheckpointError`` naming the file."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - whatever the writer raised, its temporary files go
         for p in cleanup:
             _remove(p)
         if not _disk_full(e, path, need):
+            if isinstance(e, OSError):
+                raise CheckpointError(f"could not write {what} {path}: {e.strerror or e}; check that the "
+                                      "directory exists and is writable") from None
             raise
         free = _free_bytes(path)
         raise DiskFullError(f"could not write {what} {path}: the disk is full ({free:,} bytes free, this write needs "
