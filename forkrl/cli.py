@@ -13,9 +13,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .models import ModelLoadError
+    from .rewards import RewardError
     from .tasks.base import TaskError
 
-    return (ConfigError, TaskError, ModelLoadError, CheckpointError)
+    return (ConfigError, TaskError, ModelLoadError, CheckpointError, RewardError)
 
 
 def _training_errors() -> tuple[type[BaseException], ...]:
@@ -29,7 +30,7 @@ def cmd_train(args) -> int:
     from .pipeline import run
 
     cfg = load_config(args.config)
-    summary = run(cfg, Path(args.out), resume=args.resume)
+    summary = run(cfg, Path(args.out), resume=args.resume, allow_changed_rewards=args.allow_changed_rewards)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     for name, s in summary["stages"].items():
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="path to the YAML config")
     p.add_argument("--out", required=True, help="run directory (created; must not hold another run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--allow-changed-rewards", action="store_true",
+                   help="resume although a reward's file changed since the run started")
     p.set_defaults(fn=cmd_train)
     c = sub.add_parser("check", help="prove this config's gradient does not depend on micro-batches or ranks")
     c.add_argument("config", help="path to the YAML config")

@@ -28,6 +28,8 @@ from .algos.reductions import REDUCTIONS
 from .check import FAULTS
 from .names import named
 from .rewards import REWARDS
+from .rewards.judge import JudgeCfg
+from .rewards.models import RewardModelCfg
 from .sampling.base import SAMPLERS
 from .tasks import TASKS
 from .tasks.jsonl import VERIFIERS
@@ -151,8 +153,29 @@ class SftCfg(Strict):
 
 
 class RewardCfg(Strict):
-    name: RewardName
+    """One reward of a stage (``rewards.api``): a built-in by ``name``, or a callable by ``fn`` (``PATH.py:NAME``,
+    the path relative to the config file; ``package.module:NAME``; or a name registered under the entry-point
+    group ``forkrl.rewards``), called with its parameters filled by name, plus ``kwargs``."""
+
+    name: RewardName | None = None
+    fn: Annotated[str, Field(min_length=1)] | None = None
+    reward_model: RewardModelCfg | None = None  # a sequence-classification model (rewards.models)
+    judge: JudgeCfg | None = None  # an LLM judge: a local causal LM or an OpenAI-compatible endpoint (rewards.judge)
+    label: Annotated[str, Field(min_length=1)] | None = None  # what its metrics are logged under (default: its name)
     weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+    mode: Literal["row", "batch", "group"] = "row"  # batch / group: one call per batch / per problem's group
+    isolation: Literal["inline", "process"] = "inline"  # process: a worker killed and respawned on a timeout
+    timeout_s: Annotated[float, Field(gt=0.0)] | None = None  # per call; default: the stage's reward_timeout_s
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("name", "fn", "reward_model", "judge") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give a reward exactly one of name (a built-in: correct, format, random), fn (your "
+                             f"own: PATH.py:NAME, package.module:NAME, or an installed entry point), reward_model "
+                             f"or judge; got {', '.join(given) or 'none'}")
+        return self
 
 
 class KlCfg(Strict):
@@ -397,6 +420,31 @@ def parse_config(data: Any, *, source: str = "<config>", text: str | None = None
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
 
 
+def _anchor_reward_files(data: Any, base: Path) -> Any:
+    """``data`` with every reward entry's relative ``fn: PATH.py:NAME`` made absolute from ``base`` (the config
+    file's directory), so the resolved config saved with a run names the file wherever it is run from."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for section in REWARD_SECTIONS:
+        part = data.get(section)
+        if not isinstance(part, dict) or not isinstance(part.get("rewards"), list):
+            continue
+        entries = []
+        for entry in part["rewards"]:
+            spec = entry.get("fn") if isinstance(entry, dict) else None
+            if isinstance(spec, str) and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+                head, _, name = spec.rpartition(":")
+                if not Path(head).expanduser().is_absolute():
+                    entry = {**entry, "fn": f"{(base / head).resolve()}:{name}"}
+            entries.append(entry)
+        data[section] = {**part, "rewards": entries}
+    return data
+
+
+REWARD_SECTIONS = ("grpo", "fork")  # the config sections whose ``rewards`` entries name reward callables
+
+
 def load_config(path: str | Path) -> RunCfg:
     from .userfiles import MAX_CONFIG_BYTES, read_text
 
@@ -408,4 +456,4 @@ def load_config(path: str | Path) -> RunCfg:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    return parse_config(data, source=str(path), text=text)
+    return parse_config(_anchor_reward_files(data, path.parent), source=str(path), text=text)

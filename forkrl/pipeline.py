@@ -3,6 +3,7 @@
 Run directory layout::
 
     RUN_DIR/config.yaml          resolved config
+    RUN_DIR/rewards.json         each stage's rewards: label, spec, the user's file and its sha256 (checked on resume)
     RUN_DIR/metrics.jsonl        one line per optimizer step, every stage
     RUN_DIR/<stage>/checkpoints/ atomic checkpoints (see checkpoint.py)
     RUN_DIR/<stage>/final/       the stage's model + tokenizer (save_pretrained; loadable by from_pretrained)
@@ -13,7 +14,7 @@ Run directory layout::
 What a resume relies on is written before the mark that says it is done, or derived: a finished stage is one
 whose final/DONE exists, and its summary entry is inside it; a run killed anywhere leaves at worst temporary
 files (``.NAME.tmp-PID``), which the next start removes when no live process owns them. A run directory that
-holds only its config.yaml (an earlier start stopped at an error before any work) may be started again as new.
+holds only its config.yaml and rewards.json (an earlier start stopped at an error before any work) may be started again as new.
 """
 
 from __future__ import annotations
@@ -243,16 +244,59 @@ def _on_full_disk(stage_dir: Path):
                                        path=e.path, need=e.need, free=e.free) from None
 
 
+REWARDS_RECORD = "rewards.json"  # in the run directory: each stage's rewards, their files and content hashes
+
+
+def load_rewards(cfg: RunCfg, task) -> list[dict]:
+    """Every stage's rewards loaded and checked against ``task`` (files imported, signatures checked), so a bad
+    reward is a config error before anything is written; returns what the run records of them (``REWARDS_RECORD``)."""
+    from .config import REWARD_SECTIONS
+    from .rewards import RewardError, load
+
+    record = []
+    for section in REWARD_SECTIONS:
+        if section not in cfg.stages:
+            continue
+        part = getattr(cfg, section)
+        try:
+            loaded = load(part.rewards, task, where=f"{section}.rewards", timeout_s=part.reward_timeout_s)
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+        record += [{"stage": section, "label": r.label, "spec": r.spec, "file": str(r.file) if r.file else None,
+                    "sha256": r.sha256} for r in loaded]
+    return record
+
+
+def _check_reward_files(run_dir: Path, record: list[dict], allow_changed: bool) -> None:
+    """A resumed run refuses a reward whose file (or given source) changed since the run started: its rewards
+    would no longer be the ones its steps so far were trained on."""
+    path = run_dir / REWARDS_RECORD
+    if allow_changed or not path.exists():
+        return
+    from .userfiles import read_json
+
+    before = {(r["stage"], r["label"]): r for r in read_json(path, "the run's record of its rewards", ConfigError)}
+    for r in record:
+        old = before.get((r["stage"], r["label"]))
+        if old is not None and old.get("sha256") != r["sha256"]:
+            what = r["file"] or r["spec"]
+            raise ConfigError(f"{r['stage']}.rewards {r['label']!r}: {what} changed since this run started "
+                              f"(sha256 {str(old.get('sha256'))[:12]} -> {str(r['sha256'])[:12]}); restore it, "
+                              "or pass --allow-changed-rewards to resume with the new code")
+
+
 def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[str, Path]]:
     names = list(cfg.stages)
     return [(s, run_dir / (s if names.count(s) == 1 else f"{i}-{s}")) for i, s in enumerate(names)]
 
 
-def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | None = None, task=None) -> dict:
+def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | None = None, task=None,
+        allow_changed_rewards: bool = False) -> dict:
     """Run every stage of ``cfg`` into ``run_dir``; returns the summary written to summary.json.
 
     ``init_path`` overrides the starting model; ``task`` (any object following the Task protocol)
-    overrides the config's task section, for tasks written in Python."""
+    overrides the config's task section, for tasks written in Python. ``allow_changed_rewards``: resume although a
+    reward's file changed since the run started."""
     from .check import FAULTS
     from .trainers import STAGES
 
@@ -265,6 +309,9 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     if started and _saved_config(saved) != cfg:
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
     task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
+    reward_record = load_rewards(cfg, task)
+    if started:
+        _check_reward_files(run_dir, reward_record, allow_changed_rewards)
     if init_path is None and dist.is_main:
         base_model_path(cfg, task)  # a tiny base is built once, by rank 0 ...
     dist.barrier()
@@ -276,6 +323,7 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temps(run_dir)  # what a killed run left half-written
         checkpoint.atomic_write_text(saved, cfg.to_yaml())
+        checkpoint.atomic_write_text(run_dir / REWARDS_RECORD, json.dumps(reward_record, indent=2))
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"
     summary = _read_summary(summary_path)

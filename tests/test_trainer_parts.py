@@ -12,7 +12,8 @@ from forkrl.algos.reductions import step_totals
 from forkrl.config import GrpoCfg, SamplingCfg
 from forkrl.forward import ModelForward
 from forkrl.models import load_model, load_tokenizer
-from forkrl.rewards import score_rollouts
+from forkrl.config import RewardCfg
+from forkrl.rewards import load as load_rewards, score_rollouts
 from forkrl.sampling import SamplingParams, make_sampler
 from forkrl.tasks.arithmetic import ArithmeticTask
 from forkrl.trainers.grpo import frozen_logprobs, policy_update
@@ -142,7 +143,8 @@ def test_unscorable_rows_are_excluded_and_counted(tiny_model_dir):
     r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 3,
                                            SamplingParams(max_new_tokens=6))
     texts = ["ab", "abc", "a"] * 4  # rows of problem 3: rewards 0, 1, 1
-    scored, failures = score_rollouts(r, texts, problems, task, [("correct", 1.0)], seeds=list(range(12)))
+    correct = load_rewards([RewardCfg(name="correct")], task, where="grpo.rewards", timeout_s=10.0)
+    scored, failures = score_rollouts(r, texts, problems, task, correct, seeds=list(range(12)))
     assert scored.valid_N.tolist() == [False] * 9 + [True] * 3
     assert failures.count == 9 and "verifier crashed" in failures.first_message
     assert torch.isnan(scored.components["correct"][:9]).all()
@@ -194,8 +196,8 @@ def test_a_hanging_or_infinite_reward_makes_its_row_unscorable(tiny_model_dir):
     r = default_sampler(model, tok).sample([tok(p.prompt).input_ids for p in problems], 2,
                                            SamplingParams(max_new_tokens=4))
     t0 = time.time()
-    scored, failures = score_rollouts(r, ["x"] * 6, problems, task, [("correct", 1.0)], seeds=list(range(6)),
-                                      timeout_s=0.2)
+    correct = load_rewards([RewardCfg(name="correct")], task, where="grpo.rewards", timeout_s=0.2)
+    scored, failures = score_rollouts(r, ["x"] * 6, problems, task, correct, seeds=list(range(6)))
     assert time.time() - t0 < 5
     assert scored.valid_N.tolist() == [False, False, False, False, True, True]
     assert failures.count == 4 and "RewardTimeout" in failures.first_message and "0.2s" in failures.first_message

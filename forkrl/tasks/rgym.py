@@ -159,6 +159,12 @@ class ReasoningGymTask:
             return 0.0
         return min(max(reward, 0.0), 1.0)
 
+    def has_answer(self, completion: str) -> bool:
+        """Whether the completion has an ``<answer>`` to score at all (the ``format`` reward)."""
+        from reasoning_gym.utils import extract_answer
+
+        return extract_answer(completion) is not None
+
     def demonstrations(self, split: Split) -> list[tuple[Problem, str]]:
         raise TaskError(
             f"reasoning-gym dataset {self.dataset_name!r} has no step-by-step demonstrations, so it cannot "

@@ -25,7 +25,8 @@ import torch
 from ..checkpoint import atomic_save_tensors
 from ..config import ConfigError
 from ..models import load_model
-from ..rewards import check_rewards, score_rollouts
+from .. import rewards as reward_api
+from ..rewards import score_rollouts
 from ..forward import ModelForward
 from ..sampling import EntropySampler, SamplingParams, completion_texts, make_sampler, row_seeds
 from ..tasks.base import describe
@@ -91,7 +92,7 @@ def cache_key(ctx) -> str:
                 # base rollouts cached then are still found
                 "max_new_tokens": ctx.cfg.sampling.max_new_tokens, "engine": ctx.cfg.sampling.backend,
                 **{k: getattr(cfg, k) for k in ("candidates", "samples_per_problem", "temperature", "top_p")},
-                "rewards": [r.model_dump() for r in cfg.rewards]}
+                "rewards": [reward_api.fingerprint(r) for r in cfg.rewards]}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
@@ -131,7 +132,8 @@ def _rollouts_from(arg: str | None) -> Path | None:
 def _make(ctx, base: FrozenBase) -> BaseRollouts:
     cfg, t0 = ctx.cfg.fork, time.time()
     problems = list(ctx.task.problems("train"))
-    check_rewards(ctx.task, [r.name for r in cfg.rewards])
+    rewards = reward_api.load(cfg.rewards, ctx.task, where="fork.rewards", timeout_s=cfg.reward_timeout_s,
+                              device=ctx.device, run_dir=ctx.run_dir)
     pick = batch_indices(len(problems), min(cfg.candidates, len(problems)), 0, ctx.cfg.seed)
     prompt_ids = [ctx.encode_prompt(problems[i].prompt, where=describe(problems[i])) for i in pick]
     seeds = row_seeds(f"fork:{ctx.cfg.seed}", pick, cfg.samples_per_problem)
@@ -142,8 +144,7 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
         rollouts, H_NT = sample_with_entropy(sampler, base.model, prompt_ids, cfg.samples_per_problem, params,
                                              seeds=seeds)
     texts = completion_texts(ctx.tokenizer, rollouts)
-    scored, _ = score_rollouts(rollouts, texts, [problems[i] for i in pick], ctx.task,
-                               [(r.name, r.weight) for r in cfg.rewards], seeds=seeds, timeout_s=cfg.reward_timeout_s)
+    scored, _ = score_rollouts(rollouts, texts, [problems[i] for i in pick], ctx.task, rewards, seeds=seeds)
     # index the task's train problems, not the candidate list, so a row names its problem on its own
     problem_N = torch.tensor(pick)[rollouts.problem_N]
     rollouts = Rollouts(**{**{f: getattr(rollouts, f) for f in _ROLLOUT_FIELDS}, "problem_N": problem_N,

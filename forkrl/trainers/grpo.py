@@ -28,7 +28,8 @@ from ..algos.kl import get_kl
 from ..algos.loss import grpo_loss, zero_advantage_rows_vanish
 from ..forward import ModelForward, make_forward
 from ..models import load_model
-from ..rewards import check_rewards, score_rollouts
+from .. import rewards as reward_api
+from ..rewards import score_rollouts
 from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
 from ..tasks.base import describe
 from ..types import Rollouts
@@ -125,7 +126,8 @@ def policy_update(policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg,
 def train_grpo(ctx) -> dict:
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     problems = list(ctx.task.problems("train"))
-    check_rewards(ctx.task, [r.name for r in cfg.rewards])
+    rewards = reward_api.load(cfg.rewards, ctx.task, where="grpo.rewards", timeout_s=cfg.reward_timeout_s,
+                              device=ctx.device, run_dir=ctx.run_dir)
     lora = run_cfg.model.lora.enabled
     ref_model = None
     if cfg.kl.active and not lora:
@@ -143,7 +145,7 @@ def train_grpo(ctx) -> dict:
                       prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt, where=describe(problems[i])))
                       for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
-        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds)
+        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds, rewards, step)
         loop.end_step(step, metrics)
     keys = ("tokens_sampled", "tokens_trained")
     sums = dict.fromkeys(keys, 0)
@@ -152,16 +154,15 @@ def train_grpo(ctx) -> dict:
     return {**loop.finish(), **sums}
 
 
-def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds) -> dict:
+def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds, rewards, step) -> dict:
     """One GRPO step, top to bottom, on this rank's shard of the step's prompts."""
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     t0 = time.time()
     rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
     sample_s = time.time() - t0
     texts = completion_texts(ctx.tokenizer, rollouts)
-    scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task,
-                                      [(r.name, r.weight) for r in cfg.rewards], seeds=seeds,
-                                      timeout_s=cfg.reward_timeout_s)
+    scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task, rewards, seeds=seeds,
+                                      step=step, progress=step / cfg.steps)
     t1 = time.time()
     old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
