@@ -215,6 +215,7 @@ class GrpoCfg(Strict):
     # gradient are exactly 0 (no KL or entropy term in the loss); false: every row gets a backward
     skip_zero_advantage: bool = True
     filter: FilterName = "none"  # zero_variance_groups: drop groups whose rewards are all equal (DAPO)
+    mask_truncated: bool = False  # DAPO's overlong filtering: completions cut at max_new_tokens get no loss
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
     reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable
     eval_every: NonNeg = 0  # held-out pass@1 every K steps (0: only at the end of the stage)
@@ -318,6 +319,9 @@ class RunCfg(Strict):
     guards: GuardsCfg = GuardsCfg()
     debug: DebugCfg = DebugCfg()
     log_every: Pos = 1
+    # experiment trackers each optimizer step's metrics line also goes to (forkrl.tracking; optional extras)
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = []
+    log_completions: NonNeg = 4  # GRPO rows per step sampled into RUN_DIR/completions.jsonl (0: none)
 
     def lora_for(self, stage: str) -> LoraCfg:
         """The LoRA setting of a stage: ``fork.lora`` for the fork stage, ``model.lora`` for the others."""
@@ -408,16 +412,71 @@ def _migrate(data: dict) -> dict:
     return data
 
 
-def parse_config(data: Any, *, source: str = "<config>", text: str | None = None) -> RunCfg:
-    root = yaml.compose(text) if text else None
+def parse_config(data: Any, *, source: str = "<config>", text: str | None = None,
+                 overrides: list[str] = ()) -> RunCfg:
+    """The validated config of ``data`` (the YAML's text, when given, lets errors name their lines), with the
+    command line's ``--set KEY=VALUE`` ``overrides`` applied first and validated like the file."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping of keys to values, got {type(data).__name__}")
+    data, set_keys = apply_overrides(data, overrides)
+    return _validate(data, source, yaml.compose(text) if text else None, set_keys)
+
+
+def _validate(data: dict, source: str, root: yaml.Node | None, set_keys: list[str]) -> RunCfg:
     data = _migrate(data)
     try:
         return RunCfg.model_validate(data)
     except ValidationError as e:
-        lines = [_describe(err, root) for err in e.errors()]
+        lines = [_describe(err, None if _set_by(err, set_keys) else root) + _set_by(err, set_keys)
+                 for err in e.errors()]
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def _set_by(err: dict, set_keys: list[str]) -> str:
+    """`` (from --set KEY)`` for a validation error at or under a key the command line set, else ''."""
+    path = ".".join(str(k) for k in err["loc"] if k not in _TASK_TYPES)
+    key = next((k for k in set_keys if path == k or path.startswith(k + ".") or k.startswith(path + ".")), None)
+    return f" (from --set {key})" if key else ""
+
+
+def apply_overrides(data: dict, overrides) -> tuple[dict, list[str]]:
+    """(``data`` with each ``KEY=VALUE`` of ``overrides`` set, the keys set). KEY is a dotted path (a number picks
+    a list entry: ``grpo.rewards.0.weight``); VALUE is read as YAML (``10``, ``0.5``, ``true``, ``[a, b]``,
+    ``{name: correct}``), so it validates exactly as the same value in the file would."""
+    import copy
+
+    data, keys = copy.deepcopy(data), []
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set grpo.steps=10")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        node, parts = data, key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[:depth]) or "the config"
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {here} is a list of {len(node)}; {part!r} is not an index of it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {here} is {node!r}, not a section with keys")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    if parts[depth + 1].isdigit():
+                        raise ConfigError(f"--set {key}: the config has no list {'.'.join(parts[:depth + 1])} to "
+                                          f"index; set the whole list, e.g. --set '{'.'.join(parts[:depth + 1])}="
+                                          "[{name: correct, weight: 2}]'")
+                    node[part] = {}
+                node = node[part]
+        keys.append(key)
+    return data, keys
 
 
 def _anchor_reward_files(data: Any, base: Path) -> Any:
@@ -445,7 +504,8 @@ def _anchor_reward_files(data: Any, base: Path) -> Any:
 REWARD_SECTIONS = ("grpo", "fork")  # the config sections whose ``rewards`` entries name reward callables
 
 
-def load_config(path: str | Path) -> RunCfg:
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunCfg:
+    """The config in the YAML file ``path``, with ``--set`` ``overrides``; reward files relative to its directory."""
     from .userfiles import MAX_CONFIG_BYTES, read_text
 
     path = Path(path)
@@ -456,4 +516,7 @@ def load_config(path: str | Path) -> RunCfg:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    return parse_config(_anchor_reward_files(data, path.parent), source=str(path), text=text)
+    if not isinstance(data, dict):
+        return parse_config(data, source=str(path))
+    data, set_keys = apply_overrides(data, overrides)  # before anchoring: a --set fn: is relative to the file too
+    return _validate(_anchor_reward_files(data, path.parent), str(path), yaml.compose(text), set_keys)

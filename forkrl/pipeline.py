@@ -4,6 +4,7 @@ Run directory layout::
 
     RUN_DIR/config.yaml          resolved config
     RUN_DIR/rewards.json         each stage's rewards: label, spec, the user's file and its sha256 (checked on resume)
+    RUN_DIR/rewards/             a copy of each reward file as the run started with it (STEM-SHA256[:12].py)
     RUN_DIR/metrics.jsonl        one line per optimizer step, every stage
     RUN_DIR/<stage>/checkpoints/ atomic checkpoints (see checkpoint.py)
     RUN_DIR/<stage>/final/       the stage's model + tokenizer (save_pretrained; loadable by from_pretrained)
@@ -187,7 +188,7 @@ def _read_summary(path: Path) -> dict:
     return summary if isinstance(summary, dict) and isinstance(summary.get("stages"), dict) else {"stages": {}}
 
 
-def _started(run_dir: Path) -> bool:
+def holds_run(run_dir: Path) -> bool:
     """Whether a run directory holds work to keep: a summary, a metrics line, a checkpoint or a finished stage."""
     metrics = run_dir / "metrics.jsonl"
     return ((run_dir / "summary.json").exists() or (metrics.exists() and metrics.stat().st_size > 0)
@@ -263,7 +264,8 @@ def load_rewards(cfg: RunCfg, task) -> list[dict]:
         except RewardError as e:
             raise ConfigError(str(e)) from None
         record += [{"stage": section, "label": r.label, "spec": r.spec, "file": str(r.file) if r.file else None,
-                    "sha256": r.sha256} for r in loaded]
+                    "sha256": r.sha256, "copy": f"{r.file.stem}-{r.sha256[:12]}.py" if r.file else None}
+                   for r in loaded]
     return record
 
 
@@ -303,7 +305,7 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     run_dir = Path(run_dir)
     dist = setup()
     saved = run_dir / "config.yaml"
-    started = saved.exists() and _started(run_dir)  # a config alone: an earlier start stopped before any work
+    started = saved.exists() and holds_run(run_dir)  # a config alone: an earlier start stopped before any work
     if started and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if started and _saved_config(saved) != cfg:
@@ -323,6 +325,12 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temps(run_dir)  # what a killed run left half-written
         checkpoint.atomic_write_text(saved, cfg.to_yaml())
+        for r in reward_record:  # a copy of each reward file as it was when the run started, named by its hash
+            if r["file"] is not None:
+                copy = run_dir / "rewards" / r["copy"]
+                copy.parent.mkdir(exist_ok=True)
+                if not copy.exists():
+                    checkpoint.atomic_write_text(copy, Path(r["file"]).read_text())
         checkpoint.atomic_write_text(run_dir / REWARDS_RECORD, json.dumps(reward_record, indent=2))
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"

@@ -51,11 +51,12 @@ PARAMETERS = {
     "completion_ids": "the completion's token ids",
     "truncated": "whether the completion hit sampling.max_new_tokens",
     "group_index": "the row's index among its problem's completions (0 … G-1)",
+    "max_new_tokens": "sampling.max_new_tokens: the completion length at which a completion is cut off",
 }
 PLURAL = {"completion": "completions", "prompt": "prompts", "answer": "answers", "problem": "problems",
           "meta": "metas", "rng": "rngs", "completion_ids": "completion_ids_list", "truncated": "truncateds",
           "group_index": "group_indices"}
-SHARED = ("task", "step", "progress")  # the same for every row: singular in every mode
+SHARED = ("task", "step", "progress", "max_new_tokens")  # the same for every row: singular in every mode
 GROUP_SINGULAR = ("prompt", "answer", "problem", "meta")  # in group mode, the group's problem's own fields too
 MODES = ("row", "batch", "group")
 ISOLATION = ("inline", "process")

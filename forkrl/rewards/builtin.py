@@ -18,8 +18,19 @@ def bernoulli(rng):
     return float(rng.random() < 0.5)
 
 
+def overlong(completion_ids, max_new_tokens, buffer, penalty=1.0):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to ``max_new_tokens - buffer`` tokens, then
+    falling linearly to ``-penalty`` at ``max_new_tokens`` (where a completion is cut off): a length penalty
+    that warns before the hard limit instead of only punishing the cut. ``{name: overlong, kwargs: {buffer: 64}}``."""
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"overlong: buffer={buffer} must be in 1 … sampling.max_new_tokens={max_new_tokens}")
+    over = len(completion_ids) - (max_new_tokens - buffer)
+    return -penalty * min(max(over, 0), buffer) / buffer
+
+
 REWARDS = {
     "correct": correct,
     "format": format_ok,
     "random": bernoulli,
+    "overlong": overlong,
 }

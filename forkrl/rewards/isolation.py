@@ -9,6 +9,8 @@ the problem, a copy of the row's random generator) crosses the pipe.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import multiprocessing
 import os
 import signal
@@ -39,7 +41,8 @@ def _serve(conn, spec: str) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", fn(**kwargs)))
+            value = fn(**kwargs)
+            conn.send(("ok", asyncio.run(value) if inspect.iscoroutine(value) else value))
         except Exception as e:  # noqa: BLE001 - a per-row outcome, reported to the trainer
             conn.send(("error", "".join(traceback.format_exception_only(type(e), e)).strip()
                        + "\n" + "".join(traceback.format_tb(e.__traceback__)[-3:])))

@@ -2,12 +2,16 @@
 its components, a failure making the row unscorable (``Scored.valid_N`` False), never a silent 0 (METHODS §2).
 
 Order, which fixes what a seeded reward draws: each row has one ``random.Random(seed)`` that every reward sees in
-config order; row-mode rewards are called row by row, each row's in config order; then each batch-mode reward
-once; then each group-mode reward once per group (groups in order of first appearance).
+config order; row-mode rewards are called row by row, each row's in config order; then each ``async def`` row-mode
+reward, its rows' calls awaited together on one event loop (at most ``ASYNC_CONCURRENCY`` at a time, each under the
+reward's time limit); then each batch-mode reward once; then each group-mode reward once per group (groups in order
+of first appearance).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import random
 import signal
@@ -51,6 +55,8 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+ASYNC_CONCURRENCY = 16  # an async reward's calls in flight at once (a judge endpoint's rate limits, say)
+
 _WORKERS: dict[str, Worker] = {}  # one worker process per isolated reward spec, kept for the process's life
 
 
@@ -59,7 +65,27 @@ def _call(reward, kwargs: dict):
         worker = _WORKERS.setdefault(reward.spec, Worker(reward.spec))
         return worker.call(kwargs, reward.timeout_s)
     with time_limit(reward.timeout_s):
-        return reward.fn(**kwargs)
+        out = reward.fn(**kwargs)
+        return asyncio.run(out) if inspect.iscoroutine(out) else out  # an async batch or group reward
+
+
+def _is_async(reward) -> bool:
+    return reward.isolation == "inline" and inspect.iscoroutinefunction(reward.fn)
+
+
+def _await_rows(reward, calls: list[dict]) -> list:
+    """Every call of an async row-mode reward, awaited together; each result or the exception it raised."""
+    async def one(gate, kwargs):
+        async with gate:
+            return await asyncio.wait_for(reward.fn(**kwargs), reward.timeout_s)
+
+    async def every():
+        gate = asyncio.Semaphore(ASYNC_CONCURRENCY)
+        return await asyncio.gather(*(one(gate, kw) for kw in calls), return_exceptions=True)
+
+    out = asyncio.run(every())
+    return [RewardTimeout(f"took longer than {reward.timeout_s:g}s") if isinstance(v, asyncio.TimeoutError) else v
+            for v in out]
 
 
 def _value(v, label: str) -> tuple[float, dict[str, float]]:
@@ -125,13 +151,16 @@ def _rows(rollouts: Rollouts, texts, problems, seeds) -> _Rows:
 
 
 def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, rewards, *, seeds: list[int],
-                   step: int = 0, progress: float = 0.0) -> tuple[Scored, RewardFailures]:
+                   step: int = 0, progress: float = 0.0, max_new_tokens: int | None = None
+                   ) -> tuple[Scored, RewardFailures]:
     """Every row's weighted reward. ``problems``: indexed by ``rollouts.problem_N``; ``seeds`` (one per row) seed
     the rows' random generators, so a row's reward never depends on its batch; ``rewards``: the stage's loaded
     rewards (``api.load``)."""
     N = len(texts)
     rows = _rows(rollouts, texts, problems, seeds)
-    shared = {"task": task, "step": step, "progress": progress}
+    if max_new_tokens is None:  # what the sampler was allowed: every completion position of the batch
+        max_new_tokens = int(rollouts.completion_mask_NL.sum(1).max()) if N else 0
+    shared = {"task": task, "step": step, "progress": progress, "max_new_tokens": max_new_tokens}
     values = {r.label: torch.full((N,), float("nan")) for r in rewards}
     logged: dict[str, torch.Tensor] = {}
     failures = {"count": 0, "first": None}
@@ -165,11 +194,18 @@ def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, rewards
     for r in range(N):
         known = {**rows.row(r), **shared}
         for reward in rewards:
-            if reward.mode == "row":
+            if reward.mode == "row" and not _is_async(reward):
                 try:
                     keep(reward, r, _call(reward, reward.arguments(known)))
                 except Exception as e:  # noqa: BLE001 - any reward failure is a per-row outcome, not a crash
                     fail(f"row {r}", reward.label, e)
+    for reward in rewards:
+        if reward.mode == "row" and _is_async(reward):
+            for r, v in enumerate(_await_rows(reward, [reward.arguments({**rows.row(r), **shared}) for r in range(N)])):
+                if isinstance(v, BaseException):
+                    fail(f"row {r}", reward.label, v)
+                else:
+                    keep(reward, r, v)
     for reward in rewards:
         if reward.mode == "batch":
             plural(reward, list(range(N)), {**rows.rows(list(range(N))), **shared})

@@ -150,6 +150,10 @@ class ArithmeticTask:
         head = completion.strip().split(" ", 1)[0]
         return head if head in STRATEGIES else "other"
 
+    def gold_completion(self, problem: Problem) -> str:
+        """A correct completion of ``problem`` (what ``forkrl rewards check`` scores as the gold answer)."""
+        return " " + demonstration(problem.meta["a"], problem.meta["b"], "direct", random.Random(0), 0.0)
+
     def demonstrations(self, split: Split) -> list[tuple[Problem, str]]:
         rng = random.Random(f"{self.seed}:demos:{split}")
         out = []

@@ -159,6 +159,10 @@ class ReasoningGymTask:
             return 0.0
         return min(max(reward, 0.0), 1.0)
 
+    def gold_completion(self, problem: Problem) -> str:
+        """The gold answer in the ``<answer>`` tags the task reads (``forkrl rewards check``'s gold row)."""
+        return f"<answer>{problem.answer}</answer>"
+
     def has_answer(self, completion: str) -> bool:
         """Whether the completion has an ``<answer>`` to score at all (the ``format`` reward)."""
         from reasoning_gym.utils import extract_answer

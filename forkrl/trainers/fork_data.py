@@ -144,7 +144,8 @@ def _make(ctx, base: FrozenBase) -> BaseRollouts:
         rollouts, H_NT = sample_with_entropy(sampler, base.model, prompt_ids, cfg.samples_per_problem, params,
                                              seeds=seeds)
     texts = completion_texts(ctx.tokenizer, rollouts)
-    scored, _ = score_rollouts(rollouts, texts, [problems[i] for i in pick], ctx.task, rewards, seeds=seeds)
+    scored, _ = score_rollouts(rollouts, texts, [problems[i] for i in pick], ctx.task, rewards, seeds=seeds,
+                               max_new_tokens=params.max_new_tokens)
     # index the task's train problems, not the candidate list, so a row names its problem on its own
     problem_N = torch.tensor(pick)[rollouts.problem_N]
     rollouts = Rollouts(**{**{f: getattr(rollouts, f) for f in _ROLLOUT_FIELDS}, "problem_N": problem_N,
