@@ -435,7 +435,7 @@ def _validate(data: dict, source: str, root: yaml.Node | None, set_keys: list[st
 def _set_by(err: dict, set_keys: list[str]) -> str:
     """`` (from --set KEY)`` for a validation error at or under a key the command line set, else ''."""
     path = ".".join(str(k) for k in err["loc"] if k not in _TASK_TYPES)
-    key = next((k for k in set_keys if path == k or path.startswith(k + ".") or k.startswith(path + ".")), None)
+    key = next((k for k in set_keys if path == k or path.startswith(k + ".")), None)
     return f" (from --set {key})" if key else ""
 
 

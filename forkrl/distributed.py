@@ -55,6 +55,15 @@ class Dist:
         tdist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
+    def union(self, names: list[str]) -> list[str]:
+        """The sorted union of every rank's ``names`` (e.g. reward components, which a reward returning a mapping
+        may give on one rank's rows and not another's): what each rank then gathers, in the same order."""
+        if not self.enabled:
+            return sorted(set(names))
+        every = [None] * self.world_size
+        tdist.all_gather_object(every, sorted(set(names)))
+        return sorted(set().union(*every))
+
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (SUM) the accumulated gradients in one flat buffer; missing grads count as 0."""
         if not self.enabled:

@@ -79,9 +79,21 @@ def train_one_and_two_processes(tmp_path, data: dict) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+RANKED_COIN = """
+import os
+
+
+def coin(rng):
+    # the built-in 'random' reward, plus a component only this rank's rows have: every rank must still gather
+    # the same components (Dist.union), or the step's all_gather would wait forever
+    return {"score": float(rng.random() < 0.5), f"rank{os.environ.get('RANK', '0')}": 1.0}
+"""
+
+
 def test_train_under_torchrun_matches_one_process(tmp_path):
+    (tmp_path / "coin.py").write_text(RANKED_COIN)
     data = tiny_cfg_dict(**{"stages": ["sft", "grpo"], "sft.steps": 3, "grpo.steps": 3,
-                            "grpo.rewards": [{"name": "random"}], "grpo.optim": {"lr": 1e-2}})
+                            "grpo.rewards": [{"fn": f"{tmp_path / 'coin.py'}:coin"}], "grpo.optim": {"lr": 1e-2}})
     train_one_and_two_processes(tmp_path, data)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "grpo" / "final").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "grpo" / "final").state_dict()
@@ -96,6 +108,8 @@ def test_train_under_torchrun_matches_one_process(tmp_path):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
         assert b["world_size"] == 2 and a["world_size"] == 1
+        if a["stage"] == "grpo":
+            assert "reward/coin/rank1" not in a and b["reward/coin/rank0"] == b["reward/coin/rank1"] == 1.0
 
 
 def test_fork_stage_under_torchrun_matches_one_process(tmp_path):

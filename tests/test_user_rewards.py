@@ -271,3 +271,14 @@ def test_a_start_that_fails_on_its_rewards_writes_nothing_and_the_corrected_comm
     (tmp_path / "cfg" / "my_reward.py").write_text(PARTS)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_caches_key_follows_the_reward_files_content_and_keeps_old_keys(tmp_path):
+    from forkrl.rewards import fingerprint
+
+    # the fork stage's cached base rollouts were keyed by {"name", "weight"} before rewards had more fields
+    assert fingerprint(RewardCfg(name="correct")) == {"name": "correct", "weight": 1.0}
+    path = write(tmp_path / "r.py", "def f(completion):\n    return 1.0\n")
+    before = fingerprint(RewardCfg(fn=f"{path}:f"))
+    path.write_text("def f(completion):\n    return 0.0\n")
+    assert fingerprint(RewardCfg(fn=f"{path}:f"))["sha256"] != before["sha256"]

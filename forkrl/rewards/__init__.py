@@ -6,9 +6,9 @@ A reward call that raises, returns None, NaN or inf, or runs past its time limit
 counted (with its first message) in the step's metrics. It is never a silent 0 (METHODS §2).
 """
 
-from .api import PARAMETERS, Reward, RewardError, available, load
+from .api import PARAMETERS, Reward, RewardError, available, fingerprint, load
 from .builtin import REWARDS
 from .scoring import RewardCallError, RewardFailures, RewardTimeout, score_rollouts, time_limit
 
 __all__ = ["PARAMETERS", "REWARDS", "Reward", "RewardCallError", "RewardError", "RewardFailures", "RewardTimeout",
-           "available", "load", "score_rollouts", "time_limit"]
+           "available", "fingerprint", "load", "score_rollouts", "time_limit"]

@@ -238,7 +238,7 @@ def given(fn: Callable) -> str:
 def _source_sha256(fn: Callable) -> str | None:
     try:
         return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
-    except (OSError, TypeError):
+    except Exception:  # noqa: BLE001 - no source to read (a builtin, exec'd text, a source file gone or changed)
         return None
 
 

@@ -8,7 +8,7 @@ Two sets of completions per problem of the first ``--problems`` training problem
 * *gold*: ``task.gold_completion(problem)`` when the task can write a correct completion, else the task's
   demonstration of the problem (SFT data), else the gold answer's text itself.
 
-A reward that leaves any row unscorable (it raised, returned None, NaN, inf or a non-number, or ran past its time
+Values are the reward's own, before its weight. A reward that leaves any row unscorable (it raised, returned None, NaN, inf or a non-number, or ran past its time
 limit) is a failure: the table shows its first message and the command exits 1, so a reward that would silently
 fail rows during training is found first. A gold answer that scores below a sampled completion is not a failure,
 but is worth a look, and is flagged.
@@ -108,7 +108,7 @@ def check_rewards(cfg: RunCfg, *, problems: int = 4, samples: int = 2, model_pat
                                          seeds=list(range(len(chosen))), max_new_tokens=cfg.sampling.max_new_tokens)
             calls = (sampled.num_rows + gold.num_rows) if reward.mode == "row" else 2 if reward.mode == "batch" \
                 else 2 * len(chosen)
-            value = lambda s: [float(v) if ok else None for v, ok in zip(s.reward_N, s.valid_N)]  # noqa: E731
+            value = lambda s: [None if v != v else float(v) for v in s.components[reward.label]]  # noqa: E731 (unweighted)
             comps = {k: float(v[~v.isnan()].mean()) for k, v in on_samples.components.items()
                      if k != reward.label and (~v.isnan()).any()}
             out.append(RewardCheck(section, reward.label, reward.mode, reward.isolation, value(on_samples),
@@ -123,7 +123,8 @@ def _mean(values: list[float | None]) -> str:
 
 
 def table(rows: list[RewardCheck]) -> str:
-    head = f"{'reward':<24} {'mode':<6} {'sampled':>8} {'gold':>8} {'failed':>6} {'ms/call':>8}  components / first failure"
+    width = max([24] + [len(f"{r.section}.{r.label}") for r in rows])
+    head = f"{'reward':<{width}} {'mode':<6} {'sampled':>8} {'gold':>8} {'failed':>6} {'ms/call':>8}  components / first failure"
     lines = [head, "-" * len(head)]
     for r in rows:
         note = ", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in r.components.items())
@@ -133,7 +134,7 @@ def table(rows: list[RewardCheck]) -> str:
         s_ok, g_ok = [v for v in r.sampled if v is not None], [v for v in r.gold if v is not None]
         if s_ok and g_ok and sum(g_ok) / len(g_ok) < sum(s_ok) / len(s_ok):
             flag = "  (gold scores below sampled: check the reward)"
-        lines.append(f"{f'{r.section}.{r.label}':<24} {r.mode:<6} {_mean(r.sampled):>8} {_mean(r.gold):>8} "
+        lines.append(f"{f'{r.section}.{r.label}':<{width}} {r.mode:<6} {_mean(r.sampled):>8} {_mean(r.gold):>8} "
                      f"{r.failures:>6} {1000 * r.seconds_per_call:>8.2f}  {note}{flag}")
     lines.append("all rewards scored every row" if all(r.passed for r in rows) else
                  "some rewards left rows unscorable: fix them before training (their rows would get no signal)")
