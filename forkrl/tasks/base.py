@@ -43,9 +43,14 @@ class Task(Protocol):
 
 
 def describe(problem: Problem) -> str:
-    """Where a problem comes from, for a message: ``file:line`` for a problem read from a file, else its id."""
-    if "path" in problem.meta and "line" in problem.meta:
-        return f"{problem.meta['path']}:{problem.meta['line']}"
+    """Where a problem comes from, for a message: ``file:line`` for a problem read from a JSONL file, ``path[row N]``
+    for one read through ``datasets``, else its id. forkrl's own location keys (``forkrl_path``, …; used when the
+    row has its own ``path``/``line`` fields, see ``tasks.jsonl``) come first."""
+    m = problem.meta
+    for path, at, shown in (("forkrl_path", "forkrl_line", "{}:{}"), ("forkrl_path", "forkrl_row", "{}[row {}]"),
+                            ("path", "line", "{}:{}"), ("path", "row", "{}[row {}]")):
+        if path in m and at in m:
+            return shown.format(m[path], m[at])
     return f"problem {problem.id!r}"
 
 
