@@ -54,7 +54,7 @@ def test_a_rows_own_path_or_line_field_is_kept_and_forkrls_location_moves(tmp_pa
     moved, plain = task.problems("train")
     assert moved.meta == {"path": "src/a.py", "forkrl_path": str(train), "forkrl_line": 1}
     assert plain.meta == {"path": str(train), "line": 2}
-    assert describe(moved) == "problem 'train-1'"  # never the row's path with forkrl's line
+    assert describe(moved) == f"{train}:1"  # forkrl's own location, never the row's path with forkrl's line
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "answer": "1", "line": 3, "forkrl_line": 4}])
     with pytest.raises(TaskError, match=r"bad.jsonl:1: fields forkrl_line, forkrl_path are reserved"):
         JsonlTask(bad, tmp_path / "h.jsonl")
