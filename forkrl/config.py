@@ -480,8 +480,9 @@ def apply_overrides(data: dict, overrides) -> tuple[dict, list[str]]:
 
 
 def _anchor_reward_files(data: Any, base: Path) -> Any:
-    """``data`` with every reward entry's relative ``fn: PATH.py:NAME`` made absolute from ``base`` (the config
-    file's directory), so the resolved config saved with a run names the file wherever it is run from."""
+    """``data`` with every reward entry's relative paths (``fn: PATH.py:NAME``, a reward model's or local judge's
+    ``path``, a judge's ``criteria_file``) made absolute from ``base`` (the config file's directory), so the resolved
+    config saved with a run names the files wherever it is run from."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
@@ -496,6 +497,11 @@ def _anchor_reward_files(data: Any, base: Path) -> Any:
                 head, _, name = spec.rpartition(":")
                 if not Path(head).expanduser().is_absolute():
                     entry = {**entry, "fn": f"{(base / head).resolve()}:{name}"}
+            for source, key in (("reward_model", "path"), ("judge", "path"), ("judge", "criteria_file")):
+                inner = entry.get(source) if isinstance(entry, dict) else None
+                value = inner.get(key) if isinstance(inner, dict) else None
+                if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                    entry = {**entry, source: {**inner, key: str((base / value).resolve())}}
             entries.append(entry)
         data[section] = {**part, "rewards": entries}
     return data

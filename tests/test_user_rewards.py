@@ -282,3 +282,16 @@ def test_a_caches_key_follows_the_reward_files_content_and_keeps_old_keys(tmp_pa
     before = fingerprint(RewardCfg(fn=f"{path}:f"))
     path.write_text("def f(completion):\n    return 0.0\n")
     assert fingerprint(RewardCfg(fn=f"{path}:f"))["sha256"] != before["sha256"]
+
+
+def test_a_reward_models_and_a_judges_paths_are_relative_to_the_config(tmp_path, monkeypatch):
+    data = tiny_cfg_dict(**{"grpo.rewards": [
+        {"reward_model": {"path": "models/rm"}},
+        {"judge": {"kind": "hf", "path": "../judge", "criteria_file": "rubric.yaml"}}]})
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    rewards = load_config(tmp_path / "cfg" / "run.yaml").grpo.rewards
+    assert rewards[0].reward_model.path == str((tmp_path / "cfg" / "models" / "rm").resolve())
+    assert rewards[1].judge.path == str((tmp_path / "judge").resolve())
+    assert rewards[1].judge.criteria_file == str((tmp_path / "cfg" / "rubric.yaml").resolve())

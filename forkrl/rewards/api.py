@@ -266,7 +266,10 @@ def fingerprint(entry) -> dict:
 
 def load(entries, task, *, where: str, timeout_s: float | None, device=None, run_dir=None) -> list[Reward]:
     """The rewards of a stage's config entries (``RewardCfg``), checked against ``task``. A reward model or judge is
-    built lazily (its weights load on its first call, on ``device``); ``run_dir`` holds a judge's response cache."""
+    built lazily (its weights load on its first call, on ``device``); ``run_dir`` holds a judge's response cache.
+    A call's time limit is the entry's ``timeout_s``, else ``timeout_s`` (the stage's ``reward_timeout_s``); a reward
+    model's or judge's batch call has none unless its entry sets one (its first call loads weights, and a judge's
+    requests have their own timeouts and retries)."""
     out, labels = [], set()
     for i, entry in enumerate(entries):
         at = f"{where}[{i}]"
@@ -308,7 +311,8 @@ def load(entries, task, *, where: str, timeout_s: float | None, device=None, run
         wants, takes_all = check_signature(fn, label, mode, dict(entry.kwargs), entry.isolation, at)
         out.append(Reward(label=label, fn=fn, weight=entry.weight, mode=mode, kwargs=dict(entry.kwargs),
                           wants=wants, takes_all=takes_all, isolation=entry.isolation,
-                          timeout_s=entry.timeout_s if entry.timeout_s is not None else timeout_s,
+                          timeout_s=entry.timeout_s if entry.timeout_s is not None else
+                          None if entry.name is None and entry.fn is None else timeout_s,
                           spec=spec, file=file, sha256=file_sha256(file) if file is not None else
                           (_source_sha256(fn) if spec in GIVEN else None)))
     return out
