@@ -53,8 +53,8 @@ def cmd_check(args) -> int:
 
 def cmd_validate(args) -> int:
     """Load and check a config as a run would before writing anything (keys and values, task data, reward files,
-    signatures and endpoints, the model source), and run nothing."""
-    from . import models
+    signatures and endpoints, the trackers' packages, the model source), and run nothing."""
+    from . import models, tracking
     from .config import load_config
     from .pipeline import load_rewards
     from .tasks import build_task
@@ -62,6 +62,7 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.config, args.set)
     task = build_task(cfg.task)
     record = load_rewards(cfg, task)
+    tracking.require(cfg.report_to)
     if cfg.model.path is not None:
         models.check_source(cfg.model.path)
     sizes = ", ".join(f"{len(task.problems(s))} {s}" for s in ("train", "heldout"))

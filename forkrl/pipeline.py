@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, models
+from . import checkpoint, models, tracking
 from .distributed import Dist, setup
 from .config import ConfigError, RunCfg, parse_config
 from .tasks import build_task
@@ -312,6 +312,8 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
         raise ConfigError(f"{saved} differs from the config given; resume with the same config")
     task = task if task is not None else build_task(cfg.task)  # task and model errors before anything is written
     reward_record = load_rewards(cfg, task)
+    if dist.is_main:
+        tracking.require(cfg.report_to)  # a tracker's missing package, before anything is written
     if started:
         _check_reward_files(run_dir, reward_record, allow_changed_rewards)
     if init_path is None and dist.is_main:

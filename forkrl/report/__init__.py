@@ -2,11 +2,13 @@
 
 The page holds the run's stages and config, its training curves (one grid per stage, from
 ``metrics.jsonl``), and, when present, ``diff.json`` (``forkrl diff``: token agreement next to the paper's
-figures, the causal substitution test, fork contexts, a token heat map) and ``passk.json`` (``forkrl
-passk``: pass@k curves, boundaries). Everything is inline: CSS, SVG charts drawn in Python, no script, no
+figures, the causal substitution test, fork contexts, a token heat map), ``passk.json`` (``forkrl
+passk``: pass@k curves, boundaries) and ``completions.jsonl`` (training's sample of each GRPO step's rows: the last
+few steps', ``--completion-steps``). Everything is inline: CSS, SVG charts drawn in Python, no script, no
 fonts, no URLs; user strings are HTML-escaped.
 
-Python API: ``build_report(run_dir) -> str`` and ``write_report(run_dir, out=None) -> Path``.
+Python API: ``build_report(run_dir, completion_steps=3) -> str`` and ``write_report(run_dir, out=None,
+completion_steps=3) -> Path``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError
+from .completions import completions_section
 from .curves import curves_section, header
 from .diffsec import diff_section
 from .load import load_run
@@ -34,8 +37,9 @@ def _guarded(render, data, path: Path, writer: str):
                           "re-run it to rewrite the file") from None
 
 
-def build_report(run_dir: str | Path) -> str:
-    """The HTML page for ``run_dir``; ConfigError when it is missing, malformed, or holds nothing to report."""
+def build_report(run_dir: str | Path, completion_steps: int = 3) -> str:
+    """The HTML page for ``run_dir``; ConfigError when it is missing, malformed, or holds nothing to report.
+    ``completion_steps``: how many of the last steps of completions.jsonl to show (0: every step)."""
     from .. import __version__
 
     run = load_run(Path(run_dir))
@@ -45,14 +49,16 @@ def build_report(run_dir: str | Path) -> str:
         curves_section(run),
         _guarded(lambda d: diff_section(d, str(diff_path)), run.diff, diff_path, "forkrl diff"),
         _guarded(passk_section, run.passk, passk_path, "forkrl passk"),
+        _guarded(lambda sources: completions_section(sources, last=completion_steps), run.sources,
+                 run.run_dir / "completions.jsonl", "forkrl train"),
     ])
     title = f"forkrl report · {run.run_dir.resolve().name}"
     return page(title, body, version=__version__, has_heatmap=run.diff is not None)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, completion_steps: int = 3) -> Path:
     """Write the page to ``out`` (default ``run_dir/report.html``) atomically; returns its path."""
-    text = build_report(run_dir)
+    text = build_report(run_dir, completion_steps)
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     from ..checkpoint import atomic_write_text
@@ -66,10 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run directory (forkrl train --out / forkrl demo --out), with diff.json and "
                              "passk.json when forkrl diff / forkrl passk wrote them there")
     parser.add_argument("--out", metavar="FILE", help="where to write the HTML (default: RUN_DIR/report.html)")
+    parser.add_argument("--completion-steps", metavar="N", type=int, default=3,
+                        help="show the sampled completions of the last N training steps (completions.jsonl; "
+                             "0: every step; default 3)")
 
 
 def main(args) -> int:
-    out = write_report(args.run_dir, args.out)
+    if args.completion_steps < 0:
+        raise ConfigError(f"--completion-steps {args.completion_steps}: give 0 (every step) or more")
+    out = write_report(args.run_dir, args.out, args.completion_steps)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB): open it in any browser, no network needed")
     return 0
 

@@ -1,4 +1,4 @@
-"""Read what a run directory holds: metrics, summary, config, diff.json, passk.json.
+"""Read what a run directory holds: metrics, completions, summary, config, diff.json, passk.json.
 
 A run directory is what ``forkrl train --out`` writes (``metrics.jsonl`` at its top) or what ``forkrl demo
 --out`` writes (runs in subdirectories, e.g. ``grpo-run/metrics.jsonl``). Every malformed file is a
@@ -18,14 +18,15 @@ from ..userfiles import read_text
 
 @dataclass(frozen=True)
 class MetricsSource:
-    """One ``metrics.jsonl`` and the summary next to it; ``label`` is "" at the top of the run directory,
-    else the subdirectory's name."""
+    """One ``metrics.jsonl``, the summary next to it and the rows of the ``completions.jsonl`` next to it (none
+without one); ``label`` is "" at the top of the run directory, else the subdirectory's name."""
 
     label: str
     path: Path
     rows: list[dict]
     summary: dict | None
     torn_last_line: bool = False
+    completions: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,11 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def read_metrics(path: Path) -> tuple[list[dict], bool]:
+def read_metrics(path: Path, what: str = "a run's metrics file") -> tuple[list[dict], bool]:
     """(one dict per line, whether a torn last line was skipped). A broken line before the last one is an
-    error naming its line: it means the file was edited or corrupted, not that a run was killed."""
-    lines = read_text(path, "a run's metrics file", ConfigError).splitlines()
+    error naming its line: it means the file was edited or corrupted, not that a run was killed. (Also reads
+    completions.jsonl, ``what`` says which.)"""
+    lines = read_text(path, what, ConfigError).splitlines()
     filled = [i for i, line in enumerate(lines) if line.strip()]
     rows, torn = [], False
     for i in filled:
@@ -87,7 +89,9 @@ def metrics_sources(run_dir: Path) -> list[MetricsSource]:
     for path in paths:
         rows, torn = read_metrics(path)
         label = "" if path.parent == run_dir else path.parent.name
-        out.append(MetricsSource(label, path, rows, _optional_json(path.parent / "summary.json"), torn))
+        completions = path.parent / "completions.jsonl"
+        sample = read_metrics(completions, "a run's completions file")[0] if completions.is_file() else []
+        out.append(MetricsSource(label, path, rows, _optional_json(path.parent / "summary.json"), torn, sample))
     return out
 
 

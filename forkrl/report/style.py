@@ -93,11 +93,14 @@ svg text.vlabel{fill:#8a6a12}
  font-weight:400;padding:7px 10px;border-radius:6px;box-shadow:0 6px 18px rgba(0,0,0,.28);pointer-events:none}
 .crossings{margin:6px 0 10px}
 .ids{font-family:ui-monospace,monospace;font-size:12px;max-width:520px;white-space:normal;text-align:left}
+details.completion summary{cursor:pointer;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+ font-size:12.5px;white-space:pre}
+details.completion pre{white-space:pre-wrap;word-break:break-word;max-width:560px;margin:4px 0}
 footer{max-width:1240px;margin:0 auto 24px;color:#7a8291;font-size:12px;text-align:center}
 """
 
 NAV = (("run", "Run"), ("curves", "Training curves"), ("diff", "Token diff"), ("heatmap", "Heat map"),
-       ("passk", "pass@k"))
+       ("passk", "pass@k"), ("completions", "Completions"))
 
 
 def page(title: str, body, *, version: str, has_heatmap: bool) -> str:

@@ -162,7 +162,8 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     sample_s = time.time() - t0
     texts = completion_texts(ctx.tokenizer, rollouts)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task, rewards, seeds=seeds,
-                                      step=step, progress=step / cfg.steps)
+                                      step=step, progress=step / cfg.steps,
+                                      max_new_tokens=run_cfg.sampling.max_new_tokens)
     t1 = time.time()
     old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
@@ -174,11 +175,14 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     adv_all = get_advantage(cfg.advantage)(dist.all_gather(reward_N), dist.all_gather(group_N),
                                            dist.all_gather(scored.valid_N), eps=cfg.adv_eps)
     adv_N = adv_all[dist.shard(len(adv_all), "rows per step")]
+    loop.log_completions(step, step_problems, texts, scored, adv_N)  # RUN_DIR/completions.jsonl
     # Zero variance and filters are judged on the task reward: a KL-in-reward term would make every group look
     # informative.
     zero_var = ~zero_variance_groups(scored.reward_N, rollouts.group_N, scored.valid_N)
     keep_N = torch.ones_like(zero_var) if cfg.filter == "none" else \
         get_filter(cfg.filter)(scored.reward_N, rollouts.group_N, scored.valid_N)
+    if cfg.mask_truncated:  # DAPO's overlong filtering: a cut-off row keeps its place in the baseline, not the loss
+        keep_N = keep_N & ~rollouts.truncated_N
     rows_N = keep_N.nonzero().squeeze(1)
     totals = global_totals(rollouts.completion_mask_NL[keep_N], dist)
     replayed = policy.replayed
@@ -193,10 +197,12 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     stats["tokens"] = totals[0]
     stats["replayed_decode"] = policy.replayed > replayed and totals[1] > 0
     train_s = time.time() - t1
+    nan_N = torch.full_like(scored.reward_N, float("nan"))  # a component another rank's rows have and these lack
+    components = {k: scored.components.get(k, nan_N) for k in dist.union(list(scored.components))}
     gathered = {k: dist.all_gather(v) for k, v in (
         ("reward", scored.reward_N), ("valid", scored.valid_N), ("adv", adv_N), ("keep", keep_N),
         ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N), ("zero_var", zero_var),
-        ("group", group_N), *((f"reward/{k}", v) for k, v in scored.components.items()))}
+        ("group", group_N), *((f"reward/{k}", v) for k, v in components.items()))}
     return step_metrics(gathered, stats, failures, cfg, dist.world_size,
                         sample_s=sample_s, train_s=train_s, lr=loop.lr)
 

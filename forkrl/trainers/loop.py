@@ -8,18 +8,20 @@ evaluation, the metrics line and checkpoints. A trainer makes one ``StageLoop`` 
         loop.end_step(step, metrics)
     return loop.finish()
 
-``optimizer_step`` also tells every sampler of the stage that the weights changed (``Sampler.sync_weights``).
+``optimizer_step`` also tells every sampler of the stage that the weights changed (``Sampler.sync_weights``). The loop
+also sends each metrics line to the trackers the config's ``report_to`` lists (``forkrl.tracking``), and writes the
+sample of a step's rows a trainer gives ``log_completions`` to ``RUN/completions.jsonl``. Files are rank 0's.
 """
 
 from __future__ import annotations
 
 import math
 
-from .. import checkpoint
+from .. import checkpoint, tracking
 from ..evaluation import EvalResult, evaluate
 from ..sampling import make_sampler, sampling_params
 from ..tasks.base import describe
-from .metrics import MetricsLog, truncate_metrics
+from .metrics import COMPLETIONS, MetricsLog, append_jsonl, completion_rows, truncate_metrics
 from .optim import clip_and_step, make_optimizer
 
 
@@ -85,8 +87,14 @@ class StageLoop:
         self.opt, self.sched = make_optimizer(self.params, optim, schedule_steps or steps)
         state = checkpoint.load_trainer_state(ctx.resume_from, self.opt, self.sched) if ctx.resume_from else {"step": 0}
         self.start = state["step"]
-        if ctx.dist.is_main:  # no duplicate steps: drop this stage's lines past the checkpoint
-            truncate_metrics(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, self.start)
+        main, stage = ctx.dist.is_main, ctx.stage_dir.name
+        if main:  # a missing tracker package is an error before this stage writes anything
+            tracking.require(ctx.cfg.report_to)
+            # no duplicate steps: drop this stage's lines past the checkpoint
+            truncate_metrics(ctx.run_dir / "metrics.jsonl", stage, self.start)
+            truncate_metrics(ctx.run_dir / COMPLETIONS, stage, self.start)
+        self.trackers = tracking.open_trackers(ctx.cfg.report_to, run_dir=ctx.run_dir, stage=stage, enabled=main,
+                                               config=ctx.cfg.model_dump(mode="json"))
         self.eval_sampler = make_sampler(ctx.cfg.sampling, ctx.model, ctx.tokenizer, ctx.device)
         self.samplers = (self.eval_sampler, *samplers)
         self.log = MetricsLog(ctx.run_dir / "metrics.jsonl", stage=ctx.stage_dir.name, total=steps, start=self.start,
@@ -126,10 +134,20 @@ class StageLoop:
         if want_eval(self.eval_every, step, self.total) and self.ctx.dist.is_main and not stop:
             metrics["pass_at_1"] = self.heldout_eval().pass_at_1
         self.log.write(step, metrics)
+        self.trackers.log(step, metrics)
         maybe_checkpoint(self.ctx, step, self.total, self.opt, self.sched)
         if stop:
             self.log.close()
+            self.trackers.close()
             raise TrainingError(stop)
+
+    def log_completions(self, step: int, problems, texts: list[str], scored, adv_N) -> None:
+        """Append the first ``log_completions`` rows of the step (``metrics.completion_rows``) to
+        ``RUN/completions.jsonl``, on rank 0 from its own rows (its shard of the step's prompts)."""
+        n = self.ctx.cfg.log_completions
+        if n and self.ctx.dist.is_main:
+            rows = completion_rows(self.ctx.stage_dir.name, step, problems, texts, scored, adv_N, n)
+            append_jsonl(self.ctx.run_dir / COMPLETIONS, rows, what="the completions sample")
 
     def finish(self) -> dict:
         """Held-out evaluation on rank 0 (the others wait at the next barrier). ``eval_s`` is the stage's time in
@@ -139,5 +157,7 @@ class StageLoop:
         if not self.ctx.dist.is_main:
             return {"steps": self.total, "trainable_params": trainable}
         final = self.heldout_eval()
+        self.trackers.log(self.total, {"final_pass_at_1": final.pass_at_1})
+        self.trackers.close()
         return {"pass_at_1": final.pass_at_1, "strategies": final.per_strategy, "steps": self.total,
                 "trainable_params": trainable, "eval_s": round(self.eval_s, 2)}

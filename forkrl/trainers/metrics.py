@@ -1,5 +1,8 @@
 """The metrics log: one JSON line per optimizer step in ``RUN/metrics.jsonl``, every stage, strict JSON (a NaN is
-written as null); a progress bar on a TTY, log lines otherwise."""
+written as null); a progress bar on a TTY, log lines otherwise. And the completions log, ``RUN/completions.jsonl``:
+a sample of each GRPO step's rows (``completion_rows``). Both are appended through ``checkpoint.guarded_write`` and
+cut back to the checkpoint's step when a stage resumes (``truncate_metrics``), so a resumed run's files equal an
+uninterrupted one's."""
 
 from __future__ import annotations
 
@@ -28,15 +31,8 @@ class MetricsLog:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:  # only rank 0 writes files
             return
-        row = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-        line = (json.dumps(row, allow_nan=False) + "\n").encode()  # strict JSON: a NaN is written as null
-        from ..checkpoint import guarded_write
-
-        with guarded_write("the metrics line", self.path, len(line)):  # a torn last line is dropped on resume
-            with open(self.path, "ab") as f:
-                f.write(line)
-                f.flush()
+        append_jsonl(self.path, [{"stage": self.stage, "step": step, "time": round(time.time(), 3), **metrics}],
+                     what="the metrics line")
         shown = {k: metrics[k] for k in self.KEYS if k in metrics and metrics[k] is not None}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
@@ -52,20 +48,70 @@ class MetricsLog:
             self.bar.close()
 
 
+def _finite(value):
+    """``value`` with every non-finite float (in dicts too) as None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return {k: _finite(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def append_jsonl(path: Path, rows: list[dict], *, what: str) -> None:
+    """Append ``rows`` to ``path``, one strict-JSON line each (a NaN is written as null), in one guarded write: a
+    full disk is one ``DiskFullError`` naming ``what``; a torn last line is dropped on resume."""
+    data = "".join(json.dumps(_finite(row), allow_nan=False) + "\n" for row in rows).encode()
+    if not data:
+        return
+    from ..checkpoint import guarded_write
+
+    with guarded_write(what, path, len(data)):
+        with open(path, "ab") as f:
+            f.write(data)
+            f.flush()
+
+
+COMPLETIONS = "completions.jsonl"  # in the run directory: a sample of each GRPO step's rows
+
+
+def completion_rows(stage: str, step: int, problems, texts: list[str], scored, adv_N, n: int) -> list[dict]:
+    """The first ``n`` rows of the step in group order (the first group's rows, then the next group's, ...: the
+    same rows every run, and whole groups, whose advantages compare within them), each as a completions.jsonl
+    object. ``problems``, ``texts``, ``scored`` and ``adv_N``: the step's (this rank's) problems, completion texts,
+    ``Scored`` rows and advantages. ``reward`` is the task's (before a KL-in-reward term), None where the row was
+    unscorable; a component is None where it failed."""
+    rollouts = scored.rollouts
+    group_N, problem_N = rollouts.group_N.tolist(), rollouts.problem_N.tolist()
+    picked = sorted(range(len(texts)), key=lambda i: (group_N[i], i))[:n]
+    lens, valid = rollouts.completion_len_N.tolist(), scored.valid_N.tolist()
+    components = {k: v.tolist() for k, v in scored.components.items()}
+    rows = []
+    for i in picked:
+        problem = problems[problem_N[i]]
+        rows.append({"stage": stage, "step": step, "row": i, "group": group_N[i], "problem_id": problem.id,
+                     "prompt": problem.prompt, "completion": texts[i],
+                     "reward": float(scored.reward_N[i]) if valid[i] else None, "valid": bool(valid[i]),
+                     "components": {k: v[i] for k, v in components.items()}, "advantage": float(adv_N[i]),
+                     "truncated": bool(rollouts.truncated_N[i]), "completion_tokens": int(lens[i])})
+    return rows
+
+
 def truncate_metrics(path: Path, stage: str, keep_through: int) -> None:
-    """Keep other stages' lines and this stage's lines up to ``keep_through``: no duplicate steps."""
+    """Keep other stages' lines and this stage's lines up to ``keep_through``: no duplicate steps. (Any JSONL file
+    of rows with ``stage`` and ``step``: metrics.jsonl and completions.jsonl.)"""
     if not path.exists():
         return
     from ..checkpoint import atomic_write_text
 
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
+    text = path.read_text(errors="replace")
+    lines, kept = text.splitlines(), []
+    for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line from a killed run
         if row.get("stage") != stage or row.get("step", 0) <= keep_through:
             kept.append(line)
+    if len(kept) == len(lines) and text.endswith("\n"):
+        return  # nothing to drop: a large completions.jsonl is not rewritten at every stage's start
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
