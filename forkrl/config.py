@@ -166,6 +166,7 @@ class RewardCfg(Strict):
     kwargs: dict[str, Any] = {}
     mode: Literal["row", "batch", "group"] = "row"  # batch / group: one call per batch / per problem's group
     isolation: Literal["inline", "process"] = "inline"  # process: a worker killed and respawned on a timeout
+    workers: Annotated[int, Field(ge=1, le=64)] = 1  # with isolation: process, the worker processes a batch is spread on
     timeout_s: Annotated[float, Field(gt=0.0)] | None = None  # per call; default: the stage's reward_timeout_s
 
     @model_validator(mode="after")

@@ -295,3 +295,62 @@ def test_a_reward_models_and_a_judges_paths_are_relative_to_the_config(tmp_path,
     assert rewards[0].reward_model.path == str((tmp_path / "cfg" / "models" / "rm").resolve())
     assert rewards[1].judge.path == str((tmp_path / "judge").resolve())
     assert rewards[1].judge.criteria_file == str((tmp_path / "cfg" / "rubric.yaml").resolve())
+
+
+def test_code_answers_are_run_in_the_sandbox_against_the_problems_tests():
+    from forkrl.tasks.base import Problem
+
+    tests = [["2", "4"], {"input": "5", "output": "10"}]
+    problems = [Problem(id="p0", prompt="double it", answer="", meta={"tests": tests}),
+                Problem(id="p1", prompt="no tests", answer="", meta={})]
+    texts = ["```python\nprint(int(input()) * 2)\n```", "```python\nprint(4)\n```",
+             "print(int(input()) * 2)", "import os\nos.fork()"]
+    r = rollouts(texts, 2)
+    r.problem_N[:] = torch.tensor([0, 0, 0, 1])
+    loaded = load([RewardCfg(name="code_tests")], TASK, where="grpo.rewards", timeout_s=30.0)
+    scored, failures = score_rollouts(r, texts, problems, TASK, loaded, seeds=[0, 1, 2, 3])
+    assert scored.components["code_tests"][:3].tolist() == [1.0, 0.5, 1.0]
+    assert not scored.valid_N[3] and "no test cases in meta['tests']" in failures.first_message
+
+
+def test_a_pool_of_workers_goes_on_while_one_is_stuck(tmp_path):
+    path = write(tmp_path / "stuck.py", STUCK)
+    texts = ["stuck", "a", "bb", "ccc", "dddd", "stuck"]
+    t0 = time.time()
+    scored, failures = score([{"fn": f"{path}:stuck", "isolation": "process", "workers": 2, "timeout_s": 3.0}],
+                             texts)
+    elapsed = time.time() - t0
+    assert scored.valid_N.tolist() == [False, True, True, True, True, False]
+    assert scored.reward_N.tolist() == [0, 1, 2, 3, 4, 0] and failures.count == 2
+    # the two stuck calls overlap the others' and each other's waiting: well under 6 calls x 3 s in a row
+    assert elapsed < 60
+
+
+ONCE_STUCK = """
+import os
+import signal
+from pathlib import Path
+
+MARK = Path(__file__).with_name("stuck-once")
+
+
+def once(completion, step, group_index):
+    if step == 1 and group_index == 0 and not MARK.exists():
+        MARK.write_text("x")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        r, w = os.pipe()
+        os.read(r, 1)  # never returns
+    return float(len(completion) % 2)
+"""
+
+
+def test_a_run_goes_on_past_a_reward_stuck_in_a_system_call(tmp_path):
+    from forkrl.pipeline import run
+
+    path = write(tmp_path / "once.py", ONCE_STUCK)
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.rewards": [{"fn": f"{path}:once", "isolation": "process",
+                                                          "timeout_s": 3.0}]}))
+    summary = run(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["stages"]["grpo"]["steps"] == 2 and [r["unscorable_rows"] for r in rows] == [1, 0]
+    assert "worker process was killed" in rows[0]["unscorable_first_error"]

@@ -18,8 +18,8 @@ problem's own fields, singular, too); both return one value per row.
 A value is a float; None, NaN, inf or an exception make the row unscorable (never a silent 0); or a mapping with
 ``score`` whose other keys are logged as ``reward/<label>/<key>``, not summed.
 
-``isolation: process`` calls the reward in a worker process (``isolation.Worker``) that is killed, with its
-process group, and respawned when a call runs past ``timeout_s``: a reward stuck in C code cannot hang the run.
+``isolation: process`` calls the reward in a pool of ``workers`` processes (``isolation.Pool``); one whose call runs
+past ``timeout_s`` is killed, with its process group, and respawned, while the others go on: a reward stuck in C code cannot hang the run.
 ``inline`` (default) calls it in this process under a SIGALRM time limit, which stops Python code that loops or
 waits but not a call that never returns to the interpreter.
 """
@@ -91,6 +91,7 @@ class Reward:
     wants: tuple[str, ...] = ()
     takes_all: bool = False
     isolation: str = "inline"
+    workers: int = 1
     timeout_s: float | None = 10.0
     spec: str | None = None
     file: Path | None = None
@@ -242,6 +243,15 @@ def _source_sha256(fn: Callable) -> str | None:
         return None
 
 
+def _source_file(fn: Callable) -> Path | None:
+    """The Python file that defines ``fn``, where there is one."""
+    try:
+        found = inspect.getsourcefile(inspect.unwrap(fn))
+    except (TypeError, OSError):
+        return None
+    return Path(found).resolve() if found and Path(found).is_file() else None
+
+
 def spec_file(spec: str | None) -> Path | None:
     """The user's file a ``PATH.py:NAME`` spec names, else None."""
     if not spec:
@@ -294,6 +304,7 @@ def load(entries, task, *, where: str, timeout_s: float | None, device=None, run
             fn, file = resolve(entry.fn, at)
             label = entry.label or split_spec(entry.fn)[1] or entry.fn
             spec = f"{file}:{split_spec(entry.fn)[1]}" if file is not None else entry.fn
+            file = file or _source_file(fn)  # a module's or entry point's file: recorded and hashed the same way
         elif entry.reward_model is not None:
             from .models import build_reward_model
 
@@ -310,7 +321,7 @@ def load(entries, task, *, where: str, timeout_s: float | None, device=None, run
         labels.add(label)
         wants, takes_all = check_signature(fn, label, mode, dict(entry.kwargs), entry.isolation, at)
         out.append(Reward(label=label, fn=fn, weight=entry.weight, mode=mode, kwargs=dict(entry.kwargs),
-                          wants=wants, takes_all=takes_all, isolation=entry.isolation,
+                          wants=wants, takes_all=takes_all, isolation=entry.isolation, workers=entry.workers,
                           timeout_s=entry.timeout_s if entry.timeout_s is not None else
                           None if entry.name is None and entry.fn is None else timeout_s,
                           spec=spec, file=file, sha256=file_sha256(file) if file is not None else

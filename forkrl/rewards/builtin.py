@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
+
 
 def correct(task, problem, completion):
     """The task's verifier: 1.0 for a correct answer, 0.0 for a wrong or missing one."""
@@ -28,9 +32,31 @@ def overlong(completion_ids, max_new_tokens, buffer, penalty=1.0):
     return -penalty * min(max(over, 0), buffer) / buffer
 
 
+def code_tests(completion, meta, field="tests", cpu_s=5, wall_s=10.0, memory_mb=512):
+    """The share of a problem's test cases that the completion's program passes, run in the sandbox
+    (``rewards.sandbox``: its own process group, resource limits, no network, an audit hook). The program is the last
+    fenced code block of the completion (the whole completion when it has none); the cases are ``meta[field]``, a
+    list of ``[stdin, expected stdout]`` pairs (or ``{"input": …, "output": …}`` mappings), e.g. a JSONL row's extra
+    ``tests`` field. ``{name: code_tests, isolation: process, timeout_s: 60}`` keeps a stuck sandbox call away from
+    the trainer too."""
+    from .sandbox import Limits, pass_rate
+
+    cases = meta.get(field) if isinstance(meta, dict) else None
+    if not isinstance(cases, list) or not cases:
+        raise ValueError(f"code_tests: the problem has no test cases in meta[{field!r}] (a list of [stdin, "
+                         "expected stdout] pairs)")
+    pairs = [(c["input"], c["output"]) if isinstance(c, dict) else tuple(c) for c in cases]
+    if not all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise ValueError(f"code_tests: meta[{field!r}] must hold [stdin, expected stdout] pairs of strings")
+    blocks = FENCE.findall(completion)
+    return pass_rate(blocks[-1] if blocks else completion, pairs,
+                     limits=Limits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=memory_mb))
+
+
 REWARDS = {
     "correct": correct,
     "format": format_ok,
     "random": bernoulli,
     "overlong": overlong,
+    "code_tests": code_tests,
 }

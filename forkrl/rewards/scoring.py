@@ -4,7 +4,8 @@ its components, a failure making the row unscorable (``Scored.valid_N`` False), 
 Order, which fixes what a seeded reward draws: each row has one ``random.Random(seed)`` that every reward sees in
 config order; row-mode rewards are called row by row, each row's in config order; then each ``async def`` row-mode
 reward, its rows' calls awaited together on one event loop (at most ``ASYNC_CONCURRENCY`` at a time, each under the
-reward's time limit); then each batch-mode reward once; then each group-mode reward once per group (groups in order
+reward's time limit), and each process-isolated one, its rows' calls spread over its pool of ``workers`` (each gets
+a copy of the row's generator: what it draws does not advance the trainer's); then each batch-mode reward once; then each group-mode reward once per group (groups in order
 of first appearance).
 """
 
@@ -23,7 +24,7 @@ from numbers import Real
 import torch
 
 from ..types import Rollouts, Scored
-from .isolation import RewardCallError, RewardTimeout, Worker
+from .isolation import Pool, RewardCallError, RewardTimeout
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,19 @@ def time_limit(seconds: float | None):
 
 ASYNC_CONCURRENCY = 16  # an async reward's calls in flight at once (a judge endpoint's rate limits, say)
 
-_WORKERS: dict[str, Worker] = {}  # one worker process per isolated reward spec, kept for the process's life
+_POOLS: dict[tuple[str, int], Pool] = {}  # the worker processes of each isolated reward, kept for the process's life
+
+
+def _pool(reward) -> Pool:
+    return _POOLS.setdefault((reward.spec, reward.workers), Pool(reward.spec, reward.workers))
 
 
 def _call(reward, kwargs: dict):
     if reward.isolation == "process":
-        worker = _WORKERS.setdefault(reward.spec, Worker(reward.spec))
-        return worker.call(kwargs, reward.timeout_s)
+        (out,) = _pool(reward).map([kwargs], reward.timeout_s)
+        if isinstance(out, Exception):
+            raise out
+        return out
     with time_limit(reward.timeout_s):
         out = reward.fn(**kwargs)
         return asyncio.run(out) if inspect.iscoroutine(out) else out  # an async batch or group reward
@@ -194,14 +201,16 @@ def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, rewards
     for r in range(N):
         known = {**rows.row(r), **shared}
         for reward in rewards:
-            if reward.mode == "row" and not _is_async(reward):
+            if reward.mode == "row" and reward.isolation == "inline" and not _is_async(reward):
                 try:
                     keep(reward, r, _call(reward, reward.arguments(known)))
                 except Exception as e:  # noqa: BLE001 - any reward failure is a per-row outcome, not a crash
                     fail(f"row {r}", reward.label, e)
     for reward in rewards:
-        if reward.mode == "row" and _is_async(reward):
-            for r, v in enumerate(_await_rows(reward, [reward.arguments({**rows.row(r), **shared}) for r in range(N)])):
+        if reward.mode == "row" and (_is_async(reward) or reward.isolation == "process"):
+            calls = [reward.arguments({**rows.row(r), **shared}) for r in range(N)]
+            answers = _await_rows(reward, calls) if _is_async(reward) else _pool(reward).map(calls, reward.timeout_s)
+            for r, v in enumerate(answers):
                 if isinstance(v, BaseException):
                     fail(f"row {r}", reward.label, v)
                 else:
