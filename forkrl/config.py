@@ -215,7 +215,9 @@ class GrpoCfg(Strict):
     # rows whose advantage is 0 get a no-grad pass (their statistics) and no backward, where their loss and
     # gradient are exactly 0 (no KL or entropy term in the loss); false: every row gets a backward
     skip_zero_advantage: bool = True
-    filter: FilterName = "none"  # zero_variance_groups: drop groups whose rewards are all equal (DAPO)
+    filter: FilterName = "none"  # zero_variance_groups: drop groups whose rewards are all equal (DAPO); snr: RAGEN-2
+    snr_top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None  # filter snr: share of the total std kept (0.9)
+    snr_mode: Literal["linear", "softmax"] | None = None  # filter snr: linear (default) or softmax top-p
     mask_truncated: bool = False  # DAPO's overlong filtering: completions cut at max_new_tokens get no loss
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
     reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable
@@ -226,6 +228,13 @@ class GrpoCfg(Strict):
     def rows_per_step(self) -> int:
         return self.prompts_per_step * self.group_size
 
+    @property
+    def filter_kwargs(self) -> dict:
+        """The named arguments of the configured filter (``algos.filters``)."""
+        if self.filter != "snr":
+            return {}
+        return {"top_p": 0.9 if self.snr_top_p is None else self.snr_top_p, "mode": self.snr_mode or "linear"}
+
     @model_validator(mode="after")
     def _divides(self):
         if self.rows_per_step % self.micro_batch_size:
@@ -233,6 +242,9 @@ class GrpoCfg(Strict):
                              f"grpo.prompts_per_step × grpo.group_size = {self.rows_per_step}")
         if not self.rewards:
             raise ValueError("grpo.rewards is empty: give at least one, e.g. [{name: correct}]")
+        if self.filter != "snr" and (self.snr_top_p is not None or self.snr_mode is not None):
+            raise ValueError(f"grpo.snr_top_p and grpo.snr_mode set the snr filter, but grpo.filter is "
+                             f"{self.filter!r}: set grpo.filter: snr, or remove them")
         return self
 
 
@@ -299,6 +311,12 @@ class GuardsCfg(Strict):
     max_consecutive_nonfinite: Pos = 3
     # A batch more than half unscorable (rewards that raise or return None/NaN); this many in a row stop it.
     max_unscorable_steps: Pos = 3
+    # A filter (grpo.filter) that keeps no row skips the update; this many in a row stop the run (RAGEN stops at 5).
+    max_empty_steps: Pos = 5
+    # RAGEN-2's reward-std collapse stop: this many steps in a row whose mean in-group reward std is below
+    # std_collapse_ratio × the mean of the stage's first 10 steps stop the run (0: never; RAGEN uses 10).
+    max_std_collapse_steps: NonNeg = 0
+    std_collapse_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
 
 
 class DebugCfg(Strict):

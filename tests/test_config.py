@@ -61,3 +61,15 @@ def test_config_is_frozen_and_round_trips():
     again = parse_config(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert cfg.grpo.rows_per_step == 16
+
+
+def test_snr_filter_keys():
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.filter": "snr"}))
+    assert cfg.grpo.filter_kwargs == {"top_p": 0.9, "mode": "linear"}
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.filter": "snr", "grpo.snr_top_p": 0.5, "grpo.snr_mode": "softmax"}))
+    assert cfg.grpo.filter_kwargs == {"top_p": 0.5, "mode": "softmax"}
+    assert parse_config(tiny_cfg_dict(**{"grpo.filter": "zero_variance_groups"})).grpo.filter_kwargs == {}
+    with pytest.raises(ConfigError, match="grpo.snr_top_p and grpo.snr_mode set the snr filter.*'none'"):
+        parse_config(tiny_cfg_dict(**{"grpo.snr_top_p": 0.5}))
+    with pytest.raises(ConfigError, match="snr_top_p"):
+        parse_config(tiny_cfg_dict(**{"grpo.filter": "snr", "grpo.snr_top_p": 1.5}))

@@ -93,7 +93,9 @@ def coin(rng):
 def test_train_under_torchrun_matches_one_process(tmp_path):
     (tmp_path / "coin.py").write_text(RANKED_COIN)
     data = tiny_cfg_dict(**{"stages": ["sft", "grpo"], "sft.steps": 3, "grpo.steps": 3,
-                            "grpo.rewards": [{"fn": f"{tmp_path / 'coin.py'}:coin"}], "grpo.optim": {"lr": 1e-2}})
+                            "grpo.rewards": [{"fn": f"{tmp_path / 'coin.py'}:coin"}], "grpo.optim": {"lr": 1e-2},
+                            # the snr filter ranks the step's groups against each other: across ranks, not per rank
+                            "grpo.filter": "snr", "grpo.snr_top_p": 0.6})
     train_one_and_two_processes(tmp_path, data)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "grpo" / "final").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "grpo" / "final").state_dict()
@@ -104,7 +106,8 @@ def test_train_under_torchrun_matches_one_process(tmp_path):
     rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert [(r["stage"], r["step"]) for r in rows[0]] == [(r["stage"], r["step"]) for r in rows[1]]  # rank 0 only
     for a, b in zip(rows[0], rows[1]):
-        for key in ("reward_mean", "rows_trained", "completion_len_mean", "truncation_rate"):
+        for key in ("reward_mean", "rows_trained", "groups_kept_frac", "group_reward_std", "completion_len_mean",
+                    "truncation_rate"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
         assert b["world_size"] == 2 and a["world_size"] == 1

@@ -2,6 +2,7 @@
 the run after N consecutive occurrences with a message saying what to try."""
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -77,3 +78,47 @@ def test_tokenizer_without_eos_is_a_clear_error(tiny_model_dir, tmp_path):
     cfg_file.write_text(json.dumps(data))
     with pytest.raises(ModelLoadError, match="no EOS token"):
         load_tokenizer(str(broken))
+
+
+def test_filters_that_empty_every_batch_stop_the_run(tmp_path):
+    from forkrl.tasks.arithmetic import ArithmeticTask
+
+    class Constant(ArithmeticTask):
+        def score(self, problem, completion):
+            return 1.0
+
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.steps": 10, "grpo.filter": "snr", "guards": {"max_empty_steps": 3}}))
+    with pytest.raises(TrainingError, match=r"grpo step 3: the filters .*no row to train for 3 consecutive steps"):
+        run(cfg, tmp_path / "r", task=Constant(digits=2, train_size=50, heldout_size=10))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["empty_batch"], r["rows_trained"], r["groups_kept_frac"], r["group_reward_std"]) for r in rows] == \
+        [(True, 0, 0.0, 0.0)] * 3
+    assert all(r["group_reward_std_kept"] is None and r["loss"] is None for r in rows)
+
+
+def test_reward_std_collapse_stop(tmp_path, monkeypatch):
+    """The ratio is a step's mean in-group std over the first 10 steps' mean; below 0.1 for 2 steps stops."""
+    from forkrl.tasks.arithmetic import ArithmeticTask
+    from forkrl.trainers import grpo
+
+    class Spread(ArithmeticTask):  # rewards alternate within a group for 11 steps, then all equal
+        step = 0
+
+        def score(self, problem, completion):
+            return float(zlib.crc32(completion.encode()) % 2) if Spread.step <= 11 else 1.0
+
+    real = grpo.grpo_step
+
+    def counted(*args, **kw):
+        Spread.step = args[-1]
+        return real(*args, **kw)
+
+    monkeypatch.setattr(grpo, "grpo_step", counted)
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.steps": 20, "guards": {"max_std_collapse_steps": 2}}))
+    with pytest.raises(TrainingError, match=r"grpo step 13: the mean in-group reward std stayed below 0.1"):
+        run(cfg, tmp_path / "r", task=Spread(digits=2, train_size=50, heldout_size=10))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    ratios = [r["reward_std_collapse_ratio"] for r in rows]
+    assert ratios[:9] == [None] * 9 and ratios[12] == 0.0 and ratios[11] == 0.0
+    first = [r["group_reward_std"] for r in rows[:10]]
+    assert ratios[9] == pytest.approx(first[9] / (sum(first) / 10), rel=1e-9) and ratios[10] > 0.1

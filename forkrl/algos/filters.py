@@ -1,4 +1,5 @@
-"""Group statistics over valid rows, and the zero-variance group filter (DAPO dynamic sampling).
+"""Group statistics over valid rows, and the group filters: zero variance (DAPO dynamic sampling) and RAGEN-2's
+reward-variance top-p (``snr``).
 
 Rows with the same ``group_N`` id were sampled from the same prompt. Ids are arbitrary integers (not
 contiguous, not sorted); rows are grouped with ``torch.unique`` + ``index_add_``, never a Python loop.
@@ -79,8 +80,57 @@ def zero_variance_groups(reward_N: torch.Tensor, group_N: torch.Tensor, valid_N:
     return ~group_stats(reward_N, group_N, valid_N).flat_N
 
 
+def group_reward_std(reward_N: torch.Tensor, group_N: torch.Tensor, valid_N: torch.Tensor):
+    """(std_g, idx_N): each group's unbiased std of its valid rewards (0 for a flat group or one with < 2 valid
+    rows), groups in ascending id order, and each row's group index into it."""
+    _, idx_N = torch.unique(group_N, return_inverse=True)
+    std_N = group_stats(reward_N, group_N, valid_N).std_N
+    std_g = std_N.new_zeros(int(idx_N.max()) + 1 if len(idx_N) else 0).scatter_(0, idx_N, std_N)
+    return std_g, idx_N
+
+
+def top_p_groups(score_g: torch.Tensor, *, top_p: float, mode: str = "linear") -> torch.Tensor:
+    """keep_g: the highest-scoring groups whose cumulative weight first reaches ``top_p`` of the total.
+
+    Sort the scores descending (stable: ties in group order); w = score (``linear``) or softmax over the
+    positive scores (``softmax``); keep entry k while the cumulative weight *before* it is below
+    top_p · Σw (less a relative 1e-6, so rounding in the sum cannot drop the last needed group): the shortest
+    prefix that reaches the threshold. A zero score is never kept, in either mode, and all-zero scores keep
+    nothing. Example (linear): scores [.5, .4, .1, 0], top_p .9 → threshold .9: .5 (before 0), .4 (before .5)
+    kept, .1 (before .9) dropped."""
+    if mode not in ("linear", "softmax"):
+        raise ValueError(f"unknown top-p mode {mode!r}; valid modes: linear, softmax")
+    score_s, order = torch.sort(score_g, descending=True, stable=True)
+    positive = score_s > 0
+    if mode == "linear":
+        w = torch.where(positive, score_s, 0.0)
+    else:
+        w = torch.where(positive, torch.softmax(score_s.masked_fill(~positive, -float("inf")), 0), 0.0)
+        w = torch.nan_to_num(w)  # no positive score: a softmax of all -inf
+    before = torch.cumsum(w, 0) - w
+    keep_s = positive & (before < top_p * w.sum() * (1 - 1e-6))
+    return torch.zeros_like(keep_s).scatter_(0, order, keep_s)
+
+
+def snr(reward_N: torch.Tensor, group_N: torch.Tensor, valid_N: torch.Tensor, *, top_p: float = 0.9,
+        mode: str = "linear") -> torch.Tensor:
+    """keep_N: RAGEN-2's reward-variance ("SNR") filter (arXiv 2604.06268, METHODS §6), as RAGEN implements it.
+
+    Each group is scored by its reward standard deviation (unbiased, valid rows only; not the variance) and the
+    groups ``top_p_groups`` keeps are kept whole. Why: a prompt's task gradient is bounded by √Var(R | x), while
+    regulariser gradients (KL, entropy) are not, so low-variance prompts mostly push toward input-agnostic
+    templates. ``top_p = 1`` keeps every group with a nonzero std: ``zero_variance_groups`` exactly. ``softmax``
+    mode (the paper's main-table scripts) is a near no-op for 0/1 rewards: their stds are ≤ ~0.53, so the
+    softmax is near-uniform and nearly every nonzero group is kept. Departure from RAGEN: a filtered batch is
+    not padded by duplicating rows (forkrl's global denominators need no padding); an empty result skips the
+    update (``guards.max_empty_steps`` in a row stop the run)."""
+    std_g, idx_N = group_reward_std(reward_N, group_N, valid_N)
+    return top_p_groups(std_g, top_p=top_p, mode=mode)[idx_N]
+
+
 FILTERS = {
     "zero_variance_groups": zero_variance_groups,
+    "snr": snr,
 }
 
 

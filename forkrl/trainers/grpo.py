@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from ..algos.advantages import get_advantage
-from ..algos.filters import get_filter, zero_variance_groups
+from ..algos.filters import get_filter, group_reward_std, zero_variance_groups
 from ..algos.kl import get_kl
 from ..algos.loss import grpo_loss, zero_advantage_rows_vanish
 from ..forward import ModelForward, make_forward
@@ -36,7 +36,7 @@ from ..types import Rollouts
 from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
 from .loop import StageLoop
-from .metrics import stage_sums
+from .metrics import SpreadWatch, stage_sums
 
 STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch")  # summed over masked tokens, per step
 
@@ -138,6 +138,7 @@ def train_grpo(ctx) -> dict:
                      schedule_steps=cfg.steps * cfg.inner_iterations, samplers=(sampler,))
     shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
     prompt_cache: dict[int, list[int]] = {}
+    spread = SpreadWatch(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name)  # after the loop cut the file back
     for step in loop.steps():
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
@@ -146,6 +147,7 @@ def train_grpo(ctx) -> dict:
                       for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
         metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds, rewards, step)
+        metrics["reward_std_collapse_ratio"] = spread.ratio(step, metrics["group_reward_std"])
         loop.end_step(step, metrics)
     keys = ("tokens_sampled", "tokens_trained")
     sums = dict.fromkeys(keys, 0)
@@ -170,17 +172,20 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     if cfg.kl.active and cfg.kl.where == "reward":
         kl_N = (get_kl(cfg.kl.estimator)(old_logp, ref_logp) * rollouts.completion_mask_NL[:, 1:]).sum(1)
         reward_N = reward_N - cfg.kl.beta * kl_N
-    # Advantages over the whole step (every rank's rows): exact for batch-level statistics too.
-    group_N = rollouts.group_N + dist.rank * len(step_problems)
-    adv_all = get_advantage(cfg.advantage)(dist.all_gather(reward_N), dist.all_gather(group_N),
-                                           dist.all_gather(scored.valid_N), eps=cfg.adv_eps)
-    adv_N = adv_all[dist.shard(len(adv_all), "rows per step")]
+    # Advantages and filters over the whole step (every rank's rows): exact for batch-level statistics and for a
+    # filter that ranks groups against each other (snr).
+    group_all = dist.all_gather(rollouts.group_N + dist.rank * len(step_problems))
+    task_all, valid_all = dist.all_gather(scored.reward_N), dist.all_gather(scored.valid_N)
+    adv_all = get_advantage(cfg.advantage)(dist.all_gather(reward_N), group_all, valid_all, eps=cfg.adv_eps)
+    mine = dist.shard(len(adv_all), "rows per step")
+    adv_N = adv_all[mine]
     loop.log_completions(step, step_problems, texts, scored, adv_N)  # RUN_DIR/completions.jsonl
     # Zero variance and filters are judged on the task reward: a KL-in-reward term would make every group look
     # informative.
-    zero_var = ~zero_variance_groups(scored.reward_N, rollouts.group_N, scored.valid_N)
-    keep_N = torch.ones_like(zero_var) if cfg.filter == "none" else \
-        get_filter(cfg.filter)(scored.reward_N, rollouts.group_N, scored.valid_N)
+    zero_var_all = ~zero_variance_groups(task_all, group_all, valid_all)
+    keep_all = torch.ones_like(zero_var_all) if cfg.filter == "none" else \
+        get_filter(cfg.filter)(task_all, group_all, valid_all, **cfg.filter_kwargs)
+    keep_N = keep_all[mine]
     if cfg.mask_truncated:  # DAPO's overlong filtering: a cut-off row keeps its place in the baseline, not the loss
         keep_N = keep_N & ~rollouts.truncated_N
     rows_N = keep_N.nonzero().squeeze(1)
@@ -199,10 +204,10 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     train_s = time.time() - t1
     nan_N = torch.full_like(scored.reward_N, float("nan"))  # a component another rank's rows have and these lack
     components = {k: scored.components.get(k, nan_N) for k in dist.union(list(scored.components))}
-    gathered = {k: dist.all_gather(v) for k, v in (
-        ("reward", scored.reward_N), ("valid", scored.valid_N), ("adv", adv_N), ("keep", keep_N),
-        ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N), ("zero_var", zero_var),
-        ("group", group_N), *((f"reward/{k}", v) for k, v in components.items()))}
+    gathered = {"reward": task_all, "valid": valid_all, "adv": adv_all, "zero_var": zero_var_all, "group": group_all,
+                **{k: dist.all_gather(v) for k, v in (
+                    ("keep", keep_N), ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N),
+                    *((f"reward/{k}", v) for k, v in components.items()))}}
     return step_metrics(gathered, stats, failures, cfg, dist.world_size,
                         sample_s=sample_s, train_s=train_s, lr=loop.lr)
 
@@ -227,6 +232,8 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
     tokens = float(stats["tokens"]) or 1.0
     per_tok = lambda k: float(stats[k]) / tokens if k in stats else None  # noqa: E731
     sample_tokens = float(lens.sum())
+    std_g, idx_N = group_reward_std(reward_N, g["group"], valid)  # RAGEN-2's in-group reward spread
+    kept_g = torch.zeros(len(std_g), dtype=torch.bool).index_fill_(0, idx_N[g["keep"]], True)
     return {
         "reward_mean": float(reward_N[valid].mean()) if valid.any() else None,
         "reward_std": float(reward_N[valid].std()) if valid.sum() > 1 else None,
@@ -235,7 +242,10 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "unscorable_rows": int((~valid).sum()), "unscorable_frac": float((~valid).float().mean()),
         "unscorable_first_error": failures.first_message,
         "zero_variance_group_frac": len(g["group"][g["zero_var"]].unique()) / max(len(g["group"].unique()), 1),
-        "rows_trained": int(g["keep"].sum()),
+        "rows_trained": int(g["keep"].sum()), "empty_batch": not bool(g["keep"].any()),
+        "groups_kept_frac": float(kept_g.float().mean()),
+        "group_reward_std": float(std_g.mean()),
+        "group_reward_std_kept": float(std_g[kept_g].mean()) if kept_g.any() else None,
         "adv_mean": float(adv_N[valid].mean()) if valid.any() else None,
         "adv_std": float(adv_N[valid].std()) if valid.sum() > 1 else None,
         "adv_abs_max": float(adv_N.abs().max()),

@@ -30,13 +30,16 @@ class TrainingError(RuntimeError):
 
 
 class Guards:
-    """Counts consecutive skipped (NaN/inf) updates and mostly-unscorable batches (``guards`` in the config); once
-    either reaches its limit, ``check`` returns the message that stops the run (with what to try)."""
+    """Counts consecutive skipped (NaN/inf) updates, mostly-unscorable batches, batches a filter emptied
+    (``empty_batch``) and steps of collapsed reward spread (``reward_std_collapse_ratio``; ``guards`` in the config);
+    once one reaches its limit, ``check`` returns the message that stops the run (with what to try)."""
 
     def __init__(self, cfg, stage: str):
         self.cfg, self.stage = cfg, stage
         self.nonfinite = 0  # consecutive skipped (NaN/inf) updates
         self.unscorable = 0  # consecutive steps with most rows unscorable
+        self.empty = 0  # consecutive steps whose filters left no row to train
+        self.collapsed = 0  # consecutive steps with the in-group reward std collapsed
 
     def check(self, step: int, metrics: dict) -> str | None:
         """Update the streaks from the step's ``metrics`` (marking a skipped update there); the stop message or None."""
@@ -47,6 +50,9 @@ class Guards:
             metrics["grad_norm"] = None  # JSON has no NaN; update_skipped says why it is missing
         self.nonfinite = self.nonfinite + 1 if skipped else 0
         self.unscorable = self.unscorable + 1 if metrics.get("unscorable_frac", 0.0) > 0.5 else 0
+        self.empty = self.empty + 1 if metrics.get("empty_batch") else 0
+        ratio = metrics.get("reward_std_collapse_ratio")
+        self.collapsed = self.collapsed + 1 if ratio is not None and ratio < self.cfg.std_collapse_ratio else 0
         stage = self.stage
         if self.nonfinite >= self.cfg.max_consecutive_nonfinite:
             return (f"{stage} step {step}: the loss or gradient was NaN/inf for {self.nonfinite} consecutive "
@@ -58,6 +64,16 @@ class Guards:
             return (f"{stage} step {step}: more than half of the rows were unscorable for {self.unscorable} "
                     f"consecutive steps (first error this step: {metrics.get('unscorable_first_error')}). Fix the "
                     f"reward or verifier, or raise guards.max_unscorable_steps.")
+        if self.empty >= self.cfg.max_empty_steps:
+            return (f"{stage} step {step}: the filters ({stage}.filter, {stage}.mask_truncated) left no row to train for "
+                    f"{self.empty} consecutive steps, so no update was made: every group's rewards were equal (all "
+                    f"solved or all failed). Try an easier or harder task split, a larger {stage}.group_size, "
+                    f"{stage}.filter: none, or raise guards.max_empty_steps.")
+        if self.cfg.max_std_collapse_steps and self.collapsed >= self.cfg.max_std_collapse_steps:
+            return (f"{stage} step {step}: the mean in-group reward std stayed below {self.cfg.std_collapse_ratio} × "
+                    f"its mean over the stage's first 10 steps for {self.collapsed} consecutive steps (RAGEN-2's "
+                    f"collapse stop): the groups no longer carry a learning signal. The last checkpoint is intact; "
+                    f"set guards.max_std_collapse_steps: 0 to train on.")
         return None
 
 

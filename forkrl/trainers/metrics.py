@@ -115,14 +115,36 @@ def truncate_metrics(path: Path, stage: str, keep_through: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
+def stage_rows(path: Path, stage: str) -> list[dict]:
+    """``stage``'s lines of the metrics file ``path``, in order (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [row for row in map(json.loads, path.read_text().splitlines()) if row.get("stage") == stage]
+
+
 def stage_sums(path: Path, stage: str, keys: tuple[str, ...]) -> dict:
     """Sums of ``keys`` over ``stage``'s lines of the metrics file ``path`` (so a resumed stage counts every step)."""
     sums = dict.fromkeys(keys, 0)
-    if not path.exists():
-        return sums
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("stage") == stage:
-            for k in keys:
-                sums[k] += row.get(k) or 0
+    for row in stage_rows(path, stage):
+        for k in keys:
+            sums[k] += row.get(k) or 0
     return sums
+
+
+class SpreadWatch:
+    """RAGEN-2's reward-std collapse ratio (arXiv 2604.06268): a step's mean in-group reward std over its mean across
+    the stage's first ``warmup`` steps; None until those are seen, or when they had no spread at all. A resumed stage
+    reads its first steps back from the metrics file ``path`` (already cut back to the checkpoint), so the ratio
+    equals an uninterrupted run's."""
+
+    def __init__(self, path: Path, stage: str, *, warmup: int = 10):
+        self.warmup = warmup
+        self.first = [row.get("group_reward_std") for row in stage_rows(path, stage) if row["step"] <= warmup]
+
+    def ratio(self, step: int, std: float | None) -> float | None:
+        if step <= self.warmup:
+            self.first.append(std)
+        first = [v for v in self.first if v is not None]
+        if step < self.warmup or std is None or not first or sum(first) <= 0:
+            return None
+        return std / (sum(first) / len(first))
