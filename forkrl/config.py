@@ -222,6 +222,9 @@ class GrpoCfg(Strict):
     rewards: list[RewardCfg] = [RewardCfg(name="correct")]
     reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0  # per reward call; past it the row is unscorable
     eval_every: NonNeg = 0  # held-out pass@1 every K steps (0: only at the end of the stage)
+    # RAGEN-2's input-reasoning MI estimate every K steps (0: never): one no-grad forward per (completion, prompt)
+    # pair of the step, B × B × G rows (diagnostics/collapse.py)
+    mi_every: NonNeg = 0
     optim: OptimCfg = OptimCfg(lr=1e-4)
 
     @property

@@ -11,14 +11,19 @@ PANELS = (
     ("reward", "Reward", "mean reward", ("reward_mean",), {}),
     ("pass_at_1", "Held-out pass@1", "pass@1", ("pass_at_1",), {"y_range": (0, 1)}),
     ("entropy", "Policy entropy", "nats / token", ("entropy",), {"y_zero": True}),
+    # RAGEN-2: entropy sees H(Z|X) only; the MI estimate sees template collapse (grpo.mi_every)
+    ("mi", "Input–reasoning MI (template collapse)", "nats", ("mi_token", "mi_seq"), {"y_zero": True}),
+    ("spread", "In-group reward std", "std", ("group_reward_std", "group_reward_std_kept"), {"y_zero": True}),
     ("kl", "KL to the reference", "nats / token", ("kl",), {"y_zero": True}),
     ("clip", "Clip fractions", "share of tokens", ("clip_frac_low", "clip_frac_high"), {"y_zero": True}),
     ("length", "Completion length", "tokens", ("completion_len_mean",), {"y_zero": True}),
     ("grad_norm", "Gradient norm", "L2 norm", ("grad_norm",), {"y_zero": True}),
     ("loss", "Loss", "loss", ("loss",), {}),
 )
+OPTIONAL = {"mi", "spread"}  # drawn where logged, no "not logged" chip elsewhere (opt-in, or newer than the run)
 SERIES_NAMES = {"clip_frac_low": "low side", "clip_frac_high": "high side", "completion_len_mean": "mean",
-                "pass_at_1": "during training"}
+                "pass_at_1": "during training", "mi_token": "per token", "mi_seq": "per sequence",
+                "group_reward_std": "all groups", "group_reward_std_kept": "groups kept"}
 
 
 def duration(seconds) -> str:
@@ -141,7 +146,7 @@ def stage_block(source: MetricsSource, stage: str, rows: list[dict]) -> Safe:
         series = _series(pid, keys, rows, xs, summary_stage)
         if series:
             charted.append(chart_panel(pid, title, ylabel, opts, series, xs))
-        else:
+        elif pid not in OPTIONAL:
             absent.append(absent_chip(pid, title, keys))
     name = f"{source.label}/{stage}" if source.label else stage
     skipped = sum(1 for r in rows if r.get("update_skipped"))

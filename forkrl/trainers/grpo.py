@@ -26,6 +26,7 @@ from ..algos.advantages import get_advantage
 from ..algos.filters import get_filter, group_reward_std, zero_variance_groups
 from ..algos.kl import get_kl
 from ..algos.loss import grpo_loss, zero_advantage_rows_vanish
+from ..diagnostics.collapse import collapse_metrics
 from ..forward import ModelForward, make_forward
 from ..models import load_model
 from .. import rewards as reward_api
@@ -163,6 +164,7 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
     sample_s = time.time() - t0
     texts = completion_texts(ctx.tokenizer, rollouts)
+    collapse = template_collapse(ctx, rollouts, prompt_ids, step)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task, rewards, seeds=seeds,
                                       step=step, progress=step / cfg.steps,
                                       max_new_tokens=run_cfg.sampling.max_new_tokens)
@@ -208,8 +210,22 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
                 **{k: dist.all_gather(v) for k, v in (
                     ("keep", keep_N), ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N),
                     *((f"reward/{k}", v) for k, v in components.items()))}}
-    return step_metrics(gathered, stats, failures, cfg, dist.world_size,
-                        sample_s=sample_s, train_s=train_s, lr=loop.lr)
+    return {**step_metrics(gathered, stats, failures, cfg, dist.world_size, sample_s=sample_s, train_s=train_s,
+                           lr=loop.lr), **collapse}
+
+
+def template_collapse(ctx, rollouts: Rollouts, prompt_ids: list[list[int]], step: int) -> dict:
+    """RAGEN-2's MI estimate on the step's rows before any filter, every ``grpo.mi_every`` steps, on rank 0 (from its
+    own shard of the prompts): each completion scored under each of the step's distinct prompts."""
+    every = ctx.cfg.grpo.mi_every
+    if not every or step % every or not ctx.dist.is_main:
+        return {}
+    mask = rollouts.completion_mask_NL
+    reasonings = [ids[m].tolist() for ids, m in zip(rollouts.input_ids_NL, mask)]
+    out = collapse_metrics(ctx.model, prompt_ids, reasonings, rollouts.problem_N.tolist(),
+                           pad_id=ctx.tokenizer.pad_token_id, temperature=ctx.cfg.sampling.temperature or 1.0,
+                           micro_batch_size=ctx.cfg.grpo.micro_batch_size)
+    return out or {}
 
 
 def frozen_passes(ctx, ref_model, rollouts: Rollouts):
