@@ -15,8 +15,8 @@ parse costs ``invalid_penalty`` and leaves the state unchanged.
 
 from __future__ import annotations
 
-from .base import StepResult, episode_rng, parse_actions
-from .grid import MOVES, bfs, shift
+from .base import StepResult, episode_rng
+from .grid import MOVES, bfs, open_turn, shift
 
 ACTIONS = tuple(MOVES)
 
@@ -78,11 +78,9 @@ class FrozenLake:
                       if self._inside((r, c))}
 
     def step(self, action: str) -> StepResult:
-        if self.done:
-            return StepResult(None, 0.0, True, self.info(valid=False))
-        actions = parse_actions(action, ACTIONS, self.actions_per_turn)
-        if actions is None:
-            return StepResult(self.render(), -self.invalid_penalty, False, self.info(valid=False))
+        actions = open_turn(self, action)
+        if isinstance(actions, StepResult):
+            return actions
         reward = 0.0
         for a in actions:
             self.player = self._move(self.player, self._slip(a))

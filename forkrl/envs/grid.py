@@ -11,7 +11,7 @@ import copy
 from collections import deque
 from typing import Callable, Hashable, Iterable, Sequence
 
-from .base import Demo, episode_rng
+from .base import Demo, StepResult, episode_rng, parse_actions
 
 MOVES = {"Left": (0, -1), "Down": (1, 0), "Right": (0, 1), "Up": (-1, 0)}
 
@@ -40,6 +40,17 @@ def bfs(start: Hashable, goal: Callable[[Hashable], bool],
                 parent[nxt] = (state, action)
                 queue.append(nxt)
     return None
+
+
+def open_turn(env, action: str) -> list[str] | StepResult:
+    """The turn's actions parsed from ``action``, or the turn's whole result: nothing for a finished episode, the
+    invalid-action penalty with the state unchanged for text that names no valid actions."""
+    if env.done:
+        return StepResult(None, 0.0, True, env.info(valid=False))
+    actions = parse_actions(action, env.ACTIONS, env.actions_per_turn)
+    if actions is None:
+        return StepResult(env.render(), -env.invalid_penalty, False, env.info(valid=False))
+    return actions
 
 
 def turn_text(reason: str, actions: Sequence[str]) -> str:

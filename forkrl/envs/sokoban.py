@@ -14,8 +14,8 @@ P player, S player on a target.
 
 from __future__ import annotations
 
-from .base import StepResult, episode_rng, parse_actions
-from .grid import MOVES, bfs, shift
+from .base import StepResult, episode_rng
+from .grid import MOVES, bfs, open_turn, shift
 
 ACTIONS = ("Up", "Down", "Left", "Right")
 
@@ -92,11 +92,9 @@ class Sokoban:
         return (nxt, box) if nxt in self.floor else state
 
     def step(self, action: str) -> StepResult:
-        if self.done:
-            return StepResult(None, 0.0, True, self.info(valid=False))
-        actions = parse_actions(action, ACTIONS, self.actions_per_turn)
-        if actions is None:
-            return StepResult(self.render(), -self.invalid_penalty, False, self.info(valid=False))
+        actions = open_turn(self, action)
+        if isinstance(actions, StepResult):
+            return actions
         reward = 0.0
         for a in actions:
             was_on = self.box == self.target
