@@ -143,6 +143,8 @@ class SftCfg(Strict):
     t_max: Pos | None = None  # for seq_mean_token_sum_norm; default: the longest demonstration
     eval_every: NonNeg = 0  # held-out pass@1 every K optimizer steps (0: only at the end of the stage)
     optim: OptimCfg = OptimCfg(lr=3e-3, warmup_steps=30, schedule="linear")
+    # env tasks: the observations' tokens (role ENV) are masked out of the loss, or trained on as targets too
+    observations: Literal["mask", "train"] = "mask"
 
     @model_validator(mode="after")
     def _divides(self):
@@ -345,6 +347,13 @@ class RunCfg(Strict):
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = []
     log_completions: NonNeg = 4  # GRPO rows per step sampled into RUN_DIR/completions.jsonl (0: none)
 
+    @model_validator(mode="after")
+    def _multi_turn_stages(self):
+        if self.task.type == "env" and "fork" in self.stages:
+            raise ValueError("stages: the fork stage is single-turn (it contrasts completions at fork tokens of one "
+                             "prompt); an env task (task.type: env) trains with sft and grpo stages")
+        return self
+
     def lora_for(self, stage: str) -> LoraCfg:
         """The LoRA setting of a stage: ``fork.lora`` for the fork stage, ``model.lora`` for the others."""
         return self.fork.lora if stage == "fork" else self.model.lora
@@ -532,6 +541,24 @@ def _anchor_reward_files(data: Any, base: Path) -> Any:
 REWARD_SECTIONS = ("grpo", "fork")  # the config sections whose ``rewards`` entries name reward callables
 
 
+def _anchor_task_files(data: Any, base: Path) -> Any:
+    """``data`` with an env task's files (``task.env: PATH.py:Class``, ``task.demos_file``) made absolute from
+    ``base``, as reward files are."""
+    task = data.get("task") if isinstance(data, dict) else None
+    if not isinstance(task, dict) or task.get("type") != "env":
+        return data
+    task = dict(task)
+    spec = task.get("env")
+    if isinstance(spec, str) and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        head, _, name = spec.rpartition(":")
+        if not Path(head).expanduser().is_absolute():
+            task["env"] = f"{(base / head).resolve()}:{name}"
+    demos = task.get("demos_file")
+    if isinstance(demos, str) and not Path(demos).expanduser().is_absolute():
+        task["demos_file"] = str((base / demos).resolve())
+    return {**data, "task": task}
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunCfg:
     """The config in the YAML file ``path``, with ``--set`` ``overrides``; reward files relative to its directory."""
     from .userfiles import MAX_CONFIG_BYTES, read_text
@@ -547,4 +574,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunCfg:
     if not isinstance(data, dict):
         return parse_config(data, source=str(path))
     data, set_keys = apply_overrides(data, overrides)  # before anchoring: a --set fn: is relative to the file too
-    return _validate(_anchor_reward_files(data, path.parent), str(path), yaml.compose(text), set_keys)
+    data = _anchor_task_files(_anchor_reward_files(data, path.parent), path.parent)
+    return _validate(data, str(path), yaml.compose(text), set_keys)

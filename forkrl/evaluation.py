@@ -41,3 +41,17 @@ def heldout_scores(task, problems, tokenizer, rollouts: Rollouts) -> tuple[list[
         s = task.score(problems[pi], text)
         scores.append(0.0 if s is None or s != s else float(s))
     return texts, scores
+
+
+def evaluate_episodes(sampler, task, codec, params, samples: int, *, num_seeds: int | None = None,
+                      seed: int = 0) -> EvalResult:
+    """Held-out success of an env task (``task.multi_turn``): ``samples`` episodes on each of the first
+    ``num_seeds`` held-out env seeds; an episode whose environment raised counts as a failure."""
+    from .envs.episodes import play
+
+    t0 = time.time()
+    env_seeds = list(task.seeds("heldout"))[:num_seeds]
+    rows = row_seeds(f"eval:{seed}", env_seeds, samples)
+    episodes = play(task, sampler, codec, env_seeds, samples, params, seeds=rows)
+    success = [float(task.success(e)) for e in episodes]
+    return EvalResult(sum(success) / max(len(success), 1), {}, time.time() - t0)

@@ -107,6 +107,9 @@ def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001 - a damaged config.json
         raise models.load_error("the model's config", str(model_dir), e) from None
     limit = context_of(config)
+    if getattr(task, "multi_turn", False):
+        check_episodes(cfg, task, tokenizer, limit)
+        return
     for split in ("train", "heldout"):
         for problem in task.problems(split):
             encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
@@ -118,6 +121,26 @@ def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
             if n > limit:
                 raise ConfigError(f"{describe(problem)}: its demonstration, with its prompt and EOS, is {n:,} tokens "
                                   f"or more, over the model's context of {limit}; shorten it or leave it out")
+
+
+def check_episodes(cfg: RunCfg, task, tokenizer, limit: int | None) -> None:
+    """An env task's episodes can be carried token in, token out (the codec's template check), its episode budget
+    fits the model's context, and every SFT demonstration fits the episode budget."""
+    from .envs.episodes import CodecError, make_codec, replay
+
+    try:
+        codec = make_codec(task, tokenizer)
+    except CodecError as e:
+        raise ConfigError(f"task.format: {e}") from None
+    if limit and task.max_episode_tokens > limit:
+        raise ConfigError(f"task.max_episode_tokens={task.max_episode_tokens} is over the model's context of {limit}; "
+                          "lower it (or max_turns)")
+    if "sft" in cfg.stages:
+        for demo in task.episode_demos("train"):
+            n = len(replay(task, codec, demo).ids)
+            if n > task.max_episode_tokens:
+                raise ConfigError(f"task: the demonstration of env seed {demo.seed} ({demo.kind}) is {n} tokens, over "
+                                  f"task.max_episode_tokens={task.max_episode_tokens}; raise it or shorten the turns")
 
 
 def _tokenizer_path(cfg: RunCfg, init_path: Path) -> Path:

@@ -231,3 +231,65 @@ def episode_rollouts(episodes: list[Episode], *, pad_id: int, group_size: int) -
     group = torch.arange(N) // group_size
     return Rollouts(input_ids_NL=ids, role_NL=role, sampler_logp_NL=logp, group_N=group, problem_N=group.clone(),
                     truncated_N=torch.tensor([e.truncated for e in episodes]))
+
+
+def make_codec(task, tokenizer):
+    """The codec of an env task's format (``task.format.style``): plain text, or the tokenizer's chat template
+    (checked here: a template that does not preserve prefixes is refused before anything runs)."""
+    if getattr(task, "style", "plain") == "chat":
+        return ChatCodec(tokenizer, system=getattr(task, "system_prompt", None))
+    return PlainCodec(tokenizer)
+
+
+def replay(task, codec, demo) -> Episode:
+    """A demonstration as the episode a policy writing its actions would have played: the same row layout as
+    ``run_episodes`` (the actions' tokens COMPLETION, each ending with EOS; the observations' bridges), so SFT and RL
+    see the same renderings. Turns past the environment's end are dropped."""
+    env = task.make()
+    episode = Episode(env_seed=demo.seed, ids=[], roles=[], logp=[])
+    episode.extend(*codec.initial(task.instruction, env.reset(demo.seed)))
+    for n, action in enumerate(demo.turns):
+        ids = codec.action(action)
+        episode.extend(ids, [int(Role.COMPLETION)] * len(ids))
+        result = env.step(action)
+        episode.ret += float(result.reward)
+        episode.turns.append(Turn(action, result.observation, float(result.reward), dict(result.info), False))
+        episode.done = bool(result.done) or n == len(demo.turns) - 1
+        if result.observation is not None:
+            episode.extend(*codec.bridge(result.observation, final=episode.done))
+        if episode.done:
+            break
+    return episode
+
+
+def transcript(episode: Episode) -> str:
+    """The episode's actions, a line each (a row's "completion" text for rewards and logs)."""
+    return "\n".join(t.action for t in episode.turns)
+
+
+def first_action_ids(episode: Episode) -> list[int]:
+    """The tokens of the episode's first action (the first COMPLETION span): RAGEN-2's reasoning Z for the MI
+    estimate."""
+    roles = episode.roles
+    start = next((i for i, r in enumerate(roles) if r == int(Role.COMPLETION)), len(roles))
+    end = next((i for i in range(start, len(roles)) if roles[i] != int(Role.COMPLETION)), len(roles))
+    return episode.ids[start:end]
+
+
+def play(task, sampler, codec, env_seeds: list[int], group_size: int, params, *, seeds: list[int]) -> list[Episode]:
+    """``run_episodes`` with an env task's instruction and budgets."""
+    return run_episodes(sampler, codec, task.make, task.instruction, env_seeds, group_size, params, seeds=seeds,
+                        max_turns=task.max_turns, max_tokens=task.max_episode_tokens)
+
+
+def episode_metrics(task, episodes: list[Episode]) -> dict:
+    """A batch of episodes in figures: success rate, return, turns, valid-action share, environment errors."""
+    ok = [e for e in episodes if e.error is None]
+    turns = [t for e in ok for t in e.turns]
+    errors = [e.error for e in episodes if e.error is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"episode_success": mean([float(task.success(e)) for e in episodes]),
+            "episode_return": mean([e.ret for e in ok]), "episode_turns": mean([len(e.turns) for e in ok]),
+            "action_valid_frac": mean([float(t.info.get("action_valid", 1.0)) for t in turns]),
+            "episode_truncated_frac": mean([float(e.truncated) for e in episodes]),
+            "env_errors": len(errors), "env_first_error": errors[0] if errors else None}

@@ -39,6 +39,8 @@ def generate_map(size: int, p: float, seed: int):
 
 class FrozenLake:
     ACTIONS = ACTIONS
+    INSTRUCTION = ("FrozenLake. Reach the goal G without falling into a hole O. P is you, _ is ice, ? is unseen. "
+                   "Answer with <answer>Left</answer>, Down, Right or Up.")
 
     def __init__(self, size: int = 4, p: float = 0.9, *, slippery: bool = False, success_rate: float = 1 / 3,
                  max_actions: int = 10, actions_per_turn: int = 1, invalid_penalty: float = 0.1,

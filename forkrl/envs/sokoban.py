@@ -70,6 +70,8 @@ def generate_room(size: int, seed: int, depth: int = 10):
 
 class Sokoban:
     ACTIONS = ACTIONS
+    INSTRUCTION = ("Sokoban. Push the box X onto the target O. P is you, # is a wall, _ is floor. Answer with up to "
+                   "two actions, e.g. <answer>Up || Left</answer> (Up, Down, Left, Right).")
 
     def __init__(self, size: int = 6, *, max_actions: int = 10, actions_per_turn: int = 2,
                  invalid_penalty: float = 0.1, step_penalty: float = 0.1):

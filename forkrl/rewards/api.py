@@ -52,10 +52,12 @@ PARAMETERS = {
     "truncated": "whether the completion hit sampling.max_new_tokens",
     "group_index": "the row's index among its problem's completions (0 … G-1)",
     "max_new_tokens": "sampling.max_new_tokens: the completion length at which a completion is cut off",
+    "episode": "the played episode of an env task (turns with actions, observations, rewards and info; ret; "
+               "error), None for a single-turn task",
 }
 PLURAL = {"completion": "completions", "prompt": "prompts", "answer": "answers", "problem": "problems",
           "meta": "metas", "rng": "rngs", "completion_ids": "completion_ids_list", "truncated": "truncateds",
-          "group_index": "group_indices"}
+          "group_index": "group_indices", "episode": "episodes"}
 SHARED = ("task", "step", "progress", "max_new_tokens")  # the same for every row: singular in every mode
 GROUP_SINGULAR = ("prompt", "answer", "problem", "meta")  # in group mode, the group's problem's own fields too
 MODES = ("row", "batch", "group")

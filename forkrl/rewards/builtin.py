@@ -7,9 +7,24 @@ import re
 FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 
 
-def correct(task, problem, completion):
-    """The task's verifier: 1.0 for a correct answer, 0.0 for a wrong or missing one."""
+def correct(task, problem, completion, episode):
+    """The task's verifier: 1.0 for a correct answer, 0.0 for a wrong or missing one; for an env task, 1.0 for an
+    episode that succeeded (``task.success``)."""
+    if episode is not None:
+        if episode.error is not None:
+            raise ValueError(f"the environment raised: {episode.error}")
+        return float(task.success(episode))
     return task.score(problem, completion)
+
+
+def env_return(episode):
+    """An env task's episode return, the sum of its turns' rewards (RAGEN's reward; FrozenLake's is its success,
+    Sokoban's −0.1 a step, ±1 for a box onto or off a target and +10 when solved)."""
+    if episode is None:
+        raise ValueError("env_return needs an env task (task.type: env); this row has no episode")
+    if episode.error is not None:
+        raise ValueError(f"the environment raised: {episode.error}")
+    return episode.ret
 
 
 def format_ok(task, completion):
@@ -55,6 +70,7 @@ def code_tests(completion, meta, field="tests", cpu_s=5, wall_s=10.0, memory_mb=
 
 REWARDS = {
     "correct": correct,
+    "env_return": env_return,
     "format": format_ok,
     "random": bernoulli,
     "overlong": overlong,

@@ -126,12 +126,13 @@ class _Rows:
     truncated: list[bool]
     group_index: list[int]
     group_N: list[int]
+    episodes: list | None = None
 
     def row(self, r: int) -> dict:
         p = self.problems[r]
         return {"completion": self.texts[r], "prompt": p.prompt, "answer": p.answer, "problem": p, "meta": p.meta,
                 "rng": self.rngs[r], "completion_ids": self.completion_ids[r], "truncated": self.truncated[r],
-                "group_index": self.group_index[r]}
+                "group_index": self.group_index[r], "episode": self.episodes[r] if self.episodes else None}
 
     def rows(self, index: list[int]) -> dict:
         from .api import PLURAL
@@ -143,7 +144,7 @@ class _Rows:
         return out
 
 
-def _rows(rollouts: Rollouts, texts, problems, seeds) -> _Rows:
+def _rows(rollouts: Rollouts, texts, problems, seeds, episodes=None) -> _Rows:
     mask = rollouts.completion_mask_NL
     group_N = rollouts.group_N.tolist()
     seen: dict[int, int] = {}
@@ -154,17 +155,18 @@ def _rows(rollouts: Rollouts, texts, problems, seeds) -> _Rows:
     return _Rows(texts=list(texts), problems=[problems[i] for i in rollouts.problem_N.tolist()],
                  rngs=[random.Random(s) for s in seeds],
                  completion_ids=[ids[m].tolist() for ids, m in zip(rollouts.input_ids_NL, mask)],
-                 truncated=rollouts.truncated_N.tolist(), group_index=index, group_N=group_N)
+                 truncated=rollouts.truncated_N.tolist(), group_index=index, group_N=group_N,
+                 episodes=episodes)
 
 
 def score_rollouts(rollouts: Rollouts, texts: list[str], problems, task, rewards, *, seeds: list[int],
-                   step: int = 0, progress: float = 0.0, max_new_tokens: int | None = None
+                   step: int = 0, progress: float = 0.0, max_new_tokens: int | None = None, episodes=None
                    ) -> tuple[Scored, RewardFailures]:
     """Every row's weighted reward. ``problems``: indexed by ``rollouts.problem_N``; ``seeds`` (one per row) seed
     the rows' random generators, so a row's reward never depends on its batch; ``rewards``: the stage's loaded
     rewards (``api.load``)."""
     N = len(texts)
-    rows = _rows(rollouts, texts, problems, seeds)
+    rows = _rows(rollouts, texts, problems, seeds, episodes)
     if max_new_tokens is None:  # what the sampler was allowed: every completion position of the batch
         max_new_tokens = int(rollouts.completion_mask_NL.sum(1).max()) if N else 0
     shared = {"task": task, "step": step, "progress": progress, "max_new_tokens": max_new_tokens}

@@ -6,11 +6,12 @@ protocol passed to ``forkrl.train(..., task=...)``)."""
 from __future__ import annotations
 
 from .arithmetic import ArithmeticCfg, ArithmeticTask
+from .env import EnvCfg, EnvTask
 from .base import Problem, Task, TaskConfig, TaskError
 from .jsonl import JsonlCfg
 from .rgym import ReasoningGymCfg
 
-__all__ = ["TASKS", "ArithmeticTask", "Problem", "Task", "TaskConfig", "TaskError", "build_task"]
+__all__ = ["TASKS", "ArithmeticTask", "EnvTask", "Problem", "Task", "TaskConfig", "TaskError", "build_task"]
 
 
 def build_task(cfg: TaskConfig) -> Task:
@@ -22,4 +23,5 @@ TASKS = {
     "arithmetic": ArithmeticCfg,
     "reasoning_gym": ReasoningGymCfg,
     "jsonl": JsonlCfg,
+    "env": EnvCfg,
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -133,21 +134,20 @@ def train_grpo(ctx) -> dict:
     ref_model = None
     if cfg.kl.active and not lora:
         ref_model = load_model(str(ctx.init_path), dtype=next(ctx.model.parameters()).dtype).to(ctx.device).eval()
-    sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device, record=True)
+    multi_turn = getattr(ctx.task, "multi_turn", False)
+    # an episode's row is assembled from many decodes, so there is no single decode to replay: the model's forward
+    sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device, record=not multi_turn)
     policy = make_forward(ctx.model, sampler)
+    source = EpisodeSource(ctx) if multi_turn else PromptSource(ctx)
     loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every,
                      schedule_steps=cfg.steps * cfg.inner_iterations, samplers=(sampler,))
     shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
-    prompt_cache: dict[int, list[int]] = {}
     spread = SpreadWatch(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name)  # after the loop cut the file back
     for step in loop.steps():
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
-        prompt_ids = [prompt_cache[i] if i in prompt_cache else
-                      prompt_cache.setdefault(i, ctx.encode_prompt(problems[i].prompt, where=describe(problems[i])))
-                      for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
-        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds, rewards, step)
+        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step)
         metrics["reward_std_collapse_ratio"] = spread.ratio(step, metrics["group_reward_std"])
         loop.end_step(step, metrics)
     keys = ("tokens_sampled", "tokens_trained")
@@ -157,17 +157,75 @@ def train_grpo(ctx) -> dict:
     return {**loop.finish(), **sums}
 
 
-def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, seeds, rewards, step) -> dict:
-    """One GRPO step, top to bottom, on this rank's shard of the step's prompts."""
+class PromptSource:
+    """A step's rows for a single-turn task: ``group_size`` completions of each problem's prompt (prompts encoded
+    once and cached)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.cache = ctx, {}
+        self.t_max = ctx.cfg.sampling.max_new_tokens
+
+    def prompt(self, i: int, problem) -> list[int]:
+        if i not in self.cache:
+            self.cache[i] = self.ctx.encode_prompt(problem.prompt, where=describe(problem))
+        return self.cache[i]
+
+    def sample(self, sampler, pick, problems, seeds) -> Rows:
+        ctx = self.ctx
+        prompt_ids = [self.prompt(i, p) for i, p in zip(pick, problems)]
+        rollouts = sampler.sample(prompt_ids, ctx.cfg.grpo.group_size, sampling_params(ctx.cfg), seeds=seeds)
+        reasonings = [ids[m].tolist() for ids, m in zip(rollouts.input_ids_NL, rollouts.completion_mask_NL)]
+        return Rows(rollouts, completion_texts(ctx.tokenizer, rollouts), prompt_ids, reasonings)
+
+
+class EpisodeSource:
+    """A step's rows for an env task (``task.multi_turn``): ``group_size`` episodes of each env seed, played turn by
+    turn (``envs.episodes``), a row each; the advantage is the trajectory's, grouped by env seed. The loss reads the
+    COMPLETION positions (every turn's action) of each row."""
+
+    def __init__(self, ctx):
+        from ..envs.episodes import make_codec
+
+        self.ctx, self.codec = ctx, make_codec(ctx.task, ctx.tokenizer)
+        self.t_max = ctx.task.max_turns * ctx.cfg.sampling.max_new_tokens  # every turn's action is the "completion"
+
+    def sample(self, sampler, pick, problems, seeds) -> Rows:
+        from ..envs.episodes import episode_metrics, episode_rollouts, first_action_ids, play, transcript
+
+        ctx, G = self.ctx, self.ctx.cfg.grpo.group_size
+        episodes = play(ctx.task, sampler, self.codec, [p.meta["env_seed"] for p in problems], G,
+                        sampling_params(ctx.cfg), seeds=seeds)
+        rollouts = episode_rollouts(episodes, pad_id=ctx.tokenizer.pad_token_id, group_size=G)
+        prompts = [self.codec.initial(ctx.task.instruction, p.meta["observation"])[0] for p in problems]
+        return Rows(rollouts, [transcript(e) for e in episodes], prompts, [first_action_ids(e) for e in episodes],
+                    episodes, episode_metrics(ctx.task, episodes))
+
+
+@dataclass
+class Rows:
+    """A step's sampled rows: the rollouts, each row's completion text, each problem's prompt ids and each row's
+    first reasoning (for the MI estimate), an env task's episodes and their figures."""
+
+    rollouts: Rollouts
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    reasonings: list[list[int]]
+    episodes: list | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step) -> dict:
+    """One GRPO step, top to bottom, on this rank's shard of the step's prompts (``pick``, indices of the task's
+    problems; ``source`` makes their rows)."""
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     t0 = time.time()
-    rollouts = sampler.sample(prompt_ids, cfg.group_size, sampling_params(run_cfg), seeds=seeds)
+    rows = source.sample(sampler, pick, step_problems, seeds)
+    rollouts, texts = rows.rollouts, rows.texts
     sample_s = time.time() - t0
-    texts = completion_texts(ctx.tokenizer, rollouts)
-    collapse = template_collapse(ctx, rollouts, prompt_ids, step)
+    collapse = template_collapse(ctx, rows, step)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task, rewards, seeds=seeds,
                                       step=step, progress=step / cfg.steps,
-                                      max_new_tokens=run_cfg.sampling.max_new_tokens)
+                                      max_new_tokens=run_cfg.sampling.max_new_tokens, episodes=rows.episodes)
     t1 = time.time()
     old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
@@ -197,7 +255,7 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
     for _ in range(cfg.inner_iterations if totals[1] else 0):
         stats = policy_update(policy, rollouts, adv_N, old_logp, ref_logp, cfg, rows_N=rows_N,
                               temperature=run_cfg.sampling.temperature,
-                              t_max=cfg.t_max or run_cfg.sampling.max_new_tokens, totals=totals, plan=ctx.plan,
+                              t_max=cfg.t_max or source.t_max, totals=totals, plan=ctx.plan,
                               world_size=dist.world_size)
         stats = {k: dist.all_reduce_sum(v) for k, v in stats.items()}
         stats["grad_norm"] = loop.optimizer_step()  # the sampler releases its record here: the weights moved
@@ -211,18 +269,36 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, step_problems, prompt_ids, 
                     ("keep", keep_N), ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N),
                     *((f"reward/{k}", v) for k, v in components.items()))}}
     return {**step_metrics(gathered, stats, failures, cfg, dist.world_size, sample_s=sample_s, train_s=train_s,
-                           lr=loop.lr), **collapse}
+                           lr=loop.lr), **episode_figures(rows, dist), **collapse}
 
 
-def template_collapse(ctx, rollouts: Rollouts, prompt_ids: list[list[int]], step: int) -> dict:
+def episode_figures(rows: Rows, dist) -> dict:
+    """An env task's episode figures over every rank's episodes (success, return, turns, valid actions, errors)."""
+    if rows.episodes is None:
+        return {}
+    n = dist.all_reduce_sum(torch.tensor(float(len(rows.episodes)), dtype=torch.float64))
+    out = {}
+    for k, v in rows.metrics.items():
+        if k == "env_errors":
+            out[k] = int(dist.all_reduce_sum(torch.tensor(float(v), dtype=torch.float64)))
+        elif k == "env_first_error":
+            out[k] = v  # rank 0's
+        else:  # a mean over this rank's episodes, weighted back to the whole step's
+            part = torch.tensor(0.0 if v is None else v * len(rows.episodes), dtype=torch.float64)
+            out[k] = float(dist.all_reduce_sum(part) / n) if v is not None else None
+    return out
+
+
+def template_collapse(ctx, rows: Rows, step: int) -> dict:
     """RAGEN-2's MI estimate on the step's rows before any filter, every ``grpo.mi_every`` steps, on rank 0 (from its
-    own shard of the prompts): each completion scored under each of the step's distinct prompts."""
+    own shard of the prompts): each completion (an episode's first action) scored under each of the step's distinct
+    prompts (first observations)."""
     every = ctx.cfg.grpo.mi_every
     if not every or step % every or not ctx.dist.is_main:
         return {}
-    mask = rollouts.completion_mask_NL
-    reasonings = [ids[m].tolist() for ids, m in zip(rollouts.input_ids_NL, mask)]
-    out = collapse_metrics(ctx.model, prompt_ids, reasonings, rollouts.problem_N.tolist(),
+    keep = [r for r, z in enumerate(rows.reasonings) if z]  # an episode whose environment failed at reset has none
+    problem_N = rows.rollouts.problem_N.tolist()
+    out = collapse_metrics(ctx.model, rows.prompt_ids, [rows.reasonings[r] for r in keep], [problem_N[r] for r in keep],
                            pad_id=ctx.tokenizer.pad_token_id, temperature=ctx.cfg.sampling.temperature or 1.0,
                            micro_batch_size=ctx.cfg.grpo.micro_batch_size)
     return out or {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from .. import checkpoint, tracking
-from ..evaluation import EvalResult, evaluate
+from ..evaluation import EvalResult, evaluate, evaluate_episodes
 from ..sampling import make_sampler, sampling_params
 from ..tasks.base import describe
 from .metrics import COMPLETIONS, MetricsLog, append_jsonl, completion_rows, truncate_metrics
@@ -136,6 +136,14 @@ class StageLoop:
 
     def heldout_eval(self) -> EvalResult:
         ctx = self.ctx
+        if getattr(ctx.task, "multi_turn", False):  # held-out success over episodes
+            from ..envs.episodes import make_codec
+
+            result = evaluate_episodes(self.eval_sampler, ctx.task, make_codec(ctx.task, ctx.tokenizer),
+                                       sampling_params(ctx.cfg, for_eval=True), ctx.cfg.eval.samples_per_problem,
+                                       num_seeds=ctx.cfg.eval.num_problems, seed=ctx.cfg.seed)
+            self.eval_s += result.seconds
+            return result
         problems = list(ctx.task.problems("heldout"))[: ctx.cfg.eval.num_problems]
         ids = [ctx.encode_prompt(p.prompt, where=describe(p)) for p in problems]
         result = evaluate(self.eval_sampler, ctx.task, problems, ids, sampling_params(ctx.cfg, for_eval=True),

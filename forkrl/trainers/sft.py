@@ -7,6 +7,7 @@ depend on how the step is split (METHODS §1).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -43,6 +44,30 @@ def encode_demonstrations(ctx) -> list[tuple[list[int], list[int]]]:
              ctx.tokenizer(c, add_special_tokens=False).input_ids + [eos]) for p, c in demos]
 
 
+def episode_demonstrations(ctx):
+    """An env task's demonstrations replayed through the environment (``envs.episodes.replay``), each a row with
+    its actions as COMPLETION and its observations as ENV: the rows ``run_episodes`` would have built."""
+    from ..envs.episodes import make_codec, replay
+
+    demos = ctx.task.episode_demos("train")
+    if not demos:
+        raise TaskError(f"task {ctx.task.name!r} has no demonstrations for the sft stage")
+    codec = make_codec(ctx.task, ctx.tokenizer)
+    return [replay(ctx.task, codec, d) for d in demos]
+
+
+def pack_episodes(episodes, pad_id: int, *, observations: str) -> Rollouts:
+    """Replayed demonstrations as a batch; ``observations: train`` makes the ENV tokens targets of the loss too."""
+    from ..envs.episodes import episode_rollouts
+
+    batch = episode_rollouts(episodes, pad_id=pad_id, group_size=1)
+    if observations == "train":
+        role = batch.role_NL.clone()
+        role[role == int(Role.ENV)] = int(Role.COMPLETION)
+        batch = dataclasses.replace(batch, role_NL=role)
+    return batch
+
+
 class SftLoss:
     """The step loss of ``accumulate``: reduce(−log π(y_t)) over the rows of ``batch`` a micro-batch holds."""
 
@@ -71,15 +96,22 @@ def sft_step(model, batch: Rollouts, *, reduction: str, t_max: int, micro_batch_
 
 def train_sft(ctx) -> dict:
     cfg, dist = ctx.cfg.sft, ctx.dist
-    examples = encode_demonstrations(ctx)
-    t_max = cfg.t_max or max(len(c) for _, c in examples)
+    if getattr(ctx.task, "multi_turn", False):
+        examples = episode_demonstrations(ctx)
+        batch_of = lambda rows: pack_episodes(rows, ctx.tokenizer.pad_token_id,  # noqa: E731
+                                              observations=cfg.observations)
+        t_max = cfg.t_max or max(int(batch_of([e]).completion_mask_NL.sum()) for e in examples)
+    else:
+        examples = encode_demonstrations(ctx)
+        batch_of = lambda rows: pack(rows, ctx.tokenizer.pad_token_id)  # noqa: E731
+        t_max = cfg.t_max or max(len(c) for _, c in examples)
     loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every)
     shard = dist.shard(cfg.batch_size, "sft.batch_size")
     ctx.model.train()
     for step in loop.steps():
         t0 = time.time()
         rows = batch_indices(len(examples), cfg.batch_size, step - 1, ctx.cfg.seed)[shard]
-        batch = pack([examples[i] for i in rows], ctx.tokenizer.pad_token_id)
+        batch = batch_of([examples[i] for i in rows])
         totals = global_totals(batch.completion_mask_NL, dist)
         loss = sft_step(ctx.model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size,
                         totals=totals, plan=ctx.plan, world_size=dist.world_size)

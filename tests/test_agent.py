@@ -1,0 +1,174 @@
+"""Env tasks end to end: an environment from the config (built-in or the user's class), demonstrations replayed
+token by token for SFT with observations masked or trained on, episode rewards, the multi-turn GRPO step, and the
+bad input of each."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from forkrl.config import ConfigError, load_config, parse_config
+from forkrl.envs.base import Demo, HELDOUT_SEED0
+from forkrl.envs.episodes import PlainCodec, replay
+from forkrl.rewards import load as load_rewards
+from forkrl.rewards import score_rollouts
+from forkrl.tasks import build_task
+from forkrl.tasks.base import TaskError
+from forkrl.trainers.sft import pack_episodes
+from forkrl.types import Role
+
+from conftest import tiny_cfg_dict
+
+COUNTER = '''
+from forkrl.envs.base import StepResult
+
+
+class Counter:
+    """Say "up" until the count reaches the seed's target (1 to 3); anything else ends the episode."""
+
+    INSTRUCTION = "Count up to the target."
+
+    def reset(self, seed):
+        self.count, self.target = 0, 1 + seed % 3
+        return f"count {self.count} target {self.target}"
+
+    def step(self, action):
+        if action.strip() != "up":
+            return StepResult("wrong", 0.0, True, {"success": 0.0, "action_valid": 0.0})
+        self.count += 1
+        done = self.count == self.target
+        return StepResult(f"count {self.count} target {self.target}", 1.0 if done else 0.0, done,
+                          {"success": float(done)})
+
+
+class Broken:
+    def reset(self, seed):
+        return "no step method"
+
+
+class Raising(Counter):
+    def step(self, action):
+        raise RuntimeError("the simulator crashed")
+'''
+
+
+def env_cfg(tmp_path, **over):
+    (tmp_path / "counter.py").write_text(COUNTER)
+    (tmp_path / "counter.jsonl").write_text("".join(json.dumps({"seed": s, "turns": ["up"] * (1 + s % 3)}) + "\n"
+                                                    for s in range(30)))
+    data = tiny_cfg_dict(**{"task": {"type": "env", "env": "counter.py:Counter", "max_turns": 4,
+                                     "max_episode_tokens": 120, "train_size": 30, "heldout_size": 6,
+                                     "demos_file": "counter.jsonl"},
+                            "stages": ["sft", "grpo"], "model.tiny.max_positions": 256, "sampling.max_new_tokens": 6,
+                            **over})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "forkrl.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_a_users_environment_class_loads_relative_to_the_config_and_a_broken_one_is_named(tmp_path):
+    path = env_cfg(tmp_path)
+    task = build_task(load_config(path).task)  # counter.py found beside the config, wherever we run from
+    assert task.problems("train")[4].meta == {"env_seed": 4, "observation": "count 0 target 2"}
+    assert {p.meta["env_seed"] for p in task.problems("heldout")} == set(range(HELDOUT_SEED0, HELDOUT_SEED0 + 6))
+    broken = cli("validate", env_cfg(tmp_path, **{"task.env": "counter.py:Broken"}))
+    assert broken.returncode == 2
+    assert "counter.py:Broken' does not follow the environment protocol: it lacks a method step()" in broken.stderr
+    missing = cli("validate", env_cfg(tmp_path, **{"task.env": "nowhere.py:Env"}))
+    assert missing.returncode == 2 and "environment file" in missing.stderr and "nowhere.py" in missing.stderr
+    unknown = cli("validate", env_cfg(tmp_path, **{"task.env": "chess"}))
+    assert unknown.returncode == 2 and "unknown environment 'chess'" in unknown.stderr
+    fork = cli("validate", env_cfg(tmp_path, stages=["sft", "fork"]))
+    assert fork.returncode == 2 and "the fork stage is single-turn" in fork.stderr
+
+
+def test_demonstrations_file_rows_are_checked_and_held_out_seeds_refused(tmp_path):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"seed": 1, "turns": ["up", "up"]}\n\n{"seed": 1000002, "turns": ["up"]}\n')
+    task = build_task(load_config(env_cfg(tmp_path, **{"task.demos_file": "demos.jsonl"})).task)
+    with pytest.raises(TaskError, match=r"demos.jsonl:3: seed 1000002 is not a train seed"):
+        task.episode_demos("train")
+    demos.write_text('{"seed": 1, "turns": "up"}\n')
+    task = build_task(load_config(env_cfg(tmp_path, **{"task.demos_file": str(demos)})).task)
+    with pytest.raises(TaskError, match=r"demos.jsonl:1: a demonstration is"):
+        task.episode_demos("train")
+    demos.write_text('{"seed": 1, "turns": ["up", "up"]}\n')
+    task = build_task(load_config(env_cfg(tmp_path, **{"task.demos_file": str(demos)})).task)
+    (demo,) = task.episode_demos("train")
+    assert demo == Demo(1, ("up", "up"), "file")
+
+
+def test_sft_rows_of_replayed_demonstrations_mask_observations_unless_told(tmp_path, tiny_model_dir):
+    from forkrl.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    task = build_task(load_config(env_cfg(tmp_path)).task)
+    episode = replay(task, PlainCodec(tok), Demo(2, ("up", "up", "up"), "optimal"))  # target 3
+    assert episode.ret == 1.0 and task.success(episode) and len(episode.turns) == 3
+    masked = pack_episodes([episode], tok.pad_token_id, observations="mask")
+    trained = pack_episodes([episode], tok.pad_token_id, observations="train")
+    ids, role = masked.input_ids_NL[0], masked.role_NL[0]
+    # each action's tokens are COMPLETION and end with EOS; the observations are ENV, masked out of the loss
+    actions = tok.decode(ids[role == Role.COMPLETION]).replace(tok.eos_token, "|")
+    assert actions.replace(" ", "") == "up|up|up|"
+    env_text = tok.decode(ids[role == Role.ENV]).replace(" ", "")
+    assert env_text == "count1target3count2target3count3target3"
+    n_env = int((role == Role.ENV).sum())
+    assert int(trained.completion_mask_NL.sum()) == int(masked.completion_mask_NL.sum()) + n_env
+    assert not (trained.role_NL == Role.ENV).any()
+
+
+def test_episode_rewards_success_return_and_a_raising_environment_is_unscorable(tmp_path, tiny_model_dir):
+    from forkrl.envs.episodes import episode_rollouts
+    from forkrl.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    task = build_task(load_config(env_cfg(tmp_path)).task)
+    codec = PlainCodec(tok)
+    good = replay(task, codec, Demo(0, ("up",), "optimal"))  # target 1: solved
+    bad = replay(task, codec, Demo(1, ("down",), "random"))  # wrong action: failed
+    broken = replay(task, codec, Demo(2, ("up",), "optimal"))
+    broken.error = "step('up') raised RuntimeError: the simulator crashed"
+    rollouts = episode_rollouts([good, bad, broken], pad_id=tok.pad_token_id, group_size=3)
+    rewards = load_rewards(parse_config(tiny_cfg_dict(**{"grpo.rewards": [
+        {"name": "correct"}, {"name": "env_return", "weight": 0.5}]})).grpo.rewards, task, where="grpo.rewards",
+        timeout_s=5)
+    problems = task.problems("train")[:1]
+    scored, failures = score_rollouts(rollouts, ["up", "down", "up"], problems, task, rewards, seeds=[0, 1, 2],
+                                      episodes=[good, bad, broken])
+    assert scored.reward_N[:2].tolist() == [1.5, 0.0] and scored.valid_N.tolist() == [True, True, False]
+    assert "the simulator crashed" in failures.first_message
+
+
+def test_env_task_trains_sft_then_grpo_and_logs_episode_figures(tmp_path):
+    path = env_cfg(tmp_path, **{"sft.steps": 4, "grpo.steps": 2, "grpo.mi_every": 1, "grpo.filter": "snr"})
+    proc = cli("train", path, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if r["stage"] == "grpo"]
+    assert len(grpo) == 2
+    for r in grpo:
+        assert 0 <= r["episode_success"] <= 1 and 1 <= r["episode_turns"] <= 4 and r["env_errors"] == 0
+        assert r["mi_upper_bound"] == pytest.approx(__import__("math").log(4))  # 4 distinct maps a step
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["stages"]["grpo"]["pass_at_1"] <= 1
+    sample = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert sample and sample[0]["prompt"].startswith("Count up to the target.\ncount 0 target")
+
+
+def test_a_raising_environment_is_counted_never_a_crash(tmp_path):
+    path = env_cfg(tmp_path, **{"task.env": "counter.py:Raising", "stages": ["grpo"], "grpo.steps": 1})
+    proc = cli("train", path, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["env_errors"] == 16 and "the simulator crashed" in row["env_first_error"]
+    assert row["unscorable_rows"] == 16 and row["episode_success"] == 0
