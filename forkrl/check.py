@@ -68,16 +68,29 @@ class CheckRow:
         return self.rel_error < TOLERANCE
 
 
-def synthetic_batch(vocab: int, n_rows: int, *, prompt_len: int = 4, t_max: int = 40, seed: int = 0) -> Rollouts:
-    """Rows with completion lengths spread from 2 to ``t_max`` (20x), right-padded, fixed by ``seed``."""
+BRIDGE = (Role.PROMPT, Role.ENV, Role.ENV, Role.ENV, Role.PROMPT)  # a synthetic observation between two turns
+
+
+def synthetic_batch(vocab: int, n_rows: int, *, prompt_len: int = 4, t_max: int = 40, seed: int = 0,
+                    turns: int = 1) -> Rollouts:
+    """Rows with completion lengths spread from 2 to ``t_max`` (20x), right-padded, fixed by ``seed``. With
+    ``turns`` > 1 each row is an episode: its completion tokens split into that many actions (as evenly as they
+    go), an observation's bridge (``BRIDGE``) between two, as ``envs.episodes`` lays rows out."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.linspace(2, t_max, n_rows).round().long()[torch.randperm(n_rows, generator=g)]
-    width = prompt_len + int(lens.max())
+    layouts = []
+    for n in lens.tolist():
+        k = min(turns, n)
+        spans = [n // k + (i < n % k) for i in range(k)]
+        row = [Role.PROMPT] * prompt_len
+        for i, a in enumerate(spans):
+            row += [Role.COMPLETION] * a + (list(BRIDGE) if i < k - 1 else [])
+        layouts.append(row)
+    width = max(map(len, layouts))
     ids = torch.randint(2, min(vocab, 1000), (n_rows, width), generator=g)
     role = torch.full((n_rows, width), int(Role.PAD), dtype=torch.int8)
-    role[:, :prompt_len] = Role.PROMPT
-    for r, n in enumerate(lens.tolist()):
-        role[r, prompt_len : prompt_len + n] = Role.COMPLETION
+    for r, row in enumerate(layouts):
+        role[r, : len(row)] = torch.tensor([int(x) for x in row], dtype=torch.int8)
     ids = torch.where(role == Role.PAD, torch.zeros_like(ids), ids)
     zeros = torch.zeros(n_rows, dtype=torch.long)
     return Rollouts(ids, role, torch.zeros(n_rows, width), torch.arange(n_rows) // 2, zeros, zeros.bool())
@@ -92,7 +105,7 @@ def _pad(batch: Rollouts, extra: int) -> Rollouts:
 
 
 def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, totals, inject: str, world: int,
-                   adv_N, old_NT, ref_NT, gate_NT=None, base=None) -> torch.Tensor:
+                   adv_N, old_NT, ref_NT, gate_NT=None, base=None, echo=None) -> torch.Tensor:
     from .forward import ModelForward
     from .trainers.fork import fork_update
     from .trainers.grpo import policy_update
@@ -109,7 +122,7 @@ def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, total
     else:
         gcfg = cfg.grpo.model_copy(update={"micro_batch_size": micro})
         policy_update(ModelForward(model), batch, adv_N, old_NT, ref_NT, gcfg, temperature=cfg.sampling.temperature,
-                      t_max=cfg.grpo.t_max or 40, totals=totals, plan=plan, world_size=world)
+                      t_max=cfg.grpo.t_max or 40, totals=totals, plan=plan, world_size=world, echo=echo)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                       for p in model.parameters() if p.requires_grad])
 
@@ -122,15 +135,21 @@ def step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, *, micro: i
     # the whole step's counts: what the all-reduce of the ranks' counts gives
     mask_NT = batch.completion_mask_NL[:, 1:]
     totals = step_counts(gate_NT, mask_NT) if trainer == "fork" else step_totals(batch.completion_mask_NL)
+    echo_total = int((batch.role_NL == Role.ENV).sum())  # ECHO's denominator: the step's ENV tokens, every rank's
     per_rank = batch.num_rows // world
     total = None
     for r in range(world):
         idx = torch.arange(r * per_rank, (r + 1) * per_rank)
         shard = batch.select(idx)
         t = shard.input_ids_NL.shape[1] - 1
+        echo = None
+        if cfg.task.type == "env":
+            from .trainers.grpo import Echo
+
+            echo = Echo(cfg.grpo.echo_coef, echo_total, torch.ones(len(idx), dtype=torch.bool))
         g = _rank_gradient(model, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=world,
                            adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t],
-                           gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base)
+                           gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base, echo=echo)
         total = g if total is None else total + g
     return total
 
@@ -140,7 +159,9 @@ def run_checks(model, cfg: RunCfg, *, trainers: list[str], micro: int, accum: in
     """``base`` (the fork stage's frozen π_b: ``.model``, ``.active()``) is needed for the fork trainer only."""
     model = model.double()
     n = world * accum * micro
-    batch = synthetic_batch(model.config.vocab_size, n, seed=cfg.seed)
+    # an env task's rows are episodes: actions with observations between them (ENV tokens the loss must not read)
+    turns = min(cfg.task.max_turns, 4) if cfg.task.type == "env" else 1
+    batch = synthetic_batch(model.config.vocab_size, n, seed=cfg.seed, turns=turns)
     g = torch.Generator().manual_seed(1)
     adv_N = torch.randn(n, generator=g, dtype=torch.float64)
     T = batch.input_ids_NL.shape[1] - 1
@@ -183,6 +204,9 @@ def table(rows: list[CheckRow], cfg: RunCfg, inject: str) -> str:
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *body]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    if cfg.task.type == "env":
+        lines.append(f"rows: episodes of up to {min(cfg.task.max_turns, 4)} turns, observation (ENV) tokens between "
+                     "the actions")
     note = f"fault injected: {inject}; " if inject != "none" else ""
     lines.append(f"{note}reference: the whole step as one batch on one process, float64; PASS below {TOLERANCE:g}")
     return "\n".join(lines)

@@ -105,6 +105,11 @@ def _version() -> str:
 
 
 def cmd_demo(args) -> int:
+    if args.which == "agent":
+        from .demo_agent import run_agent_demo
+
+        run_agent_demo(Path(args.out), fast=args.fast)
+        return 0
     from .demo import run_demo
 
     run_demo(Path(args.out), fast=args.fast)
@@ -155,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     add_generate_arguments(g)
     g.set_defaults(fn=generate_main)
     d = sub.add_parser("demo", help="tiny base → SFT → GRPO on a procedural task, on a laptop CPU in minutes")
+    d.add_argument("which", nargs="?", choices=("reasoning", "agent"), default="reasoning",
+                   help="reasoning (default): arithmetic, SFT -> GRPO and fork, diagnosed; agent: FrozenLake over "
+                        "many turns, SFT -> trajectory GRPO")
     d.add_argument("--out", required=True, help="directory for the demo's runs, summary.json and table")
     d.add_argument("--fast", action="store_true", help="a much shorter demo (smoke test; numbers not meaningful)")
     d.set_defaults(fn=cmd_demo)

@@ -227,6 +227,8 @@ class GrpoCfg(Strict):
     # RAGEN-2's input-reasoning MI estimate every K steps (0: never): one no-grad forward per (completion, prompt)
     # pair of the step, B × B × G rows (diagnostics/collapse.py)
     mi_every: NonNeg = 0
+    # ECHO (env tasks): λ of a next-token loss on the observations' (ENV) tokens, over the step's ENV tokens
+    echo_coef: Annotated[float, Field(ge=0.0)] = 0.0
     optim: OptimCfg = OptimCfg(lr=1e-4)
 
     @property
@@ -349,6 +351,9 @@ class RunCfg(Strict):
 
     @model_validator(mode="after")
     def _multi_turn_stages(self):
+        if self.grpo.echo_coef and self.task.type != "env":
+            raise ValueError("grpo.echo_coef: ECHO's loss is on the observation tokens of an env task's episodes; "
+                             f"task {self.task.type!r} has none (set task.type: env, or leave echo_coef at 0)")
         if self.task.type == "env" and "fork" in self.stages:
             raise ValueError("stages: the fork stage is single-turn (it contrasts completions at fork tokens of one "
                              "prompt); an env task (task.type: env) trains with sft and grpo stages")

@@ -172,3 +172,13 @@ def test_a_raising_environment_is_counted_never_a_crash(tmp_path):
     (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert row["env_errors"] == 16 and "the simulator crashed" in row["env_first_error"]
     assert row["unscorable_rows"] == 16 and row["episode_success"] == 0
+
+
+def test_demo_agent_fast_writes_summary(tmp_path):
+    proc = cli("demo", "agent", "--out", tmp_path, "--fast")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= s["base"]["success"] <= 1 and 0 <= s["grpo"]["success"] <= 1
+    assert s["stages"]["sft"]["wall_s"] > 0 and s["stages"]["grpo"]["wall_s"] > 0
+    assert 0 <= s["grpo_figures"]["groups_kept_frac"] <= 1
+    assert "held-out success" in proc.stdout and "SNR filter" in proc.stdout

@@ -11,6 +11,7 @@ import yaml
 from forkrl.check import check_config, run_checks, step_gradient, synthetic_batch
 from forkrl.config import parse_config
 from forkrl.models import load_model
+from forkrl.types import Role
 
 from conftest import tiny_cfg_dict
 
@@ -127,3 +128,19 @@ def test_fork_stage_is_split_invariant_and_both_bugs_are_caught(tmp_path, lora):
     for inject in ("mean_of_means", "first_microbatch_only"):
         bad, text = check_config(cfg, world=2, inject=inject)
         assert any(r.rel_error > 1e-3 for r in bad if "micro-batches" in r.split), text
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_sum_norm"])
+def test_multi_turn_rows_are_split_invariant_and_mean_of_means_is_caught(model, reduction):
+    cfg = parse_config(tiny_cfg_dict(**{"task": {"type": "env", "env": "frozenlake", "max_turns": 3},
+                                        "stages": ["sft", "grpo"], "sft.reduction": reduction,
+                                        "grpo.reduction": reduction, "grpo.echo_coef": 0.05}))
+    batch = synthetic_batch(model.config.vocab_size, 6, turns=3)
+    for row in batch.role_NL:  # actions with observations between them, as episodes are laid out
+        spans = torch.unique_consecutive(row[row != Role.PAD]).tolist()
+        assert spans[:2] == [Role.PROMPT, Role.COMPLETION] and Role.ENV in spans
+    for r in run_checks(model, cfg, trainers=["sft", "grpo"], micro=2, accum=2, world=2, inject="none"):
+        assert r.rel_error < 1e-10, r
+    if reduction == "token_mean":
+        bad = run_checks(model, cfg, trainers=["sft", "grpo"], micro=2, accum=2, world=2, inject="mean_of_means")
+        assert any(not r.passed for r in bad)

@@ -66,8 +66,19 @@ def grpo_loss(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, adv_N: torch.Ten
 ADVANTAGE_SCALED = ("ppo_clip", "gspo")
 
 
-def zero_advantage_rows_vanish(*, objective: str, kl_coef: float, entropy_coef: float) -> bool:
+def zero_advantage_rows_vanish(*, objective: str, kl_coef: float, entropy_coef: float,
+                               echo_coef: float = 0.0) -> bool:
     """Whether a row with advantage exactly 0 contributes exactly 0 to ``grpo_loss`` and to its gradient: true for
-    the objectives in ``ADVANTAGE_SCALED`` unless a KL or an entropy term is in the loss. (The trainer then skips
-    such rows' backward.)"""
-    return objective in ADVANTAGE_SCALED and not kl_coef and not entropy_coef > 0
+    the objectives in ``ADVANTAGE_SCALED`` unless a KL, an entropy or an ECHO term is in the loss. (The trainer then
+    skips such rows' backward.)"""
+    return objective in ADVANTAGE_SCALED and not kl_coef and not entropy_coef > 0 and not echo_coef
+
+
+def echo_loss(logp_NT: torch.Tensor, env_NT: torch.Tensor, *, total_env_tokens: int) -> torch.Tensor:
+    """ECHO's environment loss (arXiv 2604.09427; METHODS §8): the next-token cross-entropy of the observations'
+    tokens, −Σ_{ENV} log π(o_t | o_<t, history), over ``total_env_tokens``, the whole step's ENV tokens (every
+    micro-batch and rank; fixed before the loop, as every denominator here). The trainer adds λ times it to the
+    policy loss, from the same forward. ``env_NT``: the ENV positions of the targets (aligned like ``logp_NT``).
+
+    Worked case (tests/test_echo.py): ENV log-probs [−1, −3] in a step of 4 ENV tokens: (1 + 3) / 4 = 1."""
+    return -(logp_NT * env_NT).sum() / max(total_env_tokens, 1)

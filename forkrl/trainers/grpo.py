@@ -19,26 +19,26 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..algos.advantages import get_advantage
 from ..algos.filters import get_filter, group_reward_std, zero_variance_groups
 from ..algos.kl import get_kl
-from ..algos.loss import grpo_loss, zero_advantage_rows_vanish
+from ..algos.loss import echo_loss, grpo_loss, zero_advantage_rows_vanish
 from ..diagnostics.collapse import collapse_metrics
 from ..forward import ModelForward, make_forward
 from ..models import load_model
 from .. import rewards as reward_api
 from ..rewards import score_rollouts
-from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
-from ..tasks.base import describe
-from ..types import Rollouts
+from ..sampling import make_sampler, row_seeds
+from ..types import Role, Rollouts
 from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
-from .loop import StageLoop
+from .loop import StageLoop, want_eval
 from .metrics import SpreadWatch, stage_sums
+from .sources import EpisodeSource, HeldoutEpisodes, PromptSource, Rows
 
 STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch")  # summed over masked tokens, per step
 
@@ -69,9 +69,9 @@ class GrpoStepLoss:
     old and reference log-probs (full-batch [N, T], or None) are indexed like ``batch``'s rows."""
 
     def __init__(self, policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, *, temperature: float,
-                 entropy: str, t_max: int, terms: dict):
+                 entropy: str, t_max: int, terms: dict, echo: Echo | None = None):
         self.policy, self.batch, self.adv_N, self.old_NT, self.ref_NT = policy, batch, adv_N, old_logp_NT, ref_logp_NT
-        self.temperature, self.entropy, self.t_max, self.terms = temperature, entropy, t_max, terms
+        self.temperature, self.entropy, self.t_max, self.terms, self.echo = temperature, entropy, t_max, terms, echo
 
     def counts(self, rows_N):
         return completion_counts(self.batch, rows_N)
@@ -79,21 +79,41 @@ class GrpoStepLoss:
     def __call__(self, rows_N, totals):
         logp, H, mask = self.policy.logprobs(self.batch, rows_N, temperature=self.temperature, entropy=self.entropy)
         width = logp.shape[1]
+        if self.echo is not None:  # rows the filters dropped carry ECHO's loss only
+            mask = mask & self.echo.policy_N[rows_N].to(mask.device)[:, None]
         old = logp.detach() if self.old_NT is None else self.old_NT[rows_N][:, :width].to(logp.device)
         ref = None if self.ref_NT is None else self.ref_NT[rows_N][:, :width].to(logp.device)
         out = grpo_loss(logp, old, self.adv_N[rows_N], mask, total_tokens=totals[0], total_seqs=totals[1],
                         ref_logp_NT=ref, entropy_NT=H, t_max=self.t_max, **self.terms)
+        loss = out.loss
         m = mask.double()
         sampler_logp = self.batch.sampler_logp_NL[rows_N][:, 1 : width + 1].to(logp.device)
         per_token = (("entropy", H), ("kl", out.kl_NT), ("clip_low", out.clip_low_NT), ("clip_high", out.clip_high_NT),
                      ("logp_mismatch", (logp.detach() - sampler_logp).abs()))
         stats = {key: (val.detach().double() * m).sum().cpu() for key, val in per_token}
-        return out.loss, stats
+        if self.echo is not None:
+            env = (self.batch.role_NL[rows_N][:, 1 : width + 1] == Role.ENV).to(logp.device)
+            if self.echo.coef:
+                loss = loss + self.echo.coef * echo_loss(logp, env, total_env_tokens=self.echo.total)
+            stats["env_nll"] = -(logp.detach().double() * env).sum().cpu()
+            stats["env_tokens"] = env.sum().double().cpu()
+        return loss, stats
+
+
+@dataclass(frozen=True)
+class Echo:
+    """ECHO's term in a step (``grpo.echo_coef``): λ, the step's ENV-token total over every rank (its fixed
+    denominator), and which rows also carry the policy loss (``policy_N``, indexed like the batch: the rows the
+    filters kept; the others are trained on their observations only, failed episodes included)."""
+
+    coef: float
+    total: int
+    policy_N: torch.Tensor
 
 
 def policy_update(policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg, *, temperature: float,
                   t_max: int, totals: tuple[int, int], rows_N: torch.Tensor | None = None, plan: Plan = EXACT,
-                  world_size: int = 1) -> dict[str, torch.Tensor]:
+                  world_size: int = 1, echo: Echo | None = None) -> dict[str, torch.Tensor]:
     """Accumulate this rank's gradient of one optimizer step over micro-batches of the rows ``rows_N`` of ``batch``
     (all rows by default); returns summed statistics. ``policy``: a ``forward.PolicyForward``.
 
@@ -106,16 +126,18 @@ def policy_update(policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg,
     rows_N = torch.arange(batch.num_rows) if rows_N is None else rows_N
     terms = loss_terms(cfg)
     loss = GrpoStepLoss(policy, batch, adv_N, old_logp_NT, ref_logp_NT, temperature=temperature,
-                        entropy="grad" if cfg.entropy_coef > 0 else "metric", t_max=t_max, terms=terms)
+                        entropy="grad" if cfg.entropy_coef > 0 else "metric", t_max=t_max, terms=terms, echo=echo)
     idle_R = torch.zeros(len(rows_N), dtype=torch.bool)
     if plan.exact and cfg.skip_zero_advantage and zero_advantage_rows_vanish(
-            objective=cfg.objective, kl_coef=terms["kl_coef"], entropy_coef=cfg.entropy_coef):
+            objective=cfg.objective, kl_coef=terms["kl_coef"], entropy_coef=cfg.entropy_coef,
+            echo_coef=echo.coef if echo is not None else 0.0):
         idle_R = (adv_N[rows_N] == 0).cpu()
     live, idle = rows_N[~idle_R], rows_N[idle_R]
     # live rows first, then the idle ones in micro-batches of their own; without idle rows this is the plain split
     micro = parts(live, cfg.micro_batch_size) + parts(idle, cfg.micro_batch_size, grad=False)
     sums = accumulate(micro, loss, totals, plan=plan, world_size=world_size)
-    sums = {"loss": sums["loss"], **{k: sums.get(k, torch.zeros((), dtype=torch.float64)) for k in STATS}}
+    sums = {"loss": sums["loss"], **{k: sums.get(k, torch.zeros((), dtype=torch.float64)) for k in STATS},
+            **{k: sums[k] for k in ("env_nll", "env_tokens") if k in sums}}
     sums["rows_no_backward"] = torch.tensor(float(len(idle)), dtype=torch.float64)
     if not len(live):  # the full batch's backward would have left zeros, which AdamW still steps on (momentum, decay)
         model = policy.model
@@ -139,6 +161,7 @@ def train_grpo(ctx) -> dict:
     sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device, record=not multi_turn)
     policy = make_forward(ctx.model, sampler)
     source = EpisodeSource(ctx) if multi_turn else PromptSource(ctx)
+    heldout = HeldoutEpisodes(ctx, sampler, source.codec) if multi_turn else None
     loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every,
                      schedule_steps=cfg.steps * cfg.inner_iterations, samplers=(sampler,))
     shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
@@ -149,69 +172,14 @@ def train_grpo(ctx) -> dict:
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
         metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step)
         metrics["reward_std_collapse_ratio"] = spread.ratio(step, metrics["group_reward_std"])
+        if heldout is not None and (want_eval(cfg.eval_every, step, cfg.steps) or step == cfg.steps):
+            metrics["env_ce_heldout"] = heldout.cross_entropy()  # ECHO's figure on the fixed base-model episodes
         loop.end_step(step, metrics)
     keys = ("tokens_sampled", "tokens_trained")
     sums = dict.fromkeys(keys, 0)
     if dist.is_main:
         sums = stage_sums(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name, keys)
     return {**loop.finish(), **sums}
-
-
-class PromptSource:
-    """A step's rows for a single-turn task: ``group_size`` completions of each problem's prompt (prompts encoded
-    once and cached)."""
-
-    def __init__(self, ctx):
-        self.ctx, self.cache = ctx, {}
-        self.t_max = ctx.cfg.sampling.max_new_tokens
-
-    def prompt(self, i: int, problem) -> list[int]:
-        if i not in self.cache:
-            self.cache[i] = self.ctx.encode_prompt(problem.prompt, where=describe(problem))
-        return self.cache[i]
-
-    def sample(self, sampler, pick, problems, seeds) -> Rows:
-        ctx = self.ctx
-        prompt_ids = [self.prompt(i, p) for i, p in zip(pick, problems)]
-        rollouts = sampler.sample(prompt_ids, ctx.cfg.grpo.group_size, sampling_params(ctx.cfg), seeds=seeds)
-        reasonings = [ids[m].tolist() for ids, m in zip(rollouts.input_ids_NL, rollouts.completion_mask_NL)]
-        return Rows(rollouts, completion_texts(ctx.tokenizer, rollouts), prompt_ids, reasonings)
-
-
-class EpisodeSource:
-    """A step's rows for an env task (``task.multi_turn``): ``group_size`` episodes of each env seed, played turn by
-    turn (``envs.episodes``), a row each; the advantage is the trajectory's, grouped by env seed. The loss reads the
-    COMPLETION positions (every turn's action) of each row."""
-
-    def __init__(self, ctx):
-        from ..envs.episodes import make_codec
-
-        self.ctx, self.codec = ctx, make_codec(ctx.task, ctx.tokenizer)
-        self.t_max = ctx.task.max_turns * ctx.cfg.sampling.max_new_tokens  # every turn's action is the "completion"
-
-    def sample(self, sampler, pick, problems, seeds) -> Rows:
-        from ..envs.episodes import episode_metrics, episode_rollouts, first_action_ids, play, transcript
-
-        ctx, G = self.ctx, self.ctx.cfg.grpo.group_size
-        episodes = play(ctx.task, sampler, self.codec, [p.meta["env_seed"] for p in problems], G,
-                        sampling_params(ctx.cfg), seeds=seeds)
-        rollouts = episode_rollouts(episodes, pad_id=ctx.tokenizer.pad_token_id, group_size=G)
-        prompts = [self.codec.initial(ctx.task.instruction, p.meta["observation"])[0] for p in problems]
-        return Rows(rollouts, [transcript(e) for e in episodes], prompts, [first_action_ids(e) for e in episodes],
-                    episodes, episode_metrics(ctx.task, episodes))
-
-
-@dataclass
-class Rows:
-    """A step's sampled rows: the rollouts, each row's completion text, each problem's prompt ids and each row's
-    first reasoning (for the MI estimate), an env task's episodes and their figures."""
-
-    rollouts: Rollouts
-    texts: list[str]
-    prompt_ids: list[list[int]]
-    reasonings: list[list[int]]
-    episodes: list | None = None
-    metrics: dict = field(default_factory=dict)
 
 
 def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step) -> dict:
@@ -250,13 +218,20 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems
         keep_N = keep_N & ~rollouts.truncated_N
     rows_N = keep_N.nonzero().squeeze(1)
     totals = global_totals(rollouts.completion_mask_NL[keep_N], dist)
+    echo = None
+    if rows.episodes is not None:  # the observations' cross-entropy is logged; ECHO trains on it when λ > 0
+        # ECHO's rows: every scorable episode's observations, the filtered-out ones' too
+        echo_N = keep_N | scored.valid_N if cfg.echo_coef else keep_N
+        env_tokens = (rollouts.role_NL[echo_N] == Role.ENV).sum().double()
+        echo = Echo(cfg.echo_coef, int(dist.all_reduce_sum(env_tokens)), keep_N)
+        rows_N = echo_N.nonzero().squeeze(1)
     replayed = policy.replayed
     stats = {}
-    for _ in range(cfg.inner_iterations if totals[1] else 0):
+    for _ in range(cfg.inner_iterations if totals[1] or (echo and echo.coef and echo.total) else 0):
         stats = policy_update(policy, rollouts, adv_N, old_logp, ref_logp, cfg, rows_N=rows_N,
                               temperature=run_cfg.sampling.temperature,
                               t_max=cfg.t_max or source.t_max, totals=totals, plan=ctx.plan,
-                              world_size=dist.world_size)
+                              world_size=dist.world_size, echo=echo)
         stats = {k: dist.all_reduce_sum(v) for k, v in stats.items()}
         stats["grad_norm"] = loop.optimizer_step()  # the sampler releases its record here: the weights moved
     stats["tokens"] = totals[0]
@@ -345,6 +320,8 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "entropy": per_tok("entropy"), "kl": per_tok("kl") if cfg.kl.active else None,
         "clip_frac_low": per_tok("clip_low"), "clip_frac_high": per_tok("clip_high"),
         "logp_mismatch": per_tok("logp_mismatch"),
+        # an env task's observations: their cross-entropy under the policy (ECHO's loss, logged at any λ)
+        "env_ce": float(stats["env_nll"] / stats["env_tokens"]) if float(stats.get("env_tokens", 0)) else None,
         "grad_norm": stats.get("grad_norm"), "lr": lr,
         "completion_len_mean": float(lens.mean()), "completion_len_min": int(lens.min()),
         "completion_len_max": int(lens.max()), "truncation_rate": float(g["truncated"].float().mean()),
