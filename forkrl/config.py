@@ -181,6 +181,21 @@ class RewardCfg(Strict):
         return self
 
 
+class ExploreCfg(Strict):
+    """Exploration-interleaved training (arXiv 2605.16143; env tasks): exploration episodes, shown
+    ``instruction`` instead of the task's and rewarded by ``info[reward]`` at their end (the map's coverage), in
+    groups of their own whose advantages are normalised apart from the task's. "5:1" is read two ways:
+    ``mode: steps``, every (``ratio`` + 1)-th step explores; ``mode: groups``, 1 in (``ratio`` + 1) of every step's
+    groups (at least one) explores. Exploration has value only where the map is not all visible (FrozenLake
+    ``view: 1``)."""
+
+    mode: Literal["off", "steps", "groups"] = "off"
+    ratio: Pos = 5
+    reward: str = "coverage"
+    instruction: str = ("Explore: move around and see as much of the map as you can. Answer with one action, e.g. "
+                        "<answer>Left</answer>.")
+
+
 class KlCfg(Strict):
     estimator: KlEstimator = "k3"
     beta: Annotated[float, Field(ge=0.0)] = 0.0  # 0: no reference model is loaded
@@ -229,6 +244,7 @@ class GrpoCfg(Strict):
     mi_every: NonNeg = 0
     # ECHO (env tasks): λ of a next-token loss on the observations' (ENV) tokens, over the step's ENV tokens
     echo_coef: Annotated[float, Field(ge=0.0)] = 0.0
+    explore: ExploreCfg = ExploreCfg()  # env tasks: exploration episodes interleaved with the task's
     optim: OptimCfg = OptimCfg(lr=1e-4)
 
     @property
@@ -354,6 +370,8 @@ class RunCfg(Strict):
         if self.grpo.echo_coef and self.task.type != "env":
             raise ValueError("grpo.echo_coef: ECHO's loss is on the observation tokens of an env task's episodes; "
                              f"task {self.task.type!r} has none (set task.type: env, or leave echo_coef at 0)")
+        if self.grpo.explore.mode != "off" and self.task.type != "env":
+            raise ValueError("grpo.explore: exploration episodes need an env task (task.type: env)")
         if self.task.type == "env" and "fork" in self.stages:
             raise ValueError("stages: the fork stage is single-turn (it contrasts completions at fork tokens of one "
                              "prompt); an env task (task.type: env) trains with sft and grpo stages")

@@ -163,6 +163,29 @@ def test_env_task_trains_sft_then_grpo_and_logs_episode_figures(tmp_path):
     assert 0 <= summary["stages"]["grpo"]["pass_at_1"] <= 1
     sample = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert sample and sample[0]["prompt"].startswith("Count up to the target.\ncount 0 target")
+    # PASS@(k,T): base vs trained, n episodes of each held-out seed, solved within T turns
+    run = tmp_path / "run"
+    proc = cli("passk", "--task", run, "--model", f"base={run / 'sft' / 'final'}", "--model",
+               f"grpo={run / 'grpo' / 'final'}", "--n", 4, "--out", tmp_path / "pk")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pk = json.loads((tmp_path / "pk" / "passk.json").read_text())
+    for m in pk["models"].values():
+        grid = m["pass_at_k_t"]
+        assert list(grid) == ["1", "2", "3", "4"] and list(grid["1"]) == ["1", "2", "4"]
+        for k in ("1", "2", "4"):  # a larger turn budget never solves less
+            assert all(grid[str(t)][k] <= grid[str(t + 1)][k] + 1e-12 for t in range(1, 4))
+            assert grid["4"][k] == pytest.approx(m["pass_at_k"][k]["mean"])
+    assert pk["pairs"][0]["a"] == "base" and "PASS@(k,T) grpo" in proc.stdout
+    # the episode viewer: each sampled row's turns, and its tokens coloured by role
+    first = sample[0]["episode"]
+    assert first["turns"] and {"action", "observation", "reward"} <= set(first["turns"][0])
+    assert [role for _, role in first["spans"]][:2] == ["prompt", "completion"]
+    env_text = "".join(text for text, role in first["spans"] if role == "env").replace(" ", "")
+    assert env_text == "".join(t["observation"] for t in first["turns"]).replace(" ", "")
+    from forkrl.report import write_report
+
+    page = write_report(run).read_text()
+    assert 'class="episode-row"' in page and 'class="role-env"' in page and 'class="role-completion"' in page
 
 
 def test_a_raising_environment_is_counted_never_a_crash(tmp_path):
@@ -182,3 +205,63 @@ def test_demo_agent_fast_writes_summary(tmp_path):
     assert s["stages"]["sft"]["wall_s"] > 0 and s["stages"]["grpo"]["wall_s"] > 0
     assert 0 <= s["grpo_figures"]["groups_kept_frac"] <= 1
     assert "held-out success" in proc.stdout and "SNR filter" in proc.stdout
+
+
+def test_exploration_flags_read_five_to_one_both_ways():
+    from forkrl.config import ExploreCfg
+    from forkrl.trainers.sources import explore_flags
+
+    steps = ExploreCfg(mode="steps", ratio=5)
+    assert [any(explore_flags(steps, s, 8)) for s in range(1, 13)] == [s % 6 == 0 for s in range(1, 13)]
+    assert all(explore_flags(steps, 6, 8))
+    groups = ExploreCfg(mode="groups", ratio=5)
+    assert explore_flags(groups, 1, 12) == [False] * 10 + [True] * 2  # 1 in 6 of every step's groups
+    assert explore_flags(groups, 1, 4) == [False] * 3 + [True]  # at least one
+    assert not any(explore_flags(ExploreCfg(), 6, 8))
+
+
+def test_exploration_rows_are_rewarded_by_coverage_and_normalised_apart():
+    from forkrl.envs.episodes import Episode, Turn
+    from forkrl.trainers.grpo import advantages, with_exploration
+    from forkrl.trainers.sources import Rows
+    from forkrl.types import Scored
+
+    def episode(coverage):
+        e = Episode(0, [1], [1], [0.0])
+        e.turns.append(Turn("a", "o", 0.0, {"coverage": coverage, "success": 0.0}, False))
+        return e
+
+    eps = [episode(0.1), episode(0.2), episode(0.5), episode(0.75)]
+    explore = torch.tensor([False, False, True, True])
+    scored = Scored(None, torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.ones(4, dtype=torch.bool),
+                    {"correct": torch.tensor([1.0, 0.0, 1.0, 0.0])})
+    rows = Rows(None, [""] * 4, [], [], eps, {}, explore)
+    out = with_exploration(scored, rows, "coverage")
+    assert out.reward_N.tolist() == [1.0, 0.0, 0.5, 0.75]
+    assert out.components["correct"][2:].isnan().all() and out.components["explore"][2:].tolist() == [0.5, 0.75]
+    missing = with_exploration(scored, rows, "rooms_seen")  # a key the environment does not report: unscorable
+    assert missing.valid_N.tolist() == [True, True, False, False]
+    cfg = parse_config(tiny_cfg_dict(**{"grpo.advantage": "grpo_batch_std"})).grpo
+    group = torch.tensor([0, 0, 1, 1])
+    adv = advantages(cfg, out.reward_N, group, out.valid_N, explore)
+    from forkrl.algos.advantages import get_advantage
+
+    est = get_advantage("grpo_batch_std")
+    for part in (~explore, explore):  # each kind's batch statistics are its own
+        want = est(out.reward_N[part], group[part], out.valid_N[part], eps=cfg.adv_eps)
+        assert torch.allclose(adv[part], want)
+
+
+def test_exploration_interleaved_on_a_partially_observable_lake(tmp_path):
+    path = env_cfg(tmp_path, **{"task": {"type": "env", "env": "frozenlake", "kwargs": {"view": 1},
+                                         "max_turns": 3, "max_episode_tokens": 200, "train_size": 40,
+                                         "heldout_size": 4, "demos": {"wander": 1}},
+                                "grpo.explore": {"mode": "groups", "ratio": 1}, "sft.steps": 2, "grpo.steps": 2,
+                                "sampling.max_new_tokens": 10})
+    proc = cli("train", path, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in [r for r in rows if r["stage"] == "grpo"]:
+        assert r["explore_rows"] == 8  # 2 of the step's 4 maps, 4 episodes each
+        assert 0 < r["explore_reward_mean"] <= 1  # coverage: the start's 3x3 view is seen already
+        assert r["reward/explore"] == pytest.approx(r["explore_reward_mean"])

@@ -9,7 +9,10 @@ the task's verifier scores them, and from the per-problem correct counts c this 
 * where two models' curves cross (the sign of pass@k_a − pass@k_b flips between two consecutive k);
 * the boundary B(π) = {problems with c ≥ 1} of each model, and for each pair (a, b) in the order given
   the problems gained (in B(b), not B(a)), lost and kept;
-* strategy diversity: distinct ``task.strategy(completion)`` values per problem, when the task has one.
+* strategy diversity: distinct ``task.strategy(completion)`` values per problem, when the task has one;
+* for an env task (``task.type: env``), PASS@(k,T): ``n`` episodes of each held-out env seed, an episode solved
+  within T turns when ``task.solved_at`` is at most T, pass@k for every T = 1 … ``max_turns`` (the boundary and the
+  seeds gained and lost at T = ``max_turns``).
 
 Choices the paper leaves open, made here:
 * *Correct* means ``task.score(problem, completion) >= 1 − 1e-9``: pass@k asks "did any attempt solve
@@ -209,6 +212,7 @@ class Outcome:
     truncated_frac: float
     tokenizer_differs: str | None
     seconds: float
+    correct_PT: list[list[int]] | None = None  # env tasks: episodes solved within T = 1 … max_turns turns
 
 
 def sample_texts(spec: ModelSpec, cfg, task, problems, *, n: int, seed: int, ref_tokenizer=None):
@@ -274,8 +278,40 @@ def _strategy_of(strategy, problem, text: str) -> str:
                         f"for the completion {text[:80]!r}") from e
 
 
+def run_env_model(spec: ModelSpec, cfg, task, problems, *, n: int, seed: int, ref_tokenizer=None):
+    """(Outcome, tokenizer) of one model on an env task: ``n`` episodes of each held-out env seed, each counted
+    solved within T turns when ``task.solved_at`` is at most T (PASS@(k,T)); an episode whose environment raised is
+    unscorable (counted, not solved)."""
+    from ..envs.episodes import make_codec, play
+    from ..sampling import make_sampler, row_seeds, sampling_params
+    from .source import load_eval_model, same_tokenizer
+
+    t0 = time.time()
+    model, tokenizer, _ = load_eval_model(spec.path, cfg)
+    differs = same_tokenizer(ref_tokenizer, tokenizer) if ref_tokenizer is not None else None
+    sampler = make_sampler(cfg.sampling, model, tokenizer)
+    episodes = play(task, sampler, make_codec(task, tokenizer), [p.meta["env_seed"] for p in problems], n,
+                    sampling_params(cfg, for_eval=True), seeds=row_seeds(f"passk:{seed}", list(range(len(problems))), n))
+    del sampler, model
+    gc.collect()
+    turns = range(1, task.max_turns + 1)
+    correct_PT, unscorable_P = [], []
+    for i in range(len(problems)):
+        mine = episodes[i * n : (i + 1) * n]
+        solved = [task.solved_at(e) for e in mine]
+        correct_PT.append([sum(s is not None and s <= t for s in solved) for t in turns])
+        unscorable_P.append(sum(e.error is not None for e in mine))
+    first_error = next((e.error for e in episodes if e.error is not None), None)
+    truncated = sum(e.truncated for e in episodes) / max(len(episodes), 1)
+    print(f"[passk] {spec.name}: {len(problems)} env seeds x {n} episodes played", file=sys.stderr, flush=True)
+    return Outcome(spec, [row[-1] for row in correct_PT], unscorable_P, None, None, first_error, truncated, differs,
+                   time.time() - t0, correct_PT), tokenizer
+
+
 def run_model(spec: ModelSpec, cfg, task, problems, *, n: int, seed: int, ref_tokenizer=None):
     """(Outcome, tokenizer) of one model: sample (one model in memory at a time), then score."""
+    if getattr(task, "multi_turn", False):
+        return run_env_model(spec, cfg, task, problems, n=n, seed=seed, ref_tokenizer=ref_tokenizer)
     t0 = time.time()
     texts_P, truncated_frac, tokenizer, differs = sample_texts(spec, cfg, task, problems, n=n, seed=seed,
                                                                ref_tokenizer=ref_tokenizer)
@@ -305,6 +341,10 @@ def model_entry(o: Outcome, ids: list[str], n: int, ks: list[int], *, resamples:
         "tokenizer_differs": o.tokenizer_differs,
         "seconds": o.seconds,
         "per_problem": per_problem,
+        # env tasks: PASS@(k,T), by turn budget T then k (the T = max_turns row is pass_at_k)
+        **({"pass_at_k_t": {str(t + 1): {str(k): float(np.mean(pass_at_k(n, [row[t] for row in o.correct_PT], k)))
+                                         for k in ks} for t in range(len(o.correct_PT[0]))}}
+           if o.correct_PT else {}),
     }
 
 
@@ -348,6 +388,11 @@ def format_table(result: dict) -> str:
         lines.append("  ".join([f"{name:<{width}}", *(f"{c:<21}" for c in cells)]))
     lines.append("boundary |B| (problems with >= 1 correct): "
                  + ", ".join(f"{name} {m['boundary']}/{result['num_problems']}" for name, m in models.items()))
+    for name, m in models.items():
+        if "pass_at_k_t" in m:  # env tasks: PASS@(k,T), a row per turn budget
+            lines.append(f"PASS@(k,T) {name}: " + "; ".join(
+                f"T={t}: " + " ".join(f"{v:.3f}" for v in row.values()) for t, row in m["pass_at_k_t"].items())
+                + f"  (k = {', '.join(map(str, ks))})")
     for p in result["pairs"]:
         lines.append(f"{p['a']} -> {p['b']}: gained {p['n_gained']}, lost {p['n_lost']}, kept {p['n_kept']}")
     for c in result["crossings"]:

@@ -276,10 +276,11 @@ def first_action_ids(episode: Episode) -> list[int]:
     return episode.ids[start:end]
 
 
-def play(task, sampler, codec, env_seeds: list[int], group_size: int, params, *, seeds: list[int]) -> list[Episode]:
-    """``run_episodes`` with an env task's instruction and budgets."""
-    return run_episodes(sampler, codec, task.make, task.instruction, env_seeds, group_size, params, seeds=seeds,
-                        max_turns=task.max_turns, max_tokens=task.max_episode_tokens)
+def play(task, sampler, codec, env_seeds: list[int], group_size: int, params, *, seeds: list[int],
+         instruction: str | None = None) -> list[Episode]:
+    """``run_episodes`` with an env task's instruction (or ``instruction``: an exploration episode's) and budgets."""
+    return run_episodes(sampler, codec, task.make, instruction or task.instruction, env_seeds, group_size, params,
+                        seeds=seeds, max_turns=task.max_turns, max_tokens=task.max_episode_tokens)
 
 
 def episode_metrics(task, episodes: list[Episode]) -> dict:

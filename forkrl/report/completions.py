@@ -1,6 +1,7 @@
 """The report's completions section: the rows ``completions.jsonl`` sampled from the last GRPO steps (training
 writes it: ``log_completions`` rows per step), with their reward, reward components, advantage and a collapsed
-completion. Model text is escaped like every user string."""
+completion; an env task's rows open into the episode viewer (turns, and the row's tokens coloured by role). Model
+text is escaped like every user string."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ def _completion(text) -> Safe:
     return tag("details", join([tag("summary", preview or "∅"), tag("pre", text)]), cls="completion")
 
 
+def _episode(episode: dict) -> Safe:
+    """The episode viewer: every turn (action, observation, reward), then the row itself, its prompt, action
+    (COMPLETION) and observation (ENV) tokens coloured apart, as the loss sees them."""
+    turns = episode.get("turns") if isinstance(episode.get("turns"), list) else []
+    rows = [[(num(t), "num"), tag("pre", str(x.get("action", ""))), tag("pre", str(x.get("observation") or "")),
+             (num(x.get("reward"), 3), "num")] for t, x in enumerate(turns, 1) if isinstance(x, dict)]
+    spans = [tag("span", str(text), cls=f"role-{role}") for text, role in episode.get("spans", [])
+             if isinstance(role, str) and role.isalpha()]
+    error = episode.get("error")
+    summary = f"{len(turns)} turns, return {num(episode.get('return'), 3)}" + (f"; {error}" if error else "")
+    return tag("details", join([tag("summary", summary), table(["turn", "action", "observation", "reward"], rows),
+                                tag("div", join(spans), cls="episode-row")]), cls="completion episode")
+
+
 def _row_cells(row: dict, labels: list[str]) -> list:
     components = row.get("components") if isinstance(row.get("components"), dict) else {}
     valid = row.get("valid", True)
@@ -31,7 +46,8 @@ def _row_cells(row: dict, labels: list[str]) -> list:
     return [(num(row.get("row")), "num"), code(row.get("problem_id", "—")), row.get("prompt", ""), reward,
             *((num(components.get(k), 3), "num") for k in labels),
             (num(row.get("advantage"), 3), "num"), "yes" if row.get("truncated") else "no",
-            (num(row.get("completion_tokens")), "num"), _completion(row.get("completion"))]
+            (num(row.get("completion_tokens")), "num"),
+            _episode(row["episode"]) if isinstance(row.get("episode"), dict) else _completion(row.get("completion"))]
 
 
 def _step_table(stage: str, step, rows: list[dict], label: str) -> Safe:

@@ -96,6 +96,10 @@ svg text.vlabel{fill:#8a6a12}
 details.completion summary{cursor:pointer;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
  font-size:12.5px;white-space:pre}
 details.completion pre{white-space:pre-wrap;word-break:break-word;max-width:560px;margin:4px 0}
+.episode-row{font:12.5px/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;
+ max-width:720px;border:1px solid #e6e8ec;border-radius:6px;padding:8px;margin:6px 0}
+.role-prompt{color:#6a737d}.role-completion{background:#dbeafe;color:#1e3a8a}.role-env{background:#dcfce7;color:#14532d}
+.role-tool{background:#fef3c7}
 footer{max-width:1240px;margin:0 auto 24px;color:#7a8291;font-size:12px;text-align:center}
 """
 

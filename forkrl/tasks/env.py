@@ -117,6 +117,20 @@ class EnvTask:
             return episode.ret >= self.success_return
         return float(episode.info.get("success", 0.0)) > 0
 
+    def solved_at(self, episode) -> int | None:
+        """The turn (1-based) by which the episode had succeeded, or None: the first turn whose ``info["success"]``
+        is positive, or, with ``success_return``, whose cumulative reward reaches it (PASS@(k,T) counts an episode
+        solved within T turns when this is at most T)."""
+        if episode.error is not None:
+            return None
+        total = 0.0
+        for t, turn in enumerate(episode.turns, 1):
+            total += turn.reward
+            if (total >= self.success_return) if self.success_return is not None else \
+                    float(turn.info.get("success", 0.0)) > 0:
+                return t
+        return None
+
     def score(self, problem: Problem, completion: str) -> float:
         raise TaskError(f"task {self.name!r} is scored by playing episodes, not by one completion's text")
 

@@ -17,6 +17,7 @@ it, else the model's forward).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from .accumulate import EXACT, Plan, accumulate, completion_counts, global_total
 from .data import batch_indices
 from .loop import StageLoop, want_eval
 from .metrics import SpreadWatch, stage_sums
-from .sources import EpisodeSource, HeldoutEpisodes, PromptSource, Rows
+from .sources import EpisodeSource, HeldoutEpisodes, PromptSource, Rows, explore_flags
 
 STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch")  # summed over masked tokens, per step
 
@@ -170,7 +171,9 @@ def train_grpo(ctx) -> dict:
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
-        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step)
+        explore = explore_flags(cfg.explore, step, cfg.prompts_per_step)[shard]
+        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step,
+                            explore=explore)
         metrics["reward_std_collapse_ratio"] = spread.ratio(step, metrics["group_reward_std"])
         if heldout is not None and (want_eval(cfg.eval_every, step, cfg.steps) or step == cfg.steps):
             metrics["env_ce_heldout"] = heldout.cross_entropy()  # ECHO's figure on the fixed base-model episodes
@@ -182,18 +185,20 @@ def train_grpo(ctx) -> dict:
     return {**loop.finish(), **sums}
 
 
-def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step) -> dict:
+def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step, *,
+              explore=None) -> dict:
     """One GRPO step, top to bottom, on this rank's shard of the step's prompts (``pick``, indices of the task's
-    problems; ``source`` makes their rows)."""
+    problems; ``source`` makes their rows; ``explore``: which of their groups are exploration episodes)."""
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     t0 = time.time()
-    rows = source.sample(sampler, pick, step_problems, seeds)
+    rows = source.sample(sampler, pick, step_problems, seeds, explore)
     rollouts, texts = rows.rollouts, rows.texts
     sample_s = time.time() - t0
     collapse = template_collapse(ctx, rows, step)
     scored, failures = score_rollouts(rollouts, texts, step_problems, ctx.task, rewards, seeds=seeds,
                                       step=step, progress=step / cfg.steps,
                                       max_new_tokens=run_cfg.sampling.max_new_tokens, episodes=rows.episodes)
+    scored = with_exploration(scored, rows, cfg.explore.reward)
     t1 = time.time()
     old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
@@ -204,10 +209,11 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems
     # filter that ranks groups against each other (snr).
     group_all = dist.all_gather(rollouts.group_N + dist.rank * len(step_problems))
     task_all, valid_all = dist.all_gather(scored.reward_N), dist.all_gather(scored.valid_N)
-    adv_all = get_advantage(cfg.advantage)(dist.all_gather(reward_N), group_all, valid_all, eps=cfg.adv_eps)
+    type_all = dist.all_gather(rows.explore_N) if rows.explore_N is not None else None
+    adv_all = advantages(cfg, dist.all_gather(reward_N), group_all, valid_all, type_all)
     mine = dist.shard(len(adv_all), "rows per step")
     adv_N = adv_all[mine]
-    loop.log_completions(step, step_problems, texts, scored, adv_N)  # RUN_DIR/completions.jsonl
+    loop.log_completions(step, step_problems, texts, scored, adv_N, rows.episodes)  # RUN_DIR/completions.jsonl
     # Zero variance and filters are judged on the task reward: a KL-in-reward term would make every group look
     # informative.
     zero_var_all = ~zero_variance_groups(task_all, group_all, valid_all)
@@ -247,20 +253,55 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems
                            lr=loop.lr), **episode_figures(rows, dist), **collapse}
 
 
+def advantages(cfg, reward_N, group_N, valid_N, explore_N=None):
+    """The step's advantages; exploration rows (``explore_N``) normalised apart from the task's (their own groups
+    already; a batch-level estimator's statistics too)."""
+    estimator = get_advantage(cfg.advantage)
+    if explore_N is None or not explore_N.any():
+        return estimator(reward_N, group_N, valid_N, eps=cfg.adv_eps)
+    adv_N = torch.zeros_like(reward_N)
+    for part in (~explore_N, explore_N):
+        if part.any():
+            adv_N[part] = estimator(reward_N[part], group_N[part], valid_N[part], eps=cfg.adv_eps)
+    return adv_N
+
+
+def with_exploration(scored, rows: Rows, key: str):
+    """``scored`` with each exploration row's reward replaced by its episode's ``info[key]`` (coverage), unscorable
+    where missing, and the task rewards' components blanked there (they were not its reward)."""
+    if rows.explore_N is None or not rows.explore_N.any():
+        return scored
+    from .sources import exploration_rewards
+
+    x = rows.explore_N
+    values = torch.full_like(scored.reward_N, float("nan"))
+    values[x] = exploration_rewards([e for e, f in zip(rows.episodes, x.tolist()) if f], key).to(values.dtype)
+    reward = torch.where(x, torch.nan_to_num(values, nan=0.0), scored.reward_N)
+    valid = torch.where(x, ~values.isnan(), scored.valid_N)
+    components = {k: torch.where(x, torch.full_like(v, float("nan")), v) for k, v in scored.components.items()}
+    components["explore"] = values
+    return dataclasses.replace(scored, reward_N=reward, valid_N=valid, components=components)
+
+
 def episode_figures(rows: Rows, dist) -> dict:
-    """An env task's episode figures over every rank's episodes (success, return, turns, valid actions, errors)."""
+    """An env task's episode figures over every rank's episodes (success, return, turns, valid actions, errors: the
+    task episodes'; ``explore_reward_mean``: the exploration episodes')."""
     if rows.episodes is None:
         return {}
-    n = dist.all_reduce_sum(torch.tensor(float(len(rows.episodes)), dtype=torch.float64))
-    out = {}
+    n_explore = int(rows.explore_N.sum()) if rows.explore_N is not None else 0
+    counts = {False: len(rows.episodes) - n_explore, True: n_explore}
+    total = {k: float(dist.all_reduce_sum(torch.tensor(float(v), dtype=torch.float64))) for k, v in counts.items()}
+    out = {"explore_rows": int(total[True])}
     for k, v in rows.metrics.items():
         if k == "env_errors":
             out[k] = int(dist.all_reduce_sum(torch.tensor(float(v), dtype=torch.float64)))
         elif k == "env_first_error":
             out[k] = v  # rank 0's
-        else:  # a mean over this rank's episodes, weighted back to the whole step's
-            part = torch.tensor(0.0 if v is None else v * len(rows.episodes), dtype=torch.float64)
-            out[k] = float(dist.all_reduce_sum(part) / n) if v is not None else None
+        else:  # a mean over this rank's episodes of its kind, weighted back to the whole step's
+            kind = k.startswith("explore")
+            part = torch.tensor(0.0 if v is None else v * counts[kind], dtype=torch.float64)
+            got = float(dist.all_reduce_sum(part))
+            out[k] = got / total[kind] if total[kind] else None
     return out
 
 

@@ -165,12 +165,13 @@ class StageLoop:
             self.trackers.close()
             raise TrainingError(stop)
 
-    def log_completions(self, step: int, problems, texts: list[str], scored, adv_N) -> None:
+    def log_completions(self, step: int, problems, texts: list[str], scored, adv_N, episodes=None) -> None:
         """Append the first ``log_completions`` rows of the step (``metrics.completion_rows``) to
         ``RUN/completions.jsonl``, on rank 0 from its own rows (its shard of the step's prompts)."""
         n = self.ctx.cfg.log_completions
         if n and self.ctx.dist.is_main:
-            rows = completion_rows(self.ctx.stage_dir.name, step, problems, texts, scored, adv_N, n)
+            rows = completion_rows(self.ctx.stage_dir.name, step, problems, texts, scored, adv_N, n,
+                                   episodes=episodes, decode=self.ctx.tokenizer.decode)
             append_jsonl(self.ctx.run_dir / COMPLETIONS, rows, what="the completions sample")
 
     def finish(self) -> dict:

@@ -72,12 +72,29 @@ def append_jsonl(path: Path, rows: list[dict], *, what: str) -> None:
 COMPLETIONS = "completions.jsonl"  # in the run directory: a sample of each GRPO step's rows
 
 
-def completion_rows(stage: str, step: int, problems, texts: list[str], scored, adv_N, n: int) -> list[dict]:
+def episode_record(episode, decode) -> dict:
+    """An episode for the report's viewer: its turns (action, observation, reward, info), return, error, and its
+    row as (text, role) spans, each run of one role decoded (``decode``: the tokenizer's)."""
+    from ..types import Role
+
+    spans, start = [], 0
+    for i in range(1, len(episode.roles) + 1):
+        if i == len(episode.roles) or episode.roles[i] != episode.roles[start]:
+            spans.append([decode(episode.ids[start:i]), Role(episode.roles[start]).name.lower()])
+            start = i
+    return {"turns": [{"action": t.action, "observation": t.observation, "reward": t.reward,
+                       "info": {k: v for k, v in t.info.items() if isinstance(v, (int, float))}}
+                      for t in episode.turns],
+            "return": episode.ret, "error": episode.error, "spans": spans}
+
+
+def completion_rows(stage: str, step: int, problems, texts: list[str], scored, adv_N, n: int, *, episodes=None,
+                    decode=None) -> list[dict]:
     """The first ``n`` rows of the step in group order (the first group's rows, then the next group's, ...: the
     same rows every run, and whole groups, whose advantages compare within them), each as a completions.jsonl
     object. ``problems``, ``texts``, ``scored`` and ``adv_N``: the step's (this rank's) problems, completion texts,
     ``Scored`` rows and advantages. ``reward`` is the task's (before a KL-in-reward term), None where the row was
-    unscorable; a component is None where it failed."""
+    unscorable; a component is None where it failed. An env task's rows carry their ``episode`` (``episode_record``)."""
     rollouts = scored.rollouts
     group_N, problem_N = rollouts.group_N.tolist(), rollouts.problem_N.tolist()
     picked = sorted(range(len(texts)), key=lambda i: (group_N[i], i))[:n]
@@ -90,7 +107,8 @@ def completion_rows(stage: str, step: int, problems, texts: list[str], scored, a
                      "prompt": problem.prompt, "completion": texts[i],
                      "reward": float(scored.reward_N[i]) if valid[i] else None, "valid": bool(valid[i]),
                      "components": {k: v[i] for k, v in components.items()}, "advantage": float(adv_N[i]),
-                     "truncated": bool(rollouts.truncated_N[i]), "completion_tokens": int(lens[i])})
+                     "truncated": bool(rollouts.truncated_N[i]), "completion_tokens": int(lens[i]),
+                     **({"episode": episode_record(episodes[i], decode)} if episodes is not None else {})})
     return rows
 
 

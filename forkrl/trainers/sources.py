@@ -29,7 +29,7 @@ class PromptSource:
             self.cache[i] = self.ctx.encode_prompt(problem.prompt, where=describe(problem))
         return self.cache[i]
 
-    def sample(self, sampler, pick, problems, seeds) -> Rows:
+    def sample(self, sampler, pick, problems, seeds, explore=None) -> Rows:
         ctx = self.ctx
         prompt_ids = [self.prompt(i, p) for i, p in zip(pick, problems)]
         rollouts = sampler.sample(prompt_ids, ctx.cfg.grpo.group_size, sampling_params(ctx.cfg), seeds=seeds)
@@ -48,16 +48,32 @@ class EpisodeSource:
         self.ctx, self.codec = ctx, make_codec(ctx.task, ctx.tokenizer)
         self.t_max = ctx.task.max_turns * ctx.cfg.sampling.max_new_tokens  # every turn's action is the "completion"
 
-    def sample(self, sampler, pick, problems, seeds) -> Rows:
+    def sample(self, sampler, pick, problems, seeds, explore=None) -> Rows:
+        """``explore``: per problem, whether its group explores (``grpo.explore``); exploring groups come last."""
         from ..envs.episodes import episode_metrics, episode_rollouts, first_action_ids, play, transcript
 
         ctx, G = self.ctx, self.ctx.cfg.grpo.group_size
-        episodes = play(ctx.task, sampler, self.codec, [p.meta["env_seed"] for p in problems], G,
-                        sampling_params(ctx.cfg), seeds=seeds)
+        explore = list(explore) if explore is not None else [False] * len(problems)
+        n_task = explore.count(False)
+        assert explore == [False] * n_task + [True] * (len(problems) - n_task), "exploring groups come last"
+        params, seeds_of = sampling_params(ctx.cfg), lambda a, b: seeds[a * G : b * G]  # noqa: E731
+        env_seeds = [p.meta["env_seed"] for p in problems]
+        episodes = play(ctx.task, sampler, self.codec, env_seeds[:n_task], G, params, seeds=seeds_of(0, n_task))
+        instruction = ctx.cfg.grpo.explore.instruction
+        if n_task < len(problems):
+            episodes += play(ctx.task, sampler, self.codec, env_seeds[n_task:], G, params,
+                             seeds=seeds_of(n_task, len(problems)), instruction=instruction)
         rollouts = episode_rollouts(episodes, pad_id=ctx.tokenizer.pad_token_id, group_size=G)
-        prompts = [self.codec.initial(ctx.task.instruction, p.meta["observation"])[0] for p in problems]
+        prompts = [self.codec.initial(instruction if x else ctx.task.instruction, p.meta["observation"])[0]
+                   for p, x in zip(problems, explore)]
+        explore_N = torch.tensor(explore).repeat_interleave(G)
+        metrics = episode_metrics(ctx.task, episodes[: n_task * G])
+        metrics["explore_reward_mean"] = None  # every rank reports the same keys (their sums are all-reduced)
+        if n_task < len(problems):
+            values = exploration_rewards(episodes[n_task * G :], ctx.cfg.grpo.explore.reward)
+            metrics["explore_reward_mean"] = float(values[~values.isnan()].mean()) if (~values.isnan()).any() else None
         return Rows(rollouts, [transcript(e) for e in episodes], prompts, [first_action_ids(e) for e in episodes],
-                    episodes, episode_metrics(ctx.task, episodes))
+                    episodes, metrics, explore_N)
 
 
 @dataclass
@@ -71,6 +87,26 @@ class Rows:
     reasonings: list[list[int]]
     episodes: list | None = None
     metrics: dict = field(default_factory=dict)
+    explore_N: torch.Tensor | None = None  # bool per row: an exploration episode (grpo.explore)
+
+
+def exploration_rewards(episodes, key: str) -> torch.Tensor:
+    """Each exploration episode's reward: ``info[key]`` at its end (NaN, unscorable, where the environment raised
+    or does not report it)."""
+    return torch.tensor([float(e.info[key]) if e.error is None and key in e.info else float("nan")
+                         for e in episodes])
+
+
+def explore_flags(cfg, step: int, n_groups: int) -> list[bool]:
+    """Which of a step's ``n_groups`` groups explore under ``grpo.explore`` (``cfg``): all of every
+    (ratio + 1)-th step's (``steps``), or the last 1 in (ratio + 1) of every step's, at least one (``groups``).
+    A function of the step and the whole step's groups, so every rank and a resume agree."""
+    if cfg.mode == "steps":
+        return [step % (cfg.ratio + 1) == 0] * n_groups
+    if cfg.mode == "groups":
+        k = max(1, round(n_groups / (cfg.ratio + 1)))
+        return [False] * (n_groups - k) + [True] * k
+    return [False] * n_groups
 
 
 class HeldoutEpisodes:
