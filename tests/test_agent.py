@@ -265,3 +265,23 @@ def test_exploration_interleaved_on_a_partially_observable_lake(tmp_path):
         assert r["explore_rows"] == 8  # 2 of the step's 4 maps, 4 episodes each
         assert 0 < r["explore_reward_mean"] <= 1  # coverage: the start's 3x3 view is seen already
         assert r["reward/explore"] == pytest.approx(r["explore_reward_mean"])
+
+
+def test_tool_environment_trains_end_to_end(tmp_path):
+    data = tiny_cfg_dict(**{"task": {"type": "env", "env": "python_tool", "max_turns": 3, "max_episode_tokens": 200,
+                                     "kwargs": {"task": {"type": "arithmetic", "digits": 2, "train_size": 60,
+                                                         "heldout_size": 8}},
+                                     "train_size": 60, "heldout_size": 8},
+                            "stages": ["sft", "grpo"], "model.tiny.max_positions": 256, "sampling.max_new_tokens": 16,
+                            "sft.steps": 3, "grpo.steps": 1})
+    path = tmp_path / "tool.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = cli("train", path, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["stage"] == "grpo"]
+    assert row["env_errors"] == 0 and 0 <= row["episode_success"] <= 1
+    too_many = dict(data, task={**data["task"], "train_size": 61})  # more seeds than the wrapped task's problems
+    path.write_text(yaml.safe_dump(too_many))
+    proc = cli("validate", path)
+    assert proc.returncode == 2 and "reset(60) raised ValueError" in proc.stderr

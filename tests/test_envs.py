@@ -153,3 +153,31 @@ def test_splits_never_overlap_and_demonstrations_replay():
     kinds = {d.kind for d in mixed_demos(FrozenLake, range(60), {"optimal": 1, "greedy": 1, "wander": 1},
                                          max_turns=10, actions_per_turn=1)}
     assert kinds == {"optimal", "greedy", "wander"}
+
+
+def test_python_tool_runs_in_the_sandbox_and_the_wrapped_verifier_scores_the_answer():
+    from forkrl.envs.base import HELDOUT_SEED0
+    from forkrl.envs.tool import PythonTool
+    from forkrl.tasks.base import TaskError
+
+    env = PythonTool({"type": "arithmetic", "digits": 2, "train_size": 50, "heldout_size": 5}, max_calls=2,
+                     wall_s=1.0)
+    prompt = env.reset(3)
+    a, b = map(int, prompt.rstrip("=").split("+"))
+    r = env.step(f"let me compute <python>print({a} * 0 + {a} + {b})</python>")
+    assert r.observation == f"output: {a + b}" and r.reward == 0 and not r.done and r.info["tool_calls"] == 1
+    r = env.step(f"ans {a + b}")  # no call: the answer, scored by the arithmetic verifier
+    assert r.reward == 1.0 and r.done and r.info["success"] == 1.0
+    env.reset(3)
+    assert env.step(f"ans {a + b + 1}").reward == 0.0  # a wrong answer
+    env.reset(3)
+    r = env.step("<python>while True: pass</python>")  # the sandbox's wall limit, not a hang
+    assert "[stopped: wall limit]" in r.observation or "[stopped: cpu limit]" in r.observation
+    r = env.step("<python>import os; os.system('ls')</python>")  # the audit hook refuses it; the output says so
+    assert r.done and "output:" in r.observation  # max_calls = 2 reached: unanswered, ended
+    assert env.reset(HELDOUT_SEED0 + 1) == env.task.problems("heldout")[1].prompt  # the wrapped task's split
+    demo = env.demonstration(4)
+    env.reset(4)
+    assert env.step(demo[0]).observation.startswith("output: ") and env.step(demo[1]).reward == 1.0
+    with pytest.raises(TaskError, match="wraps a single-turn task"):
+        PythonTool({"type": "env"})

@@ -104,10 +104,16 @@ class EnvTask:
     def _problems(self) -> dict[str, list[Problem]]:
         out = {}
         for split in ("train", "heldout"):
-            env = self.make()
-            out[split] = [Problem(id=f"seed-{s}", prompt=f"{self.instruction}\n{obs}", answer="",
-                                  meta={"env_seed": s, "observation": obs})
-                          for s in self.seeds(split) for obs in [env.reset(s)]]
+            env, out[split] = self.make(), []
+            for s in self.seeds(split):
+                try:
+                    obs = env.reset(s)
+                except Exception as e:  # noqa: BLE001 - the user's environment, or a split larger than it has
+                    raise TaskError(f"task.env {self.spec!r}: reset({s}) raised {type(e).__name__}: {e} (the "
+                                    f"{split} seeds are {self.seeds(split).start} … {self.seeds(split).stop - 1}; "
+                                    f"task.{split}_size sets how many)") from None
+                out[split].append(Problem(id=f"seed-{s}", prompt=f"{self.instruction}\n{obs}", answer="",
+                                          meta={"env_seed": s, "observation": obs}))
         return out
 
     def success(self, episode) -> bool:
@@ -143,6 +149,9 @@ class EnvTask:
         if self.demos_file is not None:
             return [d for d in self._file_demos if d.seed in self.seeds(split)] if split == "train" else []
         probe = self.make()
+        if callable(getattr(probe, "demonstration", None)):  # the environment's own, per seed (the tool env)
+            turns = [(s, probe.demonstration(s)) for s in self.seeds(split)]
+            return [Demo(s, tuple(t), "optimal") for s, t in turns if t]
         if not hasattr(probe, "optimal"):
             raise TaskError(f"task.env {self.spec!r} has no solver to draw demonstrations from: give "
                             "task.demos_file (JSON Lines of {\"seed\": ..., \"turns\": [...]})")
