@@ -12,6 +12,7 @@ seen to fail.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,7 @@ class CheckRow:
     split: str
     rel_error: float
     grad_norm_ratio: float  # this split's gradient norm / the reference's
+    stage: str = ""  # the stage's name where a run has stages of its own name (``stages: [{grpo: {name: ...}}]``)
 
     @property
     def passed(self) -> bool:
@@ -199,7 +201,9 @@ def _reduction(cfg: RunCfg, trainer: str) -> str:
 
 def table(rows: list[CheckRow], cfg: RunCfg, inject: str) -> str:
     head = ("trainer", "reduction", "split", "max rel. grad error", "grad-norm ratio", "result")
-    body = [(r.trainer, _reduction(cfg, r.trainer), r.split,
+    views = {s.name: s.cfg for s in cfg.stage_plan}
+    body = [(r.trainer + (f" ({r.stage})" if r.stage and r.stage != r.trainer else ""),
+             _reduction(views.get(r.stage, cfg), r.trainer), r.split,
              f"{r.rel_error:.2e}", f"{r.grad_norm_ratio:.4f}", "PASS" if r.passed else "FAIL") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *body]]
@@ -266,18 +270,25 @@ def _with_lora(model, lora):
 
 
 def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow], str]:
-    """Run the harness on ``cfg``'s stages with their micro-batch sizes and accumulation steps."""
+    """Run the harness on each of ``cfg``'s stages with its own section: its micro-batch size, accumulation steps,
+    reduction and loss terms (stages whose sections are the same are checked once)."""
     rows: list[CheckRow] = []
-    for trainer in dict.fromkeys(cfg.stages):
-        lora = cfg.lora_for(trainer)
-        model = _with_lora(check_model(cfg), lora) if lora.enabled else check_model(cfg)
-        stage = {"sft": cfg.sft, "grpo": cfg.grpo, "fork": cfg.fork}[trainer]
-        rows_per_step = cfg.grpo.rows_per_step if trainer == "grpo" else stage.batch_size
+    seen = []
+    for plan in cfg.stage_plan:
+        trainer, view = plan.kind, plan.cfg
+        stage = getattr(view, trainer)
+        if (trainer, stage) in seen:
+            continue
+        seen.append((trainer, stage))
+        lora = view.lora_for(trainer)
+        model = _with_lora(check_model(view), lora) if lora.enabled else check_model(view)
+        rows_per_step = stage.rows_per_step if trainer == "grpo" else stage.batch_size
         accum = max(1, rows_per_step // (stage.micro_batch_size * world))
         micro = min(stage.micro_batch_size, 2)  # the split's shape is what matters, not the micro-batch width
         base = _frozen_base(model, lora.enabled) if trainer == "fork" else None
-        rows += run_checks(model, cfg, trainers=[trainer], micro=micro, accum=accum, world=world, inject=inject,
-                           base=base)
+        rows += [dataclasses.replace(r, stage=plan.name)
+                 for r in run_checks(model, view, trainers=[trainer], micro=micro, accum=accum, world=world,
+                                     inject=inject, base=base)]
     return rows, table(rows, cfg, inject)
 
 

@@ -66,7 +66,7 @@ def cmd_validate(args) -> int:
     if cfg.model.path is not None:
         models.check_source(cfg.model.path)
     sizes = ", ".join(f"{len(task.problems(s))} {s}" for s in ("train", "heldout"))
-    print(f"{args.config}: valid. stages {' -> '.join(cfg.stages)}; task {getattr(task, 'name', '?')} ({sizes}); "
+    print(f"{args.config}: valid. stages {' -> '.join(s.name for s in cfg.stage_plan)}; task {getattr(task, 'name', '?')} ({sizes}); "
           f"model {cfg.model.path or 'tiny (built locally)'}")
     for r in record:
         where = f" ({r['file']}, sha256 {r['sha256'][:12]})" if r["file"] else ""

@@ -14,10 +14,11 @@ Keys renamed since a run was written are read under their new name (``_MOVED``),
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+import re
+from typing import Annotated, Any, Literal, NamedTuple, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from .algos.advantages import ADVANTAGES
 from .algos.filters import FILTERS
@@ -145,6 +146,9 @@ class SftCfg(Strict):
     optim: OptimCfg = OptimCfg(lr=3e-3, warmup_steps=30, schedule="linear")
     # env tasks: the observations' tokens (role ENV) are masked out of the loss, or trained on as targets too
     observations: Literal["mask", "train"] = "mask"
+    # the data order: seeded shuffles; or the reverse-perplexity curriculum (arXiv 2605.13301): by the response's
+    # perplexity under the starting model, highest first (perplexity_desc, the paper's) or lowest first, no shuffle
+    order: Literal["shuffle", "perplexity_desc", "perplexity_asc"] = "shuffle"
 
     @model_validator(mode="after")
     def _divides(self):
@@ -347,9 +351,38 @@ class DebugCfg(Strict):
     inject: Fault = "none"
 
 
+# a stage entry is a kind or a one-key mapping {kind: its own keys}; the tag keeps a wrong entry's error to its branch
+StageEntry = Annotated[Union[Annotated[StageName, Tag("<stage>")],
+                             Annotated[dict[StageName, Optional[dict[str, Any]]], Tag("<stage with keys>")]],
+                       Discriminator(lambda v: "<stage with keys>" if isinstance(v, dict) else "<stage>")]
+_UNION_TAGS = ("<stage>", "<stage with keys>", "[key]")  # in an error's location, not keys of the YAML
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RESERVED_NAMES = ("rewards", "checkpoints")  # what else a run directory holds
+
+
+class StagePlan(NamedTuple):
+    """One stage of a run. ``name``: its directory in the run, its rows' ``stage`` in metrics.jsonl, its key in
+    summary.json; ``kind``: its trainer (a key of ``trainers.STAGES``); ``cfg``: the run's config as the stage sees it,
+    ``cfg.<kind>`` being the kind's section with the stage's own keys merged in."""
+
+    name: str
+    kind: str
+    cfg: RunCfg
+
+
+def deep_merge(base: dict, own: dict) -> dict:
+    """``base`` with ``own``'s keys over it; mappings merge key by key, anything else (a list too) is replaced."""
+    out = dict(base)
+    for k, v in own.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class RunCfg(Strict):
     seed: int = 0
-    stages: list[StageName] = Field(min_length=1)
+    # a stage is a kind (sft, grpo, fork) trained with the kind's section, or {kind: {name: NAME, KEY: VALUE, ...}},
+    # the kind's section with these keys over it (so two grpo stages can have their own rewards, steps, lr, ...)
+    stages: list[StageEntry] = Field(min_length=1)
     model: ModelCfg
     task: TaskCfg
     sampling: SamplingCfg = SamplingCfg()
@@ -364,18 +397,69 @@ class RunCfg(Strict):
     # experiment trackers each optimizer step's metrics line also goes to (forkrl.tracking; optional extras)
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = []
     log_completions: NonNeg = 4  # GRPO rows per step sampled into RUN_DIR/completions.jsonl (0: none)
+    _sections: tuple = PrivateAttr(default=())  # (name, kind, section) of each stage, from _stage_sections
 
     @model_validator(mode="after")
-    def _multi_turn_stages(self):
-        if self.grpo.echo_coef and self.task.type != "env":
-            raise ValueError("grpo.echo_coef: ECHO's loss is on the observation tokens of an env task's episodes; "
-                             f"task {self.task.type!r} has none (set task.type: env, or leave echo_coef at 0)")
-        if self.grpo.explore.mode != "off" and self.task.type != "env":
-            raise ValueError("grpo.explore: exploration episodes need an env task (task.type: env)")
-        if self.task.type == "env" and "fork" in self.stages:
+    def _stage_sections(self):
+        """Each stage's name and section, its own keys merged over the kind's section and validated as it."""
+        entries = []
+        for i, entry in enumerate(self.stages):
+            if isinstance(entry, dict):
+                if len(entry) != 1:
+                    raise ValueError(f"stages.{i}: a stage is a kind ({', '.join(STAGES)}) or one mapping "
+                                     f"{{kind: {{name: ..., its section's keys}}}}; got the keys {', '.join(entry)}")
+                ((kind, own),) = entry.items()
+                entries.append((i, kind, dict(own or {})))
+            else:
+                entries.append((i, entry, {}))
+        kinds = [kind for _, kind, _ in entries]
+        sections, names = [], set()
+        for i, kind, own in entries:
+            name = own.pop("name", None)
+            if name is None:
+                name = kind if kinds.count(kind) == 1 else f"{i}-{kind}"
+            elif not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or name in RESERVED_NAMES:
+                raise ValueError(f"stages.{i}.{kind}.name: {name!r} names the stage's directory in the run: letters, "
+                                 f"digits, '_', '.', '-', at most 64, not {' or '.join(RESERVED_NAMES)}")
+            if name in names:
+                raise ValueError(f"stages.{i}: two stages are named {name!r}; give each its own name "
+                                 f"({{{kind}: {{name: ...}}}})")
+            names.add(name)
+            section = getattr(self, kind)
+            if own:
+                try:
+                    section = type(section).model_validate(deep_merge(section.model_dump(exclude_unset=True), own))
+                except ValidationError as e:
+                    raise ValueError("; ".join(_describe(err, None, ("stages", i, kind), type(section))
+                                               for err in e.errors())) from None
+            sections.append((name, kind, section))
+        self._sections = tuple(sections)
+        self._stage_rules()
+        return self
+
+    def _stage_rules(self) -> None:
+        for stage in self.stage_plan:
+            where = stage.kind if stage.name == stage.kind else f"stage {stage.name!r}: {stage.kind}"
+            if stage.kind == "grpo" and stage.cfg.grpo.echo_coef and self.task.type != "env":
+                raise ValueError(f"{where}.echo_coef: ECHO's loss is on the observation tokens of an env task's "
+                                 f"episodes; task {self.task.type!r} has none (set task.type: env, or leave echo_coef "
+                                 "at 0)")
+            if stage.kind == "grpo" and stage.cfg.grpo.explore.mode != "off" and self.task.type != "env":
+                raise ValueError(f"{where}.explore: exploration episodes need an env task (task.type: env)")
+        if self.task.type == "env" and "fork" in self.stage_kinds:
             raise ValueError("stages: the fork stage is single-turn (it contrasts completions at fork tokens of one "
                              "prompt); an env task (task.type: env) trains with sft and grpo stages")
-        return self
+
+    @property
+    def stage_plan(self) -> list[StagePlan]:
+        """The run's stages in order, each with its name, kind and the config it trains with."""
+        return [StagePlan(name, kind, self if section is getattr(self, kind) else
+                          self.model_copy(update={kind: section})) for name, kind, section in self._sections]
+
+    @property
+    def stage_kinds(self) -> list[str]:
+        """The trainer of each stage, in order (``sft``, ``grpo``, ``fork``)."""
+        return [kind for _, kind, _ in self._sections]
 
     def lora_for(self, stage: str) -> LoraCfg:
         """The LoRA setting of a stage: ``fork.lora`` for the fork stage, ``model.lora`` for the others."""
@@ -402,9 +486,10 @@ def _node_line(root: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
-def _section(loc: tuple) -> type[BaseModel] | None:
-    """The model class at ``loc`` (for listing allowed keys of an unknown key's parent)."""
-    cls: Any = RunCfg
+def _section(loc: tuple, cls: Any = None) -> type[BaseModel] | None:
+    """The model class at ``loc`` under ``cls`` (the whole config's, by default), for listing the allowed keys of an
+    unknown key's parent."""
+    cls = RunCfg if cls is None else cls
     for key in loc:
         if key in _TASK_TYPES:  # pydantic puts the union branch's tag in the location
             cls = _TASK_TYPES[key]
@@ -423,17 +508,21 @@ def _section(loc: tuple) -> type[BaseModel] | None:
 _TASK_TYPES = TASKS
 
 
-def _describe(err: dict, root: yaml.Node | None) -> str:
+def _describe(err: dict, root: yaml.Node | None, prefix: tuple = (), cls: Any = None) -> str:
+    """One line for a validation error: key path (``prefix`` before the error's own location, which is under the
+    model ``cls``), YAML line where known, and what is wrong."""
     loc = tuple(err["loc"])
-    shown = [k for k in loc if k not in _TASK_TYPES]
-    path = ".".join(str(k) for k in shown) or "(top level)"
+    shown = [*prefix, *(k for k in loc if k not in _TASK_TYPES and k not in _UNION_TAGS)]
+    path = ".".join(str(k) for k in shown)
     line = _node_line(root, tuple(shown))
     where = f"{path}" + (f" (line {line})" if line else "")
     if err["type"] == "extra_forbidden":
-        parent = _section(loc[:-1])
+        parent = _section(loc[:-1], cls)
         allowed = ", ".join(parent.model_fields) if parent else "see the docs"
         return f"{where}: unknown key; allowed keys here: {allowed}"
     msg = err["msg"].removeprefix("Value error, ")
+    if not shown:  # a rule over several sections: its message names the keys
+        return msg
     if err["type"] == "missing":
         return f"{where}: required key is missing"
     got = err.get("input")
@@ -488,7 +577,7 @@ def _validate(data: dict, source: str, root: yaml.Node | None, set_keys: list[st
 
 def _set_by(err: dict, set_keys: list[str]) -> str:
     """`` (from --set KEY)`` for a validation error at or under a key the command line set, else ''."""
-    path = ".".join(str(k) for k in err["loc"] if k not in _TASK_TYPES)
+    path = ".".join(str(k) for k in err["loc"] if k not in _TASK_TYPES and k not in _UNION_TAGS)
     key = next((k for k in set_keys if path == k or path.startswith(k + ".")), None)
     return f" (from --set {key})" if key else ""
 
@@ -539,26 +628,32 @@ def _anchor_reward_files(data: Any, base: Path) -> Any:
     config saved with a run names the files wherever it is run from."""
     if not isinstance(data, dict):
         return data
-    data = dict(data)
-    for section in REWARD_SECTIONS:
-        part = data.get(section)
-        if not isinstance(part, dict) or not isinstance(part.get("rewards"), list):
-            continue
-        entries = []
-        for entry in part["rewards"]:
-            spec = entry.get("fn") if isinstance(entry, dict) else None
-            if isinstance(spec, str) and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
-                head, _, name = spec.rpartition(":")
-                if not Path(head).expanduser().is_absolute():
-                    entry = {**entry, "fn": f"{(base / head).resolve()}:{name}"}
-            for source, key in (("reward_model", "path"), ("judge", "path"), ("judge", "criteria_file")):
-                inner = entry.get(source) if isinstance(entry, dict) else None
-                value = inner.get(key) if isinstance(inner, dict) else None
-                if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-                    entry = {**entry, source: {**inner, key: str((base / value).resolve())}}
-            entries.append(entry)
-        data[section] = {**part, "rewards": entries}
+    data = {**data, **{section: _anchor_rewards(data.get(section), base) for section in REWARD_SECTIONS
+                       if section in data}}
+    if isinstance(data.get("stages"), list):  # a stage's own rewards: {grpo: {rewards: [...]}}
+        data["stages"] = [{k: _anchor_rewards(v, base) if k in REWARD_SECTIONS else v for k, v in entry.items()}
+                          if isinstance(entry, dict) else entry for entry in data["stages"]]
     return data
+
+
+def _anchor_rewards(part: Any, base: Path) -> Any:
+    """A section (``grpo``, ``fork`` or a stage's own) with its reward entries' relative paths made absolute."""
+    if not isinstance(part, dict) or not isinstance(part.get("rewards"), list):
+        return part
+    entries = []
+    for entry in part["rewards"]:
+        spec = entry.get("fn") if isinstance(entry, dict) else None
+        if isinstance(spec, str) and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+            head, _, name = spec.rpartition(":")
+            if not Path(head).expanduser().is_absolute():
+                entry = {**entry, "fn": f"{(base / head).resolve()}:{name}"}
+        for source, key in (("reward_model", "path"), ("judge", "path"), ("judge", "criteria_file")):
+            inner = entry.get(source) if isinstance(entry, dict) else None
+            value = inner.get(key) if isinstance(inner, dict) else None
+            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                entry = {**entry, source: {**inner, key: str((base / value).resolve())}}
+        entries.append(entry)
+    return {**part, "rewards": entries}
 
 
 REWARD_SECTIONS = ("grpo", "fork")  # the config sections whose ``rewards`` entries name reward callables

@@ -39,10 +39,18 @@ def sample_chunks(sampling, model, tokenizer, prompt_ids: list[list[int]], n: in
 
 
 def stage_rewards(cfg: RunCfg, which: str | None):
-    """(section, its reward entries): ``which`` (grpo or fork), else the first stage of the run that has rewards."""
+    """(its name, its section: ``.rewards``, ``.reward_timeout_s``) of the stage ``which`` names (a stage's name, e.g. ``refined``, or a kind, ``grpo``
+    or ``fork``: that kind's first stage, else its section), by default the run's first stage that has rewards."""
+    rl = [s for s in cfg.stage_plan if s.kind in REWARD_SECTIONS]
     if which is None:
-        which = next((s for s in cfg.stages if s in REWARD_SECTIONS), "grpo")
-    return which, getattr(cfg, which).rewards
+        which = rl[0].name if rl else "grpo"
+    stage = next((s for s in rl if s.name == which), None) or next((s for s in rl if s.kind == which), None)
+    if stage is not None:
+        return stage.name, getattr(stage.cfg, stage.kind)
+    if which in REWARD_SECTIONS:
+        return which, getattr(cfg, which)
+    raise ConfigError(f"--rewards {which!r}: the config has no such stage with rewards; its stages with rewards are "
+                      f"{', '.join(s.name for s in rl) or 'none'} (or name a kind: {', '.join(REWARD_SECTIONS)})")
 
 
 # ---------------------------------------------------------------- forkrl eval
@@ -59,9 +67,9 @@ def evaluate_model(model_dir: Path, cfg: RunCfg, *, n: int, num_problems: int | 
     problems = list(task.problems(split))[: num_problems or cfg.eval.num_problems]
     if not problems:
         raise ConfigError(f"the task has no {split} problems to evaluate")
-    section, entries = stage_rewards(cfg, rewards_of)
+    section, part = stage_rewards(cfg, rewards_of)
     try:
-        rewards = load(entries, task, where=f"{section}.rewards", timeout_s=getattr(cfg, section).reward_timeout_s)
+        rewards = load(part.rewards, task, where=f"{section}.rewards", timeout_s=part.reward_timeout_s)
     except RewardError as e:
         raise ConfigError(str(e)) from None
     model, tokenizer, device = load_eval_model(model_dir, cfg)
@@ -126,8 +134,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["heldout", "train"], default="heldout")
     p.add_argument("--threshold", type=float, default=1.0,
                    help="a completion passes when its weighted reward is at least this (default 1.0)")
-    p.add_argument("--rewards", choices=list(REWARD_SECTIONS), default=None,
-                   help="whose rewards score it (default: the config's first stage that has rewards, else grpo)")
+    p.add_argument("--rewards", default=None, metavar="STAGE",
+                   help="whose rewards score it: a stage's name, or grpo / fork (default: the config's first stage "
+                        "that has rewards, else grpo)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", required=True, help="directory for eval.json")

@@ -32,7 +32,7 @@ import torch
 
 from . import checkpoint, models, tracking
 from .distributed import Dist, setup
-from .config import ConfigError, RunCfg, parse_config
+from .config import ConfigError, RunCfg, StagePlan, parse_config
 from .tasks import build_task
 from .tasks.formatting import format_prompt
 from .trainers.accumulate import Plan
@@ -113,7 +113,7 @@ def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
     for split in ("train", "heldout"):
         for problem in task.problems(split):
             encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
-    if "sft" in cfg.stages and limit:
+    if "sft" in cfg.stage_kinds and limit:
         for problem, completion in task.demonstrations("train"):
             ids = encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
             n = len(ids) + len(tokenizer(completion[: (limit + 1) * MAX_CHARS_PER_TOKEN],
@@ -135,7 +135,7 @@ def check_episodes(cfg: RunCfg, task, tokenizer, limit: int | None) -> None:
     if limit and task.max_episode_tokens > limit:
         raise ConfigError(f"task.max_episode_tokens={task.max_episode_tokens} is over the model's context of {limit}; "
                           "lower it (or max_turns)")
-    if "sft" in cfg.stages:
+    if "sft" in cfg.stage_kinds:
         for demo in task.episode_demos("train"):
             n = len(replay(task, codec, demo).ids)
             if n > task.max_episode_tokens:
@@ -278,15 +278,15 @@ def load_rewards(cfg: RunCfg, task) -> list[dict]:
     from .rewards import RewardError, load
 
     record = []
-    for section in REWARD_SECTIONS:
-        if section not in cfg.stages:
+    for stage in cfg.stage_plan:
+        if stage.kind not in REWARD_SECTIONS:
             continue
-        part = getattr(cfg, section)
+        part = getattr(stage.cfg, stage.kind)
         try:
-            loaded = load(part.rewards, task, where=f"{section}.rewards", timeout_s=part.reward_timeout_s)
+            loaded = load(part.rewards, task, where=rewards_key(cfg, stage), timeout_s=part.reward_timeout_s)
         except RewardError as e:
             raise ConfigError(str(e)) from None
-        record += [{"stage": section, "label": r.label, "spec": r.spec, "file": str(r.file) if r.file else None,
+        record += [{"stage": stage.name, "label": r.label, "spec": r.spec, "file": str(r.file) if r.file else None,
                     "sha256": r.sha256, "copy": f"{r.file.stem}-{r.sha256[:12]}.py" if r.file else None}
                    for r in loaded]
     return record
@@ -310,9 +310,18 @@ def _check_reward_files(run_dir: Path, record: list[dict], allow_changed: bool) 
                               "or pass --allow-changed-rewards to resume with the new code")
 
 
-def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[str, Path]]:
-    names = list(cfg.stages)
-    return [(s, run_dir / (s if names.count(s) == 1 else f"{i}-{s}")) for i, s in enumerate(names)]
+def rewards_key(cfg: RunCfg, stage) -> str:
+    """Where a stage's rewards are written in the config: ``grpo.rewards``, or ``stages.2.grpo.rewards`` for a
+    stage that gives its own."""
+    i = [s.name for s in cfg.stage_plan].index(stage.name)
+    entry = cfg.stages[i]
+    own = isinstance(entry, dict) and "rewards" in (entry[stage.kind] or {})
+    return f"stages.{i}.{stage.kind}.rewards" if own else f"{stage.kind}.rewards"
+
+
+def stage_dirs(cfg: RunCfg, run_dir: Path) -> list[tuple[StagePlan, Path]]:
+    """Each stage of the run with its directory (named by the stage: ``grpo``, ``1-grpo``, or its own ``name``)."""
+    return [(stage, run_dir / stage.name) for stage in cfg.stage_plan]
 
 
 def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | None = None, task=None,
@@ -360,7 +369,7 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
     torch.manual_seed(cfg.seed)
     summary_path = run_dir / "summary.json"
     summary = _read_summary(summary_path)
-    for name, stage_dir in stage_dirs(cfg, run_dir):
+    for stage, stage_dir in stage_dirs(cfg, run_dir):
         final = stage_dir / "final"
         if (final / "DONE").exists():  # finished: its summary entry is in its final/, written before DONE
             init = final
@@ -369,11 +378,11 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
             continue
         with _on_full_disk(stage_dir):
             resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
-            model, tokenizer, device = load_stage_model(cfg, init, resume_from, name)
-            ctx = StageContext(cfg, name, stage_dir, run_dir, init, model, tokenizer, task, device, resume_from,
-                               dist, FAULTS[cfg.debug.inject])
+            model, tokenizer, device = load_stage_model(stage.cfg, init, resume_from, stage.kind)
+            ctx = StageContext(stage.cfg, stage.kind, stage_dir, run_dir, init, model, tokenizer, task, device,
+                               resume_from, dist, FAULTS[cfg.debug.inject])
             t0 = time.time()
-            result = STAGES[name](ctx)
+            result = STAGES[stage.kind](ctx)
             result = {"wall_s": round(time.time() - t0, 2), **result}
             init = save_final(ctx, result)
             summary["stages"][stage_dir.name] = result

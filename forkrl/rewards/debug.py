@@ -96,10 +96,12 @@ def check_rewards(cfg: RunCfg, *, problems: int = 4, samples: int = 2, model_pat
     gold_texts = gold_completions(task, chosen)
     gold = rollouts_of(prompt_ids, [tokenizer(t, add_special_tokens=False).input_ids for t in gold_texts], tokenizer)
     out = []
-    for section in ("grpo", "fork"):
-        if section not in cfg.stages and not (section == "grpo" and not set(cfg.stages) & {"grpo", "fork"}):
-            continue
-        part = getattr(cfg, section)
+    stages = {}  # stage name -> its section; a stage whose rewards an earlier one of its kind has is checked once
+    for s in cfg.stage_plan:
+        part = getattr(s.cfg, s.kind) if s.kind in ("grpo", "fork") else None
+        if part is not None and (s.kind, part.rewards) not in [(k, p.rewards) for k, p in stages.values()]:
+            stages[s.name] = (s.kind, part)
+    for section, (_, part) in (stages or {"grpo": ("grpo", cfg.grpo)}).items():  # no RL stage: grpo's rewards
         for reward in load(part.rewards, task, where=f"{section}.rewards", timeout_s=part.reward_timeout_s):
             t0 = time.time()
             on_samples, f1 = score_rollouts(sampled, sampled_texts, chosen, task, [reward], seeds=seeds,

@@ -16,6 +16,7 @@ from ..algos.reductions import reduce_loss
 from ..forward import ModelForward
 from ..tasks.base import TaskError, describe
 from ..types import Role, Rollouts
+from . import curriculum
 from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
 from .data import batch_indices
 from .loop import StageLoop
@@ -105,12 +106,19 @@ def train_sft(ctx) -> dict:
         examples = encode_demonstrations(ctx)
         batch_of = lambda rows: pack(rows, ctx.tokenizer.pad_token_id)  # noqa: E731
         t_max = cfg.t_max or max(len(c) for _, c in examples)
+    ppl = order = None
+    if cfg.order != "shuffle":  # the curriculum: the starting model's perplexities, before any step
+        ppl = curriculum.load_or_score(ctx, lambda idx: batch_of([examples[i] for i in idx]), len(examples),
+                                       cfg.micro_batch_size)
+        order = curriculum.curriculum_order(ppl, cfg.order)
     loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every)
     shard = dist.shard(cfg.batch_size, "sft.batch_size")
     ctx.model.train()
     for step in loop.steps():
         t0 = time.time()
-        rows = batch_indices(len(examples), cfg.batch_size, step - 1, ctx.cfg.seed)[shard]
+        step_rows = (curriculum.ordered_indices(order, cfg.batch_size, step - 1) if order is not None else
+                     batch_indices(len(examples), cfg.batch_size, step - 1, ctx.cfg.seed))
+        rows = step_rows[shard]
         batch = batch_of([examples[i] for i in rows])
         totals = global_totals(batch.completion_mask_NL, dist)
         loss = sft_step(ctx.model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size,
@@ -122,6 +130,9 @@ def train_sft(ctx) -> dict:
                    "denominator": "tokens" if cfg.reduction == "token_mean" else "sequences",
                    "denominator_value": totals[0] if cfg.reduction == "token_mean" else totals[1],
                    "micro_batches": len(micro_slices(batch.num_rows, cfg.micro_batch_size)),
-                   "world_size": dist.world_size}
+                   "world_size": dist.world_size,
+                   # the step's examples' perplexity under the starting model: the curriculum, seen step by step
+                   "batch_start_ppl": sum(ppl[i] for i in step_rows) / len(step_rows) if ppl is not None else None}
         loop.end_step(step, metrics)
-    return loop.finish()
+    result = loop.finish()
+    return {**result, **({"order": cfg.order, "start_ppl": curriculum.summary(ppl)} if ppl is not None else {})}
