@@ -57,7 +57,8 @@ NAMED = {
     "grpo.rewards[].name": (REWARDS, ()), "fork.rewards[].name": (REWARDS, ()), "grpo.filter": (FILTERS, ("none",)),
     "fork.gate.kind": (GATES, ()), "stages[]": (STAGES, ()), "sampling.backend": (SAMPLERS, ()),
     "sft.optim.schedule": (SCHEDULES, ()), "grpo.optim.schedule": (SCHEDULES, ()),
-    "fork.optim.schedule": (SCHEDULES, ()), "task.verifier": (VERIFIERS, ()), "debug.inject": (FAULTS, ()),
+    "fork.optim.schedule": (SCHEDULES, ()), "dpo.optim.schedule": (SCHEDULES, ()),
+    "dpo.rewards[].name": (REWARDS, ()), "task.verifier": (VERIFIERS, ()), "debug.inject": (FAULTS, ()),
 }
 
 Pos = Annotated[int, Field(ge=1)]
@@ -198,6 +199,37 @@ class ExploreCfg(Strict):
     reward: str = "coverage"
     instruction: str = ("Explore: move around and see as much of the map as you can. Answer with one action, e.g. "
                         "<answer>Left</answer>.")
+
+
+class DpoCfg(Strict):
+    """DPO (arXiv 2305.18290) against a frozen reference (the stage's starting model; under LoRA the adapter-disabled
+    base). ``data: online`` is OAIF (arXiv 2402.04792): two fresh samples of each prompt from the current policy, the
+    preferred one the higher under ``rewards`` (a judge, a reward model, a verifier: any reward entries), a tie or an
+    unscorable sample dropping the pair. ``data: offline`` reads ``pairs_path``, JSON Lines of ``{"prompt": ...,
+    "chosen": ..., "rejected": ...}`` (prompts formatted as the task formats them; relative to the config file)."""
+
+    steps: Pos = 100
+    pairs_per_step: Pos = 16  # online: prompts per step (each gives at most one pair); offline: pairs per step
+    micro_batch_size: Pos = 16  # pairs per forward/backward (two rows each)
+    beta: Annotated[float, Field(gt=0.0)] = 0.1
+    data: Literal["online", "offline"] = "online"
+    pairs_path: str | None = None
+    rewards: list[RewardCfg] = [RewardCfg(name="correct")]
+    reward_timeout_s: Annotated[float, Field(gt=0.0)] | None = 10.0
+    eval_every: NonNeg = 0
+    optim: OptimCfg = OptimCfg(lr=1e-4)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.data == "offline" and not self.pairs_path:
+            raise ValueError("dpo.data: offline reads its pairs from dpo.pairs_path (JSON Lines of {\"prompt\": ..., "
+                             "\"chosen\": ..., \"rejected\": ...}); give it, or use data: online")
+        if self.data == "online" and not self.rewards:
+            raise ValueError("dpo.rewards is empty: online DPO needs a reward or judge to pick the preferred sample")
+        if self.pairs_per_step % self.micro_batch_size:
+            raise ValueError(f"dpo.micro_batch_size ({self.micro_batch_size}) must divide dpo.pairs_per_step "
+                             f"({self.pairs_per_step})")
+        return self
 
 
 class KlCfg(Strict):
@@ -389,6 +421,7 @@ class RunCfg(Strict):
     sft: SftCfg = SftCfg()
     grpo: GrpoCfg = GrpoCfg()
     fork: ForkCfg = ForkCfg()
+    dpo: DpoCfg = DpoCfg()
     eval: EvalCfg = EvalCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     guards: GuardsCfg = GuardsCfg()
@@ -446,6 +479,9 @@ class RunCfg(Strict):
                                  "at 0)")
             if stage.kind == "grpo" and stage.cfg.grpo.explore.mode != "off" and self.task.type != "env":
                 raise ValueError(f"{where}.explore: exploration episodes need an env task (task.type: env)")
+        if self.task.type == "env" and "dpo" in self.stage_kinds:
+            raise ValueError("stages: the dpo stage is single-turn (pairs of completions of one prompt); an env task "
+                             "(task.type: env) trains with sft and grpo stages")
         if self.task.type == "env" and "fork" in self.stage_kinds:
             raise ValueError("stages: the fork stage is single-turn (it contrasts completions at fork tokens of one "
                              "prompt); an env task (task.type: env) trains with sft and grpo stages")
@@ -637,8 +673,14 @@ def _anchor_reward_files(data: Any, base: Path) -> Any:
 
 
 def _anchor_rewards(part: Any, base: Path) -> Any:
-    """A section (``grpo``, ``fork`` or a stage's own) with its reward entries' relative paths made absolute."""
-    if not isinstance(part, dict) or not isinstance(part.get("rewards"), list):
+    """A section (``grpo``, ``fork``, ``dpo`` or a stage's own) with its reward entries' relative paths made absolute,
+    and DPO's ``pairs_path``."""
+    if not isinstance(part, dict):
+        return part
+    pairs = part.get("pairs_path")
+    if isinstance(pairs, str) and not Path(pairs).expanduser().is_absolute():
+        part = {**part, "pairs_path": str((base / pairs).resolve())}
+    if not isinstance(part.get("rewards"), list):
         return part
     entries = []
     for entry in part["rewards"]:
@@ -656,7 +698,7 @@ def _anchor_rewards(part: Any, base: Path) -> Any:
     return {**part, "rewards": entries}
 
 
-REWARD_SECTIONS = ("grpo", "fork")  # the config sections whose ``rewards`` entries name reward callables
+REWARD_SECTIONS = ("grpo", "fork", "dpo")  # the config sections whose ``rewards`` entries name reward callables
 
 
 def _anchor_task_files(data: Any, base: Path) -> Any:

@@ -62,6 +62,7 @@ class StageContext:
         return encode_prompt(self.cfg, self.tokenizer, self.task, self.model, prompt, where=where)
 
 
+MAX_PAIR_FIELD_BYTES = 1 << 20  # a preference pair's field: what a line of a pairs file may hold, 8 of these
 MAX_CHARS_PER_TOKEN = 128  # no tokenizer forkrl knows of has longer tokens: a prompt longer than this many
 # characters per context position cannot fit, and only that much of it is ever tokenized
 
@@ -113,6 +114,17 @@ def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
     for split in ("train", "heldout"):
         for problem in task.problems(split):
             encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
+    for stage in cfg.stage_plan:  # offline DPO's preference pairs: read, and each fits
+        if stage.kind == "dpo" and stage.cfg.dpo.data == "offline":
+            from .trainers.dpo import read_pairs
+
+            cut = (limit + 1) * MAX_CHARS_PER_TOKEN if limit else None  # never tokenize a huge text whole
+            for where, prompt, chosen, rejected in read_pairs(stage.cfg.dpo.pairs_path, MAX_PAIR_FIELD_BYTES):
+                ids = encode_prompt(cfg, tokenizer, task, config, prompt, where=where)
+                longest = max(len(tokenizer(t[:cut], add_special_tokens=False).input_ids) for t in (chosen, rejected))
+                if limit and len(ids) + longest + 1 > limit:
+                    raise ConfigError(f"{where}: the pair's prompt and its longer completion, with EOS, are "
+                                      f"{len(ids) + longest + 1:,} tokens, over the model's context of {limit}")
     if "sft" in cfg.stage_kinds and limit:
         for problem, completion in task.demonstrations("train"):
             ids = encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))

@@ -50,7 +50,7 @@ def test_each_stage_gets_its_section_with_its_own_keys_over_it():
     ({"grpo": {"rewards": [{"name": "nope"}]}}, "stages.1.grpo.rewards.0.name: unknown reward 'nope'"),
     ({"grpo": {"name": "rewards"}}, "stages.1.grpo.name: 'rewards' names the stage's directory"),
     ({"grpo": {"name": "a/b"}}, "stages.1.grpo.name: 'a/b' names the stage's directory"),
-    ({"grpo": {}, "sft": {}}, "stages.1: a stage is a kind (sft, grpo, fork) or one mapping"),
+    ({"grpo": {}, "sft": {}}, "stages.1: a stage is a kind (sft, grpo, fork, dpo) or one mapping"),
     ({"grpx": {}}, "unknown stage 'grpx'; valid: 'sft', 'grpo', 'fork'"),
     ({"grpo": {"name": "sft"}}, "stages.1: two stages are named 'sft'"),
     ({"grpo": {"echo_coef": 0.1}}, "stage 'refined'"),

@@ -98,7 +98,7 @@ def check_rewards(cfg: RunCfg, *, problems: int = 4, samples: int = 2, model_pat
     out = []
     stages = {}  # stage name -> its section; a stage whose rewards an earlier one of its kind has is checked once
     for s in cfg.stage_plan:
-        part = getattr(s.cfg, s.kind) if s.kind in ("grpo", "fork") else None
+        part = getattr(s.cfg, s.kind) if s.kind in ("grpo", "fork", "dpo") else None
         if part is not None and (s.kind, part.rewards) not in [(k, p.rewards) for k, p in stages.values()]:
             stages[s.name] = (s.kind, part)
     for section, (_, part) in (stages or {"grpo": ("grpo", cfg.grpo)}).items():  # no RL stage: grpo's rewards

@@ -22,8 +22,15 @@ def _fork(ctx) -> dict:
     return train_fork(ctx)
 
 
+def _dpo(ctx) -> dict:
+    from .dpo import train_dpo
+
+    return train_dpo(ctx)
+
+
 STAGES = {
     "sft": _sft,
     "grpo": _grpo,
     "fork": _fork,
+    "dpo": _dpo,
 }
