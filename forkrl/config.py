@@ -354,10 +354,25 @@ class ForkCfg(Strict):
         return self
 
 
+class SelfCritiqueCfg(Strict):
+    """The self-critique loop of ``forkrl eval --self-critique`` (``forkrl/critique.py``, arXiv 2605.13301): accept
+    a candidate after ``accept_after`` passing self-checks in a row, give up after ``give_up_after`` failed ones in a
+    row (or ``max_candidates``); a check appends ``check`` to the candidate and compares the model's ``yes`` and
+    ``no`` next tokens."""
+
+    accept_after: Pos = 5
+    give_up_after: Pos = 10
+    max_candidates: Pos = 32
+    check: Annotated[str, Field(min_length=1)] = "\nIs the answer above correct? Answer Yes or No:"
+    yes: Annotated[str, Field(min_length=1)] = " Yes"
+    no: Annotated[str, Field(min_length=1)] = " No"
+
+
 class EvalCfg(Strict):
     num_problems: Pos = 200
     samples_per_problem: Pos = 4
     temperature: Annotated[float, Field(ge=0.0)] | None = None  # None: sampling.temperature; 0: greedy
+    self_critique: SelfCritiqueCfg = SelfCritiqueCfg()
 
 
 class CheckpointCfg(Strict):

@@ -55,7 +55,8 @@ def stage_rewards(cfg: RunCfg, which: str | None):
 
 # ---------------------------------------------------------------- forkrl eval
 def evaluate_model(model_dir: Path, cfg: RunCfg, *, n: int, num_problems: int | None, split: str, threshold: float,
-                   seed: int, rewards_of: str | None = None, bootstrap: int = 1000, ci: float = 0.95) -> dict:
+                   seed: int, rewards_of: str | None = None, bootstrap: int = 1000, ci: float = 0.95,
+                   self_critique: bool = False) -> dict:
     from .diagnostics.passk import bootstrap_ci, ks_for, pass_at_k
     from .diagnostics.source import encode_prompts, load_eval_model
     from .rewards import RewardError, load, score_rollouts
@@ -64,6 +65,8 @@ def evaluate_model(model_dir: Path, cfg: RunCfg, *, n: int, num_problems: int | 
 
     t0 = time.time()
     task = build_task(cfg.task)
+    if self_critique and getattr(task, "multi_turn", False):
+        raise ConfigError("--self-critique: the loop checks single completions; an env task's episodes have none")
     problems = list(task.problems(split))[: num_problems or cfg.eval.num_problems]
     if not problems:
         raise ConfigError(f"the task has no {split} problems to evaluate")
@@ -98,6 +101,11 @@ def evaluate_model(model_dir: Path, cfg: RunCfg, *, n: int, num_problems: int | 
     ks = ks_for(n)
     values_PK = np.stack([pass_at_k(n, passed_P, k) for k in ks], axis=1)
     mean_K, lo_K, hi_K = bootstrap_ci(values_PK, resamples=bootstrap, ci=ci, seed=seed)
+    critique = None
+    if self_critique:
+        critique = self_critique_figures(model, tokenizer, cfg, task, problems, prompt_ids, rewards, params,
+                                         threshold=threshold, seed=seed, plain_P=values_PK[:, 0], bootstrap=bootstrap,
+                                         ci=ci)
     return {
         "model": str(model_dir), "task": getattr(task, "name", type(task).__name__), "split": split,
         "problems": len(problems), "n": n, "threshold": threshold, "rewards": f"{section}.rewards",
@@ -109,8 +117,40 @@ def evaluate_model(model_dir: Path, cfg: RunCfg, *, n: int, num_problems: int | 
         "truncation_rate": truncated / max(rows, 1),
         "per_problem": [{"id": p.id, "passed": int(c), "unscorable": int(u)}
                         for p, c, u in zip(problems, passed_P, unscorable_P)],
+        **({"self_critique": critique} if critique is not None else {}),
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def self_critique_figures(model, tokenizer, cfg: RunCfg, task, problems, prompt_ids, rewards, params, *,
+                          threshold: float, seed: int, plain_P, bootstrap: int, ci: float) -> dict:
+    """The self-critique loop's pass@1 (``critique.self_critique``) beside plain sampling's, on the same problems,
+    paired: both intervals from the same resampled problem sets, and their difference's."""
+    from .critique import self_critique
+    from .diagnostics.passk import bootstrap_ci
+    from .rewards import score_rollouts
+    from .rewards.debug import rollouts_of
+    from .sampling import make_sampler, row_seeds
+
+    sc = cfg.eval.self_critique
+    sampler = make_sampler(cfg.sampling, model, tokenizer)
+    answers, verdicts = self_critique(model, tokenizer, sampler, params, prompt_ids, sc, key=f"critique:{seed}")
+    rows = rollouts_of(prompt_ids, answers, tokenizer)
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    scored, _ = score_rollouts(rows, texts, problems, task, rewards, seeds=row_seeds(f"critique-reward:{seed}",
+                                                                                       list(range(len(problems))), 1),
+                               max_new_tokens=params.max_new_tokens)
+    passed_P = (scored.valid_N & (scored.reward_N >= threshold)).numpy().astype(float)
+    both = np.stack([passed_P, plain_P, passed_P - plain_P], axis=1)
+    mean, lo, hi = bootstrap_ci(both, resamples=bootstrap, ci=ci, seed=seed)
+    accepted = np.array([v.accepted for v in verdicts])
+    interval = lambda i: {"mean": float(mean[i]), "lo": float(lo[i]), "hi": float(hi[i])}  # noqa: E731
+    return {"pass_at_1": interval(0), "plain_pass_at_1": interval(1), "difference": interval(2),
+            "accepted_frac": float(accepted.mean()), "given_up_frac": float(1 - accepted.mean()),
+            "accepted_pass_at_1": float(passed_P[accepted].mean()) if accepted.any() else None,
+            "candidates_mean": float(np.mean([v.candidates for v in verdicts])),
+            "checks_mean": float(np.mean([v.checks for v in verdicts])),
+            "settings": sc.model_dump()}
 
 
 def eval_table(result: dict) -> str:
@@ -120,6 +160,12 @@ def eval_table(result: dict) -> str:
     for k, v in result["pass_at_k"].items():
         lines.append(f"{k:>6}  {v['mean']:7.3f}  [{v['lo']:.3f}, {v['hi']:.3f}]")
     lines += [f"{name:<32} {('-' if v is None else f'{v:.4f}'):>8}" for name, v in result["means"].items()]
+    if "self_critique" in result:
+        s = result["self_critique"]
+        iv = lambda v: f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"  # noqa: E731
+        lines += [f"self-critique pass@1 {iv(s['pass_at_1'])} vs plain {iv(s['plain_pass_at_1'])} (difference "
+                  f"{iv(s['difference'])}); accepted {s['accepted_frac']:.1%}, given up {s['given_up_frac']:.1%}, "
+                  f"{s['candidates_mean']:.1f} candidates and {s['checks_mean']:.1f} checks a problem"]
     if result["unscorable"]:
         lines.append(f"unscorable completions: {result['unscorable']} (first: {result['unscorable_first_error']})")
     return "\n".join(lines)
@@ -138,6 +184,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="whose rewards score it: a stage's name, or grpo / fork (default: the config's first stage "
                         "that has rewards, else grpo)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's)")
+    p.add_argument("--self-critique", action="store_true",
+                   help="also run the self-critique loop (eval.self_critique) and report its pass@1 beside plain "
+                        "sampling's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", required=True, help="directory for eval.json")
 
@@ -152,7 +201,7 @@ def eval_main(args) -> int:
     model_dir = resolve_model_dir(args.model)
     result = evaluate_model(model_dir, cfg, n=args.n, num_problems=args.num_problems, split=args.split,
                             threshold=args.threshold, seed=cfg.seed if args.seed is None else args.seed,
-                            rewards_of=args.rewards)
+                            rewards_of=args.rewards, self_critique=args.self_critique)
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
@@ -210,6 +259,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="default: the config's eval temperature, else 1")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-critique", action="store_true",
+                   help="one answer a prompt through the self-critique loop (eval.self_critique; --n is ignored)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", help="write JSONL here instead of printing")
 
@@ -247,8 +298,20 @@ def generate_main(args) -> int:
                                                               ("max_new_tokens", args.max_new_tokens))
                                             if v is not None})
     rows = []
-    for index, rollouts in sample_chunks(sampling, model, tokenizer, ids, args.n, params,
-                                         key=f"generate:{args.seed}"):
+    if args.self_critique:  # one answer a prompt: the loop's accepted candidate, or its last when it gave up
+        from .config import SelfCritiqueCfg
+        from .critique import self_critique
+        from .sampling import make_sampler
+
+        sc = cfg.eval.self_critique if cfg is not None else SelfCritiqueCfg()
+        answers, verdicts = self_critique(model, tokenizer, make_sampler(sampling, model, tokenizer), params, ids, sc,
+                                          key=f"critique:{args.seed}")
+        rows = [{"index": i, "prompt": prompts[i], "completion": tokenizer.decode(a, skip_special_tokens=True),
+                 "accepted": v.accepted, "candidates": v.candidates, "checks": v.checks,
+                 **({"id": problems[i].id, "answer": problems[i].answer} if problems else {})}
+                for i, (a, v) in enumerate(zip(answers, verdicts))]
+    for index, rollouts in [] if args.self_critique else sample_chunks(sampling, model, tokenizer, ids, args.n, params,
+                                                                         key=f"generate:{args.seed}"):
         for text, j, cut in zip(completion_texts(tokenizer, rollouts), rollouts.problem_N.tolist(),
                                 rollouts.truncated_N.tolist()):
             i = index[j]
