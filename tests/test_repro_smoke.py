@@ -1,0 +1,22 @@
+"""The reproductions in benchmarks/repro/ run their whole path in a smoke configuration and write their JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_curriculum_smoke(tmp_path):
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro/curriculum.py"), "--smoke", "--seeds", "0", "1",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [t["order"] for t in result["table"]] == ["perplexity_desc", "perplexity_asc", "shuffle"]
+    assert all(len(t["each"]) == 2 for t in result["table"]) and result["smoke"] is True
+    assert result["verdict"] in ("reproduced", "not reproduced") and "smoke run: no result" in proc.stdout
+    ppl = [r["start_ppl"] for r in result["runs"] if r["order"] != "shuffle"]
+    assert all(p and p["ppl_max"] >= p["ppl_min"] > 0 for p in ppl)
