@@ -86,6 +86,26 @@ def lines(path: Path, what: str, error: type[Exception], *, max_line_bytes: int,
             offset += len(raw)
 
 
+def json_objects(path: Path, what: str, error: type[Exception], *, max_line_bytes: int, advice: str,
+                 shape: str = "{...}") -> Iterator[tuple[str, dict]]:
+    """(``path:line``, the object) of every non-blank line of a JSON Lines file, read as ``lines`` reads it; a line
+    that is not one JSON object (``shape`` shows the expected one) is ``error`` naming file:line."""
+    for number, line in lines(path, what, error, max_line_bytes=max_line_bytes, advice=advice):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno}). "
+                        f"Each line must be one complete JSON object, {shape}.") from None
+        except RecursionError:
+            raise error(f"{where}: JSON nested too deeply to read.") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}: expected a JSON object ({shape}), got {type(row).__name__}.")
+        yield where, row
+
+
 def _safetensors_header(path: Path) -> str | None:
     """What is wrong with a safetensors file's header, or None: 8 bytes of header length, then that much JSON."""
     size = path.stat().st_size

@@ -18,7 +18,6 @@ return reaches that value.
 from __future__ import annotations
 
 import inspect
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -162,19 +161,16 @@ class EnvTask:
     @cached_property
     def _file_demos(self):
         from ..envs.base import Demo
-        from ..userfiles import read_text
+        from ..userfiles import json_objects
 
         out, train = [], self.seeds("train")
-        text = read_text(Path(self.demos_file), "a demonstrations file", TaskError)
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{self.demos_file}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: not JSON ({e.msg})") from None
-            seed, turns = (row.get("seed"), row.get("turns")) if isinstance(row, dict) else (None, None)
+        path = Path(self.demos_file)
+        if not path.is_file():
+            raise TaskError(f"task.demos_file: {path} does not exist (a relative path is relative to the config file)")
+        for where, row in json_objects(path, "a demonstrations file", TaskError, max_line_bytes=16 << 20,
+                                       advice="each line is one demonstration: is it the right file?",
+                                       shape='{"seed": 3, "turns": [...]}'):
+            seed, turns = row.get("seed"), row.get("turns")
             if not isinstance(seed, int) or not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
                 raise TaskError(f"{where}: a demonstration is {{\"seed\": int, \"turns\": [action text, ...]}}")
             if seed not in train:

@@ -31,7 +31,6 @@ Data the way users have it:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -203,20 +202,9 @@ def _read_rows(path: Path, max_field_bytes: int) -> list[_Row]:
     # a line holds a few fields, and JSON's escapes can make a field's text up to 6x its bytes
     max_line = 8 * max_field_bytes + (64 << 10)
     advice = f"lines are bounded by task.max_field_bytes ({max_field_bytes:,} a field): is it the right file?"
-    for line_no, line in userfiles.lines(path, "a JSONL task file", TaskError, max_line_bytes=max_line,
-                                         advice=advice):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: invalid JSON ({e.msg} at column {e.colno}). "
-                            f"Each line must be one complete JSON object.") from None
-        except RecursionError:
-            raise TaskError(f"{where}: JSON nested too deeply to read.") from None
-        if not isinstance(row, dict):
-            raise TaskError(f"{where}: expected a JSON object ({{...}}), got {type(row).__name__}.")
+    for where, row in userfiles.json_objects(path, "a JSONL task file", TaskError, max_line_bytes=max_line,
+                                             advice=advice):
+        line_no = int(where.rpartition(":")[2])
         rows.append(_Row(where, f"line {line_no}", {"path": str(path), "line": line_no}, row))
     if not rows:
         raise TaskError(f"task data file {path} is empty (no JSON lines). Put one JSON object per line in it.")

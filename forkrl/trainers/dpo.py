@@ -13,7 +13,6 @@ samples tied) skips its update, as GRPO's empty batches do.
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -89,23 +88,15 @@ def sequence_logprobs(model, batch: Rollouts, *, micro_batch_size: int, adapter_
 def read_pairs(path: str, max_field_bytes: int) -> list[tuple[str, str, str, str]]:
     """(where, prompt, chosen, rejected) of every line of a preference JSON Lines file; a bad line is a TaskError
     naming file:line and the field."""
-    from ..userfiles import lines
+    from ..userfiles import json_objects
 
     p = Path(path)
     if not p.is_file():
         raise TaskError(f"dpo.pairs_path: {p} does not exist (a relative path is relative to the config file)")
     out = []
-    for n, line in lines(p, "a preference pairs file", TaskError, max_line_bytes=8 * max_field_bytes + (64 << 10)):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line is one pair, "
-                            '{"prompt": ..., "chosen": ..., "rejected": ...}') from None
-        if not isinstance(row, dict):
-            raise TaskError(f"{where}: expected a JSON object with prompt, chosen and rejected")
+    for where, row in json_objects(p, "a preference pairs file", TaskError, max_line_bytes=8 * max_field_bytes
+                                   + (64 << 10), advice="each line is one pair: is it the right file?",
+                                   shape='{"prompt": ..., "chosen": ..., "rejected": ...}'):
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row.get(key), str) or not row[key]:
                 raise TaskError(f"{where}: field {key!r} is missing or not a non-empty string")
