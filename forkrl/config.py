@@ -232,6 +232,17 @@ class DpoCfg(Strict):
         return self
 
 
+class TreeCfg(Strict):
+    """Tree rollouts (Tree-GRPO arXiv 2509.21240, TreeRL arXiv 2506.11902; ``algos.tree``): per prompt ``chains``
+    completions sampled whole, and ``forks`` continuations forked from each at positions drawn at random or at its
+    highest-entropy tokens (``at``), each sharing the chain's tokens before the fork; every root-to-leaf path is
+    rewarded and gets the tree advantage; shared prefixes are sampled and trained once."""
+
+    chains: Pos = 2  # M
+    forks: Pos = 3  # N per chain
+    at: Literal["random", "entropy"] = "random"
+
+
 class KlCfg(Strict):
     estimator: KlEstimator = "k3"
     beta: Annotated[float, Field(ge=0.0)] = 0.0  # 0: no reference model is loaded
@@ -281,6 +292,7 @@ class GrpoCfg(Strict):
     # ECHO (env tasks): λ of a next-token loss on the observations' (ENV) tokens, over the step's ENV tokens
     echo_coef: Annotated[float, Field(ge=0.0)] = 0.0
     explore: ExploreCfg = ExploreCfg()  # env tasks: exploration episodes interleaved with the task's
+    tree: TreeCfg | None = None  # tree rollouts instead of group_size flat samples a prompt (algos.tree)
     optim: OptimCfg = OptimCfg(lr=1e-4)
 
     @property
@@ -296,7 +308,16 @@ class GrpoCfg(Strict):
 
     @model_validator(mode="after")
     def _divides(self):
-        if self.rows_per_step % self.micro_batch_size:
+        if self.tree is not None:
+            wrong = [f"{k} is {v!r}" for k, v, ok in (
+                ("grpo.inner_iterations", self.inner_iterations, 1), ("grpo.objective", self.objective, "ppo_clip"),
+                ("grpo.filter", self.filter, "none"), ("grpo.mask_truncated", self.mask_truncated, False),
+                ("grpo.kl.where", self.kl.where, "loss")) if v != ok]
+            if wrong:
+                raise ValueError("grpo.tree: a shared prefix is trained once with the sum of its paths' advantages, "
+                                 "exact for the on-policy PPO surrogate over every path (inner_iterations 1, objective "
+                                 f"ppo_clip, filter none, mask_truncated false, kl.where loss); here {', '.join(wrong)}")
+        elif self.rows_per_step % self.micro_batch_size:
             raise ValueError(f"grpo.micro_batch_size ({self.micro_batch_size}) must divide the rows per step, "
                              f"grpo.prompts_per_step × grpo.group_size = {self.rows_per_step}")
         if not self.rewards:
@@ -492,6 +513,9 @@ class RunCfg(Strict):
                 raise ValueError(f"{where}.echo_coef: ECHO's loss is on the observation tokens of an env task's "
                                  f"episodes; task {self.task.type!r} has none (set task.type: env, or leave echo_coef "
                                  "at 0)")
+            if stage.kind == "grpo" and stage.cfg.grpo.tree is not None and self.task.type == "env":
+                raise ValueError(f"{where}.tree: tree rollouts fork single completions; an env task's episodes are "
+                                 "played turn by turn (leave grpo.tree unset)")
             if stage.kind == "grpo" and stage.cfg.grpo.explore.mode != "off" and self.task.type != "env":
                 raise ValueError(f"{where}.explore: exploration episodes need an env task (task.type: env)")
         if self.task.type == "env" and "dpo" in self.stage_kinds:

@@ -20,3 +20,17 @@ def test_curriculum_smoke(tmp_path):
     assert result["verdict"] in ("reproduced", "not reproduced") and "smoke run: no result" in proc.stdout
     ppl = [r["start_ppl"] for r in result["runs"] if r["order"] != "shuffle"]
     assert all(p and p["ppl_max"] >= p["ppl_min"] > 0 for p in ppl)
+
+
+def test_tree_smoke(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro/tree.py"), "--smoke", "--seeds", "0",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    flat, tree = result["table"]["flat"], result["table"]["tree"]
+    assert tree["tokens_sampled"] > 0 and flat["tokens_sampled"] > 0
+    # the tree's steps were set so its sampled tokens come near the flat stage's
+    assert 0.5 < tree["tokens_sampled"] / flat["tokens_sampled"] < 2
+    assert [r["kind"] for r in result["runs"]] == ["flat", "tree"] and result["runs"][1]["paths"] > 0

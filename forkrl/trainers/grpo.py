@@ -40,6 +40,7 @@ from .data import batch_indices
 from .loop import StageLoop, want_eval
 from .metrics import SpreadWatch, stage_sums
 from .sources import EpisodeSource, HeldoutEpisodes, PromptSource, Rows, explore_flags
+from .tree import tree_step
 
 STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch")  # summed over masked tokens, per step
 
@@ -159,7 +160,8 @@ def train_grpo(ctx) -> dict:
         ref_model = load_model(str(ctx.init_path), dtype=next(ctx.model.parameters()).dtype).to(ctx.device).eval()
     multi_turn = getattr(ctx.task, "multi_turn", False)
     # an episode's row is assembled from many decodes, so there is no single decode to replay: the model's forward
-    sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device, record=not multi_turn)
+    sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device,
+                           record=not multi_turn and cfg.tree is None)
     policy = make_forward(ctx.model, sampler)
     source = EpisodeSource(ctx) if multi_turn else PromptSource(ctx)
     heldout = HeldoutEpisodes(ctx, sampler, source.codec) if multi_turn else None
@@ -172,8 +174,11 @@ def train_grpo(ctx) -> dict:
         step_problems = [problems[i] for i in pick]
         seeds = row_seeds(f"grpo:{run_cfg.seed}:{step}", pick, cfg.group_size)
         explore = explore_flags(cfg.explore, step, cfg.prompts_per_step)[shard]
-        metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step,
-                            explore=explore)
+        if cfg.tree is not None:  # tree rollouts: shared prefixes sampled and trained once (trainers/tree.py)
+            metrics = tree_step(ctx, loop, sampler, ref_model, source, rewards, pick, step_problems, step)
+        else:
+            metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards,
+                                step, explore=explore)
         metrics["reward_std_collapse_ratio"] = spread.ratio(step, metrics["group_reward_std"])
         if heldout is not None and (want_eval(cfg.eval_every, step, cfg.steps) or step == cfg.steps):
             metrics["env_ce_heldout"] = heldout.cross_entropy()  # ECHO's figure on the fixed base-model episodes
