@@ -27,7 +27,7 @@ from ..forward import ModelForward
 from ..rewards import score_rollouts
 from ..rewards.debug import rollouts_of
 from ..sampling import row_seeds, sampling_params
-from ..types import Role, Rollouts
+from ..types import Rollouts
 from .accumulate import accumulate, parts
 
 
@@ -42,19 +42,6 @@ class Trees:
     problem_L: torch.Tensor
     tree_L: torch.Tensor
     sampled_tokens: int
-
-
-def pack(contexts: list[list[int]], owns: list[list[int]], pad_id: int) -> Rollouts:
-    """Rows of (context PROMPT, own tokens COMPLETION), right-padded."""
-    n, width = len(contexts), max(len(c) + len(o) for c, o in zip(contexts, owns))
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    role = torch.full((n, width), int(Role.PAD), dtype=torch.int8)
-    for r, (c, o) in enumerate(zip(contexts, owns)):
-        ids[r, : len(c) + len(o)] = torch.tensor(c + o)
-        role[r, : len(c)] = int(Role.PROMPT)
-        role[r, len(c) : len(c) + len(o)] = int(Role.COMPLETION)
-    z = torch.zeros(n, dtype=torch.long)
-    return Rollouts(ids, role, torch.zeros(n, width), z, z, z.bool())
 
 
 def fork_points(length: int, n: int, rng: random.Random, entropy: list[float] | None) -> list[int]:
@@ -97,7 +84,7 @@ def sample_trees(ctx, sampler, prompt_ids: list[list[int]], pick: list[int], ste
     suffixes = [ids[m].tolist()[: budget - f] for ids, m, (_, f) in zip(conts.input_ids_NL, conts.completion_mask_NL,
                                                                         forks)]
     rows_ctx = [prompt_ids[int(chains.problem_N[c])] for c in range(len(chain_ids))] + contexts
-    compact = pack(rows_ctx, chain_ids + suffixes, ctx.tokenizer.pad_token_id)
+    compact = rollouts_of(rows_ctx, chain_ids + suffixes, ctx.tokenizer)  # context PROMPT, own tokens COMPLETION
     spans, path_ids, problem, tree_of = [], [], [], []
     for c, ids in enumerate(chain_ids):  # the chain's own path
         start = len(rows_ctx[c]) - 1
