@@ -150,7 +150,7 @@ def main() -> None:
     if base is None:
         base_data = copy.deepcopy(data)
         base_data["stages"] = ["sft"]
-        summary = run_stage(base_data, args.out / "base")
+        run_stage(base_data, args.out / "base")
         base = args.out / "base" / "sft" / "final"
     base_success = json.loads((base / "stage.json").read_text())["pass_at_1"]
     data["model"] = {"path": str(base)}  # every GRPO run starts from the same weights

@@ -5,13 +5,12 @@ bad input of each."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from forkrl.config import ConfigError, load_config, parse_config
+from forkrl.config import load_config, parse_config
 from forkrl.envs.base import Demo, HELDOUT_SEED0
 from forkrl.envs.episodes import PlainCodec, replay
 from forkrl.rewards import load as load_rewards
