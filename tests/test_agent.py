@@ -299,3 +299,27 @@ def test_a_seeded_run_on_a_tiny_environment_improves_success(tmp_path):
     stages = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
     assert 0.2 <= stages["sft"]["pass_at_1"] <= 0.8  # room to improve
     assert stages["grpo"]["pass_at_1"] >= stages["sft"]["pass_at_1"] + 0.15, stages
+
+
+def test_a_gymnasium_environment_trains_as_an_env_task(tmp_path):
+    pytest.importorskip("gymnasium")
+    data = tiny_cfg_dict(**{"task": {"type": "env", "env": "gym", "max_turns": 4, "max_episode_tokens": 200,
+                                     "kwargs": {"id": "FrozenLake-v1", "actions": ["Left", "Down", "Right", "Up"],
+                                                "make": {"is_slippery": False}},
+                                     "instruction": "Reach G, avoid H. Answer with one action, e.g. "
+                                                    "<answer>Left</answer>.",
+                                     "train_size": 20, "heldout_size": 4},
+                            "stages": ["grpo"], "model.tiny.max_positions": 256, "sampling.max_new_tokens": 8,
+                            "grpo.steps": 1})
+    path = tmp_path / "gym.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = cli("train", path, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["env_errors"] == 0 and 1 <= row["episode_turns"] <= 4
+    sample = json.loads((tmp_path / "run" / "completions.jsonl").read_text().splitlines()[0])
+    assert "[S]FFF" in sample["prompt"]
+    bad = dict(data, task={**data["task"], "kwargs": {"id": "NoSuchEnv-v0"}})
+    path.write_text(yaml.safe_dump(bad))
+    proc = cli("validate", path)
+    assert proc.returncode == 2 and "gymnasium.make('NoSuchEnv-v0'" in proc.stderr

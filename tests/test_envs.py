@@ -181,3 +181,28 @@ def test_python_tool_runs_in_the_sandbox_and_the_wrapped_verifier_scores_the_ans
     assert env.step(demo[0]).observation.startswith("output: ") and env.step(demo[1]).reward == 1.0
     with pytest.raises(TaskError, match="wraps a single-turn task"):
         PythonTool({"type": "env"})
+
+
+def test_gymnasium_frozenlake_through_the_text_adapter():
+    pytest.importorskip("gymnasium")  # a dev dependency: installed wherever the suite runs from setup.sh
+    from forkrl.envs.gym import GymText
+    from forkrl.tasks.base import TaskError
+
+    env = GymText("FrozenLake-v1", actions=["Left", "Down", "Right", "Up"], make={"is_slippery": False})
+    first = env.reset(3)
+    assert first.splitlines()[0] == "[S]FFF" and "\x1b" not in first  # the agent's cell, no colour codes
+    r = env.step("go <answer>jump</answer>")
+    assert r.info["action_valid"] == 0 and not r.done and r.observation == first  # invalid: the state unchanged
+    for a in ["Down", "Down", "Right", "Right", "Down"]:
+        r = env.step(f"<answer>{a}</answer>")
+        assert r.reward == 0 and not r.done
+    r = env.step("<answer>Right</answer>")
+    assert r.done and r.reward == 1.0 and r.info["success"] == 1.0 and r.observation.endswith("HFF[G]")
+    env.reset(3)
+    r = env.step("<answer>Right</answer>")
+    r = env.step("<answer>Down</answer>")  # into the hole at (1, 1): ends, no success
+    assert r.done and r.info["success"] == 0.0
+    with pytest.raises(TaskError, match="has 4 actions; 2 names were given"):
+        GymText("FrozenLake-v1", actions=["a", "b"])
+    with pytest.raises(TaskError, match="Box action space"):
+        GymText("MountainCarContinuous-v0")
