@@ -448,7 +448,7 @@ def deep_merge(base: dict, own: dict) -> dict:
 
 class RunCfg(Strict):
     seed: int = 0
-    # a stage is a kind (sft, grpo, fork) trained with the kind's section, or {kind: {name: NAME, KEY: VALUE, ...}},
+    # a stage is a kind (sft, grpo, fork, dpo) trained with its section, or {kind: {name: NAME, KEY: VALUE, ...}},
     # the kind's section with these keys over it (so two grpo stages can have their own rewards, steps, lr, ...)
     stages: list[StageEntry] = Field(min_length=1)
     model: ModelCfg
@@ -533,7 +533,7 @@ class RunCfg(Strict):
 
     @property
     def stage_kinds(self) -> list[str]:
-        """The trainer of each stage, in order (``sft``, ``grpo``, ``fork``)."""
+        """The trainer of each stage, in order (``sft``, ``grpo``, ``fork``, ``dpo``)."""
         return [kind for _, kind, _ in self._sections]
 
     def lora_for(self, stage: str) -> LoraCfg:
