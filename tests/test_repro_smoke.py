@@ -15,9 +15,10 @@ def test_curriculum_smoke(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [t["order"] for t in result["table"]] == ["perplexity_desc", "perplexity_asc", "shuffle"]
-    assert all(len(t["each"]) == 2 for t in result["table"]) and result["smoke"] is True
-    assert result["verdict"] in ("reproduced", "not reproduced") and "smoke run: no result" in proc.stdout
+    assert list(result["table"]) == ["perplexity_desc", "perplexity_asc", "shuffle"]
+    assert all(len(t["each"]) == 2 for t in result["table"].values()) and result["smoke"] is True
+    assert "smoke run: no result" in proc.stdout
+    assert result["verdict"] == "not measurable in miniature"  # a smoke run's 3 steps learn nothing
     ppl = [r["start_ppl"] for r in result["runs"] if r["order"] != "shuffle"]
     assert all(p and p["ppl_max"] >= p["ppl_min"] > 0 for p in ppl)
 
@@ -34,3 +35,4 @@ def test_tree_smoke(tmp_path):
     # the tree's steps were set so its sampled tokens come near the flat stage's
     assert 0.5 < tree["tokens_sampled"] / flat["tokens_sampled"] < 2
     assert [r["kind"] for r in result["runs"]] == ["flat", "tree"] and result["runs"][1]["paths"] > 0
+    assert result["verdict"] == "not measurable in miniature"

@@ -1,16 +1,17 @@
 """Tree rollouts (Tree-GRPO arXiv 2509.21240, TreeRL arXiv 2506.11902) against flat GRPO at the same sampled-token
 budget, in miniature.
 
-Per seed, one SFT base on two-digit addition (the demo's task, its own init seed), then from it flat GRPO (8 samples
-a prompt) and tree GRPO (2 chains a prompt, 3 continuations forked from each at random: 8 paths a prompt), each
-trained until it has sampled about the same number of tokens: the tree stage's steps are the flat stage's times
-the flat stage's sampled tokens a step over a one-step probe of the tree's. Held-out pass@1 is the figure, and the
-sampled tokens each actually used are reported beside it. The papers' claim: trees reach flat GRPO's accuracy or
-better with fewer samples (about 1.5x the samples per token budget). Decided before running: "reproduced" if the
-tree's mean pass@1 is at least the flat's minus the larger seed spread at no more tokens; "not reproduced" if not.
+Per seed the shared base (``common.base``: the demo's tiny model SFT'd on two-digit addition), then from it flat
+GRPO (8 samples a prompt) and tree GRPO (2 chains a prompt, 3 continuations forked from each at random: 8 paths a
+prompt), each trained until it has sampled about the same number of tokens: the tree stage's steps are the flat
+stage's sampled tokens over a one-step probe's. Held-out pass@1 is the figure; the tokens each actually sampled are
+reported beside it. The papers' claim: trees match or beat flat sampling at a smaller sample budget. Decided before
+running: "reproduced" if the tree's mean pass@1 is at least the flat's minus the larger of the seed spreads and the
+binomial standard error, at no more than 5% more tokens; "not measurable in miniature" if both stay under 5%;
+"not reproduced" otherwise.
 
-    python benchmarks/repro/tree.py --out /tmp/tree --json /tmp/tree.json            # 3 seeds
-    python benchmarks/repro/tree.py --smoke --out /tmp/tree_smoke --json /tmp/t.json  # the path only
+    python benchmarks/repro/tree.py --bases /tmp/repro/bases --out /tmp/repro/tree --json /tmp/tree.json
+    python benchmarks/repro/tree.py --smoke --bases /tmp/s --out /tmp/s --json /tmp/t.json    # the path only
 """
 
 from __future__ import annotations
@@ -19,84 +20,65 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
 
-TINY = {"arch": "qwen2", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-        "intermediate_size": 128, "max_positions": 256}
+import common  # noqa: E402
+
 TREE = {"chains": 2, "forks": 3, "at": "random"}
 
 
-def config(seed: int, stage: str, *, steps: int, model: dict, smoke: bool, tree: dict | None = None) -> dict:
-    data = {"seed": seed, "stages": [stage], "model": model,
-            "task": {"type": "arithmetic", "digits": 2, "train_size": 80 if smoke else 2000,
-                     "heldout_size": 8 if smoke else 200},
-            "sampling": {"temperature": 1.0, "max_new_tokens": 48},
-            "sft": {"steps": steps, "batch_size": 8 if smoke else 32, "micro_batch_size": 8 if smoke else 32,
-                    "optim": {"lr": 3e-3, "warmup_steps": 0 if smoke else 10, "schedule": "linear"}},
-            "grpo": {"steps": steps, "prompts_per_step": 2 if smoke else 8, "group_size": 8,
-                     "micro_batch_size": 16, "optim": {"lr": 1e-4}, **({"tree": tree} if tree else {})},
-            "eval": {"num_problems": 8 if smoke else 200, "samples_per_problem": 1 if smoke else 2},
-            "checkpoint": {"every": 0, "keep_last": 1}, "log_every": 10}
-    return data
-
-
-def run_one(data: dict, run_dir: Path) -> tuple[dict, list[dict]]:
-    from forkrl.config import parse_config
-    from forkrl.pipeline import run
-
-    stage = data["stages"][0]
-    if not ((run_dir / stage / "final" / "DONE").exists() and (run_dir / "summary.json").exists()):
-        run(parse_config(data, source="benchmarks/repro/tree.py"), run_dir, resume=(run_dir / "config.yaml").exists())
-    summary = json.loads((run_dir / "summary.json").read_text())["stages"][stage]
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, [r for r in rows if r["stage"] == stage]
+def grpo(steps: int, smoke: bool, tree: dict | None = None) -> dict:
+    return {"steps": steps, "prompts_per_step": 2 if smoke else 8, "group_size": 8, "micro_batch_size": 16,
+            "optim": {"lr": 1e-4}, **({"tree": tree} if tree else {})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--base-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=30, help="flat GRPO steps; the tree's follow from the budget")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.smoke:
-        args.base_steps, args.steps = 3, 2
+    steps = 2 if args.smoke else args.steps
     t0, runs = time.time(), []
     for seed in args.seeds:
-        run_one(config(seed, "sft", steps=args.base_steps, model={"tiny": {**TINY, "seed": seed}}, smoke=args.smoke),
-                args.out / f"base-s{seed}")
-        base = {"path": str(args.out / f"base-s{seed}" / "sft" / "final")}
-        flat, flat_rows = run_one(config(seed, "grpo", steps=args.steps, model=base, smoke=args.smoke),
-                                  args.out / f"flat-s{seed}")
+        base_dir, base_pass = common.base(seed, args.bases or args.out, args.smoke)
+        model = {"path": str(base_dir)}
+        config = lambda g: common.stage_config(seed, "grpo", model=model, digits=2, smoke=args.smoke, grpo=g)  # noqa
+        flat, flat_rows = common.run_one(config(grpo(steps, args.smoke)), args.out / f"flat-s{seed}")
         flat_tokens = sum(r["tokens_sampled"] for r in flat_rows)
-        _, probe = run_one(config(seed, "grpo", steps=1, model=base, smoke=args.smoke, tree=TREE),
-                           args.out / f"probe-s{seed}")
+        _, probe = common.run_one(config(grpo(1, args.smoke, TREE)), args.out / f"probe-s{seed}")
         tree_steps = max(1, round(flat_tokens / max(probe[0]["tokens_sampled"], 1)))
-        tree, tree_rows = run_one(config(seed, "grpo", steps=tree_steps, model=base, smoke=args.smoke, tree=TREE),
-                                  args.out / f"tree-s{seed}")
+        tree, tree_rows = common.run_one(config(grpo(tree_steps, args.smoke, TREE)), args.out / f"tree-s{seed}")
         for name, s, rows in (("flat", flat, flat_rows), ("tree", tree, tree_rows)):
-            runs.append({"seed": seed, "kind": name, "pass_at_1": s["pass_at_1"], "steps": len(rows),
-                         "tokens_sampled": sum(r["tokens_sampled"] for r in rows),
+            runs.append({"seed": seed, "kind": name, "pass_at_1": s["pass_at_1"], "base_pass_at_1": base_pass,
+                         "steps": len(rows), "tokens_sampled": sum(r["tokens_sampled"] for r in rows),
                          "paths": sum(r.get("tree_paths") or 0 for r in rows) or None,
                          "train_wall_s": s["wall_s"] - s.get("eval_s", 0.0)})
     table = {}
     for kind in ("flat", "tree"):
         mine = [r for r in runs if r["kind"] == kind]
-        xs = [r["pass_at_1"] for r in mine]
-        table[kind] = {"each": xs, "mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        table[kind] = {**common.spread([r["pass_at_1"] for r in mine]),
                        "tokens_sampled": statistics.fmean(r["tokens_sampled"] for r in mine),
                        "steps": statistics.fmean(r["steps"] for r in mine)}
-    spread = max(table["flat"]["std"], table["tree"]["std"])
-    verdict = ("reproduced" if table["tree"]["mean"] >= table["flat"]["mean"] - spread
+    episodes = len(args.seeds) * (8 if args.smoke else 400)
+    margin = max(table["flat"]["std"], table["tree"]["std"], common.binomial_se(table["flat"]["mean"], episodes))
+    verdict = ("reproduced" if table["tree"]["mean"] >= table["flat"]["mean"] - margin
                and table["tree"]["tokens_sampled"] <= 1.05 * table["flat"]["tokens_sampled"] else "not reproduced")
-    lines = [f"GRPO from a 2-digit base, same sampled-token budget, {len(args.seeds)} seeds",
-             "rollouts | held-out pass@1 mean ± std | each seed | steps | tokens sampled", "---|---|---|---|---"]
+    if max(table["flat"]["mean"], table["tree"]["mean"]) < 0.05:
+        verdict = "not measurable in miniature"
+    bases = sorted({r["base_pass_at_1"] for r in runs})
+    lines = [f"GRPO from the 2-digit base (pass@1 {', '.join(f'{b:.3f}' for b in bases)}), same sampled-token budget, "
+             f"{len(args.seeds)} seeds", "rollouts | held-out pass@1 mean ± std | each seed | steps | tokens sampled",
+             "---|---|---|---|---"]
     for kind, t in table.items():
         lines.append(f"{kind} | {t['mean']:.3f} ± {t['std']:.3f} | {', '.join(f'{x:.3f}' for x in t['each'])} | "
                      f"{t['steps']:.0f} | {t['tokens_sampled']:.0f}")
@@ -104,8 +86,9 @@ def main() -> None:
                  + (" (smoke run: no result)" if args.smoke else ""))
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"table": table, "runs": runs, "verdict": verdict, "smoke": args.smoke,
-                                         "tree": TREE, "wall_s": round(time.time() - t0, 1)}, indent=2))
+        args.json.write_text(json.dumps({"table": table, "runs": runs, "verdict": verdict, "margin": margin,
+                                         "smoke": args.smoke, "tree": TREE, "wall_s": round(time.time() - t0, 1)},
+                                        indent=2))
 
 
 if __name__ == "__main__":
