@@ -240,7 +240,7 @@ class TreeCfg(Strict):
 
     chains: Pos = 2  # M
     forks: Pos = 3  # N per chain
-    at: Literal["random", "entropy"] = "random"
+    at: Literal["random", "highest_entropy"] = "random"
 
 
 class KlCfg(Strict):

@@ -106,7 +106,7 @@ def test_shared_prefixes_trained_once_equal_every_path_expanded(tiny_model_dir, 
     assert int(mask.sum()) == 6 + 3 + 5 + 3 + 4 + 5 < int(len_L.sum())
 
 
-@pytest.mark.parametrize("at", ["random", "entropy"])
+@pytest.mark.parametrize("at", ["random", "highest_entropy"])
 def test_grpo_on_trees_runs_and_reports_the_sampling_saving(tmp_path, at):
     data = tiny_cfg_dict(**{"grpo.steps": 2, "grpo.group_size": 4, "grpo.prompts_per_step": 2,
                             "grpo.micro_batch_size": 4, "grpo.tree": {"chains": 2, "forks": 2, "at": at}})

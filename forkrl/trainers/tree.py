@@ -70,7 +70,7 @@ def sample_trees(ctx, sampler, prompt_ids: list[list[int]], pick: list[int], ste
     params = sampling_params(cfg)
     chains = sampler.sample(prompt_ids, M, params, seeds=row_seeds(f"tree:{cfg.seed}:{step}", pick, M))
     chain_ids = [ids[m].tolist() for ids, m in zip(chains.input_ids_NL, chains.completion_mask_NL)]
-    entropies = chain_entropies(ctx.model, chains) if tree.at == "entropy" else None
+    entropies = chain_entropies(ctx.model, chains) if tree.at == "highest_entropy" else None
     forks = []  # (chain row, f)
     for c, ids in enumerate(chain_ids):
         rng = random.Random(f"tree-fork:{cfg.seed}:{step}:{pick[int(chains.problem_N[c])]}:{c % M}")
