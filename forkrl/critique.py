@@ -50,19 +50,37 @@ def run_checks(q: float, rng: random.Random, *, accept_after: int, failures: int
     return True, failures, checks
 
 
+@dataclass
+class Loop:
+    """One problem's loop, fed a candidate's pass probability at a time; candidate c's checks draw from the stream
+    (``seed``, c)."""
+
+    accept_after: int
+    give_up_after: int
+    max_candidates: int
+    seed: int
+    failures: int = 0
+    checks: int = 0
+    candidates: int = 0
+
+    def feed(self, q: float) -> Verdict | None:
+        """The Verdict once the loop ends with this candidate, else None (a next candidate is wanted)."""
+        c = self.candidates
+        accepted, self.failures, ran = run_checks(q, random.Random(f"{self.seed}:{c}"), accept_after=self.accept_after,
+                                                  failures=self.failures)
+        self.checks, self.candidates = self.checks + ran, c + 1
+        if accepted or self.failures >= self.give_up_after or self.candidates == self.max_candidates:
+            return Verdict(c, accepted, c + 1, self.checks)
+        return None
+
+
 def critique_loop(q_of_candidate, *, accept_after: int, give_up_after: int, max_candidates: int, seed: int
                   ) -> Verdict:
     """One problem's loop; ``q_of_candidate(c)`` is candidate c's pass probability (sampling it when first asked)."""
-    failures = checks = 0
-    for c in range(max_candidates):
-        rng = random.Random(f"{seed}:{c}")
-        accepted, failures, ran = run_checks(q_of_candidate(c), rng, accept_after=accept_after, failures=failures)
-        checks += ran
-        if accepted:
-            return Verdict(c, True, c + 1, checks)
-        if failures >= give_up_after:
-            break
-    return Verdict(c, False, c + 1, checks)
+    loop = Loop(accept_after, give_up_after, max_candidates, seed)
+    while (verdict := loop.feed(q_of_candidate(loop.candidates))) is None:
+        pass
+    return verdict
 
 
 @torch.no_grad()
@@ -117,17 +135,13 @@ def self_critique(model, tokenizer, sampler, params, prompt_ids: list[list[int]]
             qs[p].append(v)
 
     verdicts: list[Verdict | None] = [None] * P
-    failures, checks = [0] * P, [0] * P
-    check_seeds = row_seeds(key + ":check", list(range(P)), 1)
+    loops = [Loop(cfg.accept_after, cfg.give_up_after, cfg.max_candidates, seed)
+             for seed in row_seeds(key + ":check", list(range(P)), 1)]
     for c in range(cfg.max_candidates):
         open_problems = [p for p in range(P) if verdicts[p] is None]
         if not open_problems:
             break
         draw(open_problems, c)
-        for p in open_problems:  # the same steps as critique_loop, a candidate at a time
-            accepted, failures[p], ran = run_checks(qs[p][c], random.Random(f"{check_seeds[p]}:{c}"),
-                                                    accept_after=cfg.accept_after, failures=failures[p])
-            checks[p] += ran
-            if accepted or failures[p] >= cfg.give_up_after or c + 1 == cfg.max_candidates:
-                verdicts[p] = Verdict(c, accepted, c + 1, checks[p])
+        for p in open_problems:
+            verdicts[p] = loops[p].feed(qs[p][c])
     return [candidates[p][v.answer] for p, v in enumerate(verdicts)], verdicts  # type: ignore[union-attr]

@@ -114,17 +114,9 @@ def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
     for split in ("train", "heldout"):
         for problem in task.problems(split):
             encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
-    for stage in cfg.stage_plan:  # offline DPO's preference pairs: read, and each fits
+    for stage in cfg.stage_plan:
         if stage.kind == "dpo" and stage.cfg.dpo.data == "offline":
-            from .trainers.dpo import read_pairs
-
-            cut = (limit + 1) * MAX_CHARS_PER_TOKEN if limit else None  # never tokenize a huge text whole
-            for where, prompt, chosen, rejected in read_pairs(stage.cfg.dpo.pairs_path, MAX_PAIR_FIELD_BYTES):
-                ids = encode_prompt(cfg, tokenizer, task, config, prompt, where=where)
-                longest = max(len(tokenizer(t[:cut], add_special_tokens=False).input_ids) for t in (chosen, rejected))
-                if limit and len(ids) + longest + 1 > limit:
-                    raise ConfigError(f"{where}: the pair's prompt and its longer completion, with EOS, are "
-                                      f"{len(ids) + longest + 1:,} tokens, over the model's context of {limit}")
+            check_pairs(stage.cfg, tokenizer, task, config, limit)
     if "sft" in cfg.stage_kinds and limit:
         for problem, completion in task.demonstrations("train"):
             ids = encode_prompt(cfg, tokenizer, task, config, problem.prompt, where=describe(problem))
@@ -133,6 +125,19 @@ def check_inputs(cfg: RunCfg, task, model_dir: Path) -> None:
             if n > limit:
                 raise ConfigError(f"{describe(problem)}: its demonstration, with its prompt and EOS, is {n:,} tokens "
                                   f"or more, over the model's context of {limit}; shorten it or leave it out")
+
+
+def check_pairs(cfg: RunCfg, tokenizer, task, config, limit: int | None) -> None:
+    """Offline DPO's preference file reads (``trainers.dpo.read_pairs``) and every pair fits the model's context."""
+    from .trainers.dpo import read_pairs
+
+    cut = (limit + 1) * MAX_CHARS_PER_TOKEN if limit else None  # never tokenize a huge text whole
+    for where, prompt, chosen, rejected in read_pairs(cfg.dpo.pairs_path, MAX_PAIR_FIELD_BYTES):
+        ids = encode_prompt(cfg, tokenizer, task, config, prompt, where=where)
+        longest = max(len(tokenizer(t[:cut], add_special_tokens=False).input_ids) for t in (chosen, rejected))
+        if limit and len(ids) + longest + 1 > limit:
+            raise ConfigError(f"{where}: the pair's prompt and its longer completion, with EOS, are "
+                              f"{len(ids) + longest + 1:,} tokens, over the model's context of {limit}")
 
 
 def check_episodes(cfg: RunCfg, task, tokenizer, limit: int | None) -> None:

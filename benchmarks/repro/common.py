@@ -60,6 +60,16 @@ def spread(xs: list[float]) -> dict:
     return {"each": xs, "mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
+def cells(t: dict) -> str:
+    """A table's "mean ± std | each seed" cells of a ``spread``."""
+    return f"{t['mean']:.3f} ± {t['std']:.3f} | {', '.join(f'{x:.3f}' for x in t['each'])}"
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2))
+
+
 def binomial_se(p: float, n: int) -> float:
     """The standard error of a pass rate p measured on n episodes: a difference under it is not a finding."""
     return (max(p * (1 - p), 1 / n) / n) ** 0.5

@@ -16,7 +16,6 @@ order stays under 5%; else "not reproduced".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -63,15 +62,12 @@ def main() -> None:
              f"(base 2-digit pass@1: {', '.join(f'{r:.3f}' for r in sorted({x['base_pass_at_1_two_digit'] for x in rows}))})",
              "order | held-out pass@1 mean ± std | each seed | vs shuffle", "---|---|---|---"]
     for o, t in table.items():
-        lines.append(f"{o} | {t['mean']:.3f} ± {t['std']:.3f} | {', '.join(f'{x:.3f}' for x in t['each'])} | "
-                     f"{t['mean'] - shuf['mean']:+.3f}")
+        lines.append(f"{o} | {common.cells(t)} | {t['mean'] - shuf['mean']:+.3f}")
     lines.append(f"paper (arXiv 2605.13301): highest perplexity first beats the ablations; miniature: {verdict}"
                  + (" (smoke run: no result)" if args.smoke else ""))
     print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"table": table, "runs": rows, "verdict": verdict, "margin": margin,
-                                         "smoke": args.smoke, "steps": steps, "wall_s": round(time.time() - t0, 1)},
-                                        indent=2))
+    common.write_json(args.json, {"table": table, "runs": rows, "verdict": verdict, "margin": margin,
+                                  "smoke": args.smoke, "steps": steps, "wall_s": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

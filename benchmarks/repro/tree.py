@@ -17,7 +17,6 @@ binomial standard error, at no more than 5% more tokens; "not measurable in mini
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -80,15 +79,12 @@ def main() -> None:
              f"{len(args.seeds)} seeds", "rollouts | held-out pass@1 mean ± std | each seed | steps | tokens sampled",
              "---|---|---|---|---"]
     for kind, t in table.items():
-        lines.append(f"{kind} | {t['mean']:.3f} ± {t['std']:.3f} | {', '.join(f'{x:.3f}' for x in t['each'])} | "
-                     f"{t['steps']:.0f} | {t['tokens_sampled']:.0f}")
+        lines.append(f"{kind} | {common.cells(t)} | {t['steps']:.0f} | {t['tokens_sampled']:.0f}")
     lines.append(f"papers: trees match or beat flat sampling at a smaller budget; miniature: {verdict}"
                  + (" (smoke run: no result)" if args.smoke else ""))
     print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"table": table, "runs": runs, "verdict": verdict, "margin": margin,
-                                         "smoke": args.smoke, "tree": TREE, "wall_s": round(time.time() - t0, 1)},
-                                        indent=2))
+    common.write_json(args.json, {"table": table, "runs": runs, "verdict": verdict, "margin": margin,
+                                  "smoke": args.smoke, "tree": TREE, "wall_s": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ samples tied) skips its update, as GRPO's empty batches do.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from ..forward import ModelForward
 from ..models import load_model
 from ..rewards import score_rollouts
 from ..sampling import completion_texts, make_sampler, row_seeds, sampling_params
-from ..tasks.base import TaskError, describe
+from ..tasks.base import TaskError
 from ..types import Rollouts
-from .accumulate import accumulate, micro_slices, parts
+from .accumulate import accumulate, parts
 from .data import batch_indices
 from .loop import StageLoop
 from .sft import pack
@@ -74,15 +73,13 @@ class DpoLoss:
         return loss, stats
 
 
-@torch.no_grad()
 def sequence_logprobs(model, batch: Rollouts, *, micro_batch_size: int, adapter_off: bool) -> torch.Tensor:
-    """Each row's completion log-prob (summed over its completion tokens) under a frozen model."""
-    forward, out = ModelForward(model), torch.zeros(batch.num_rows, dtype=torch.float64)
-    with model.disable_adapter() if adapter_off else nullcontext():
-        for sl in micro_slices(batch.num_rows, micro_batch_size):
-            logp_NT, _, mask_NT = forward.logprobs(batch, torch.arange(batch.num_rows)[sl])
-            out[sl] = (logp_NT * mask_NT).sum(1).double().cpu()
-    return out
+    """Each row's completion log-prob (summed over its completion tokens) under a frozen model: GRPO's frozen pass
+    (``grpo.frozen_logprobs``), summed."""
+    from .grpo import frozen_logprobs
+
+    logp_NT = frozen_logprobs(model, batch, temperature=1.0, micro_batch_size=micro_batch_size, adapter_off=adapter_off)
+    return (logp_NT.double() * batch.completion_mask_NL[:, 1:]).sum(1)
 
 
 def read_pairs(path: str, max_field_bytes: int) -> list[tuple[str, str, str, str]]:
@@ -131,23 +128,21 @@ class OnlinePairs:
     """A step's pairs sampled now (OAIF): two completions of each prompt, the preferred picked by the rewards."""
 
     def __init__(self, ctx, sampler):
+        from .sources import PromptSource
+
         cfg = ctx.cfg.dpo
-        self.ctx, self.sampler, self.cache = ctx, sampler, {}
+        self.ctx, self.sampler, self.prompts = ctx, sampler, PromptSource(ctx)  # prompts encoded once, cached
         self.problems = list(ctx.task.problems("train"))
         self.rewards = reward_api.load(cfg.rewards, ctx.task, where="dpo.rewards", timeout_s=cfg.reward_timeout_s,
                                        device=ctx.device, run_dir=ctx.run_dir)
-
-    def prompt(self, i: int) -> list[int]:
-        if i not in self.cache:
-            self.cache[i] = self.ctx.encode_prompt(self.problems[i].prompt, where=describe(self.problems[i]))
-        return self.cache[i]
 
     def step(self, step: int, shard: slice) -> tuple[Rollouts | None, dict]:
         ctx, cfg = self.ctx, self.ctx.cfg
         pick = batch_indices(len(self.problems), cfg.dpo.pairs_per_step, step - 1, cfg.seed)[shard]
         problems = [self.problems[i] for i in pick]
         seeds = row_seeds(f"dpo:{cfg.seed}:{step}", pick, 2)
-        rollouts = self.sampler.sample([self.prompt(i) for i in pick], 2, sampling_params(cfg), seeds=seeds)
+        rollouts = self.sampler.sample([self.prompts.prompt(i, p) for i, p in zip(pick, problems)], 2,
+                                       sampling_params(cfg), seeds=seeds)
         texts = completion_texts(ctx.tokenizer, rollouts)
         scored, failures = score_rollouts(rollouts, texts, problems, ctx.task, self.rewards, seeds=seeds, step=step,
                                           progress=step / cfg.dpo.steps, max_new_tokens=cfg.sampling.max_new_tokens)

@@ -133,15 +133,16 @@ def tree_step(ctx, loop, sampler, ref_model, source, rewards, pick, step_problem
 
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     t0 = time.time()
-    trees = sample_trees(ctx, sampler, [source.prompt(i, p) for i, p in zip(pick, step_problems)], pick, step)
-    sample_s = time.time() - t0
     prompts = [source.prompt(i, p) for i, p in zip(pick, step_problems)]
-    expanded = dataclasses.replace(rollouts_of([prompts[j] for j in trees.problem_L.tolist()], trees.path_ids,
-                                               ctx.tokenizer), problem_N=trees.problem_L, group_N=trees.problem_L)
+    trees = sample_trees(ctx, sampler, prompts, pick, step)
+    sample_s = time.time() - t0
+    problem_of = trees.problem_L.tolist()
+    expanded = dataclasses.replace(rollouts_of([prompts[j] for j in problem_of], trees.path_ids, ctx.tokenizer),
+                                   problem_N=trees.problem_L, group_N=trees.problem_L)
     texts = [ctx.tokenizer.decode(ids, skip_special_tokens=True) for ids in trees.path_ids]
-    nth = [trees.problem_L[:i].eq(j).sum().item() for i, j in enumerate(trees.problem_L.tolist())]  # within problem
+    # a path's reward seed: (step, its problem, its index among that problem's paths), as a flat row's is
     seeds = [row_seeds(f"tree-reward:{run_cfg.seed}:{step}", [pick[j]], n + 1)[n]
-             for n, j in zip(nth, trees.problem_L.tolist())]
+             for n, j in zip(path_index_within(problem_of), problem_of)]
     scored, failures = score_rollouts(expanded, texts, step_problems, ctx.task, rewards, seeds=seeds, step=step,
                                       progress=step / cfg.steps, max_new_tokens=run_cfg.sampling.max_new_tokens)
     t1 = time.time()
@@ -175,6 +176,16 @@ def tree_step(ctx, loop, sampler, ref_model, source, rewards, pick, step_problem
             "tree_path_tokens": total_tokens, "tokens_sampled": int(stats[2]), "tokens_trained": int(trained),
             "tree_sampled_frac": stats[2] / max(total_tokens, 1), "adv_abs_max": float(adv_L.abs().max()),
             "sample_s": sample_s, "train_s": time.time() - t1, "rows_trained": trees.compact.num_rows}
+
+
+def path_index_within(problem_of: list[int]) -> list[int]:
+    """Each path's index among its own problem's paths."""
+    seen: dict[int, int] = {}
+    out = []
+    for j in problem_of:
+        out.append(seen.get(j, 0))
+        seen[j] = out[-1] + 1
+    return out
 
 
 def group_std_sum(scored, trees: Trees) -> float:
