@@ -56,12 +56,16 @@ def cmd_validate(args) -> int:
     signatures and endpoints, the trackers' packages, the model source), and run nothing."""
     from . import models, tracking
     from .config import load_config
-    from .pipeline import load_rewards
+    from .pipeline import MAX_PAIR_FIELD_BYTES, load_rewards
     from .tasks import build_task
+    from .trainers.dpo import read_pairs
 
     cfg = load_config(args.config, args.set)
     task = build_task(cfg.task)
     record = load_rewards(cfg, task)
+    for stage in cfg.stage_plan:  # offline DPO's preference file (its fit to the context needs the model: train)
+        if stage.kind == "dpo" and stage.cfg.dpo.data == "offline":
+            read_pairs(stage.cfg.dpo.pairs_path, MAX_PAIR_FIELD_BYTES)
     tracking.require(cfg.report_to)
     if cfg.model.path is not None:
         models.check_source(cfg.model.path)

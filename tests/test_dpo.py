@@ -116,9 +116,9 @@ def test_a_bad_pairs_file_is_named_by_line(tmp_path, line, needle):
                                                          "pairs_per_step": 2, "micro_batch_size": 2}})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "forkrl.cli", "train", str(path), "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for cmd in (["train", str(path), "--out", str(tmp_path / "r")], ["validate", str(path)]):
+        proc = subprocess.run([sys.executable, "-m", "forkrl.cli", *cmd], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_offline_without_a_file_is_a_config_error():
