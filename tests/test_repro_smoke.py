@@ -36,3 +36,13 @@ def test_tree_smoke(tmp_path):
     assert 0.5 < tree["tokens_sampled"] / flat["tokens_sampled"] < 2
     assert [r["kind"] for r in result["runs"]] == ["flat", "tree"] and result["runs"][1]["paths"] > 0
     assert result["verdict"] == "not measurable in miniature"
+
+
+def test_grpo_lr_control_smoke(tmp_path):
+    out = tmp_path / "g.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro/grpo_lr.py"), "--smoke", "--seeds", "0",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["lr"] for r in runs] == [1e-4, 1e-9] and all(0 <= r["pass_at_1"] <= 1 for r in runs)
