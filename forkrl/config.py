@@ -25,6 +25,7 @@ from .algos.filters import FILTERS
 from .algos.fork import GATES
 from .algos.kl import KL_ESTIMATORS
 from .algos.objectives import OBJECTIVES
+from .algos.correction import CORRECTIONS
 from .algos.reductions import REDUCTIONS
 from .check import FAULTS
 from .names import named
@@ -49,6 +50,7 @@ StageName = named(STAGES, "stage")
 Backend = named(SAMPLERS, "sampler backend")
 Schedule = named(SCHEDULES, "learning-rate schedule")
 Fault = named(FAULTS, "fault injection")
+Correction = named(CORRECTIONS, "sampler correction")
 
 # config key (a list's entries: ``[]``) -> (the registry it names an entry of, names it accepts besides)
 NAMED = {
@@ -59,6 +61,7 @@ NAMED = {
     "sft.optim.schedule": (SCHEDULES, ()), "grpo.optim.schedule": (SCHEDULES, ()),
     "fork.optim.schedule": (SCHEDULES, ()), "dpo.optim.schedule": (SCHEDULES, ()),
     "dpo.rewards[].name": (REWARDS, ()), "task.verifier": (VERIFIERS, ()), "debug.inject": (FAULTS, ()),
+    "grpo.sampler_correction": (CORRECTIONS, ()),
 }
 
 Pos = Annotated[int, Field(ge=1)]
@@ -293,6 +296,10 @@ class GrpoCfg(Strict):
     echo_coef: Annotated[float, Field(ge=0.0)] = 0.0
     explore: ExploreCfg = ExploreCfg()  # env tasks: exploration episodes interleaved with the task's
     tree: TreeCfg | None = None  # tree rollouts instead of group_size flat samples a prompt (algos.tree)
+    # the sampler/trainer mismatch (algos.correction): importance weights π_old/π_sampler on the objective, truncated
+    # at correction_cap (tis) or zero outside [1/cap, cap] (mis); for rows an engine (vllm, static) sampled
+    sampler_correction: Correction = "none"
+    correction_cap: Annotated[float, Field(gt=1.0)] = 2.0
     optim: OptimCfg = OptimCfg(lr=1e-4)
 
     @property
@@ -312,11 +319,13 @@ class GrpoCfg(Strict):
             wrong = [f"{k} is {v!r}" for k, v, ok in (
                 ("grpo.inner_iterations", self.inner_iterations, 1), ("grpo.objective", self.objective, "ppo_clip"),
                 ("grpo.filter", self.filter, "none"), ("grpo.mask_truncated", self.mask_truncated, False),
-                ("grpo.kl.where", self.kl.where, "loss")) if v != ok]
+                ("grpo.kl.where", self.kl.where, "loss"), ("grpo.sampler_correction", self.sampler_correction, "none"))
+                if v != ok]
             if wrong:
                 raise ValueError("grpo.tree: a shared prefix is trained once with the sum of its paths' advantages, "
                                  "exact for the on-policy PPO surrogate over every path (inner_iterations 1, objective "
-                                 f"ppo_clip, filter none, mask_truncated false, kl.where loss); here {', '.join(wrong)}")
+                                 f"ppo_clip, filter none, mask_truncated false, kl.where loss, sampler_correction none); "
+                                 f"here {', '.join(wrong)}")
         elif self.rows_per_step % self.micro_batch_size:
             raise ValueError(f"grpo.micro_batch_size ({self.micro_batch_size}) must divide the rows per step, "
                              f"grpo.prompts_per_step × grpo.group_size = {self.rows_per_step}")
@@ -412,6 +421,11 @@ class GuardsCfg(Strict):
     # std_collapse_ratio × the mean of the stage's first 10 steps stop the run (0: never; RAGEN uses 10).
     max_std_collapse_steps: NonNeg = 0
     std_collapse_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    # A jump in the sampler/trainer mismatch (logp_mismatch, mean |Δ log p| a token), the signature of a sampling
+    # engine left on stale weights, stops the run: a step above both mismatch_floor and mismatch_jump × the median
+    # of the stage's earlier steps (at least 3 of them). mismatch_jump 0: never.
+    mismatch_jump: Annotated[float, Field(ge=0.0)] = 10.0
+    mismatch_floor: Annotated[float, Field(gt=0.0)] = 0.02
 
 
 class DebugCfg(Strict):

@@ -1,11 +1,12 @@
 """The GRPO-family loss of one micro-batch, as one pure function (METHODS §1–2).
 
-    ℓ_t = ℓ_obj,t + β·kl_t − c·H_t          per token: objective, KL penalty (in the loss), entropy bonus
+    ℓ_t = w_t·ℓ_obj,t + β·kl_t − c·H_t      per token: objective, KL penalty (in the loss), entropy bonus
     L   = Σ_it w_it · ℓ_it                  w from the named reduction, with the step's fixed totals
 
 ``ℓ_obj`` is a registered objective (``objectives``: PPO's clipped surrogate or GSPO's sequence ratio), ``kl_t`` a
 registered estimator of KL(π ‖ π_ref) (``kl``) from the reference's log-probs, H_t the policy's entropy at the
-sampling temperature, and ``w`` the reduction's weights (``reductions``): the denominators ``total_tokens`` /
+sampling temperature, w_t the sampler correction's weight (``correction``: 1, or an importance weight
+π_old/π_sampler truncated or masked, for rows an engine sampled), and ``w_it`` the reduction's weights (``reductions``): the denominators ``total_tokens`` /
 ``total_seqs`` count the whole optimizer step (every micro-batch and rank), so summing this function over a step's
 micro-batches gives the full batch's loss exactly.
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .correction import get_correction
 from .kl import get_kl
 from .objectives import get_objective
 from .reductions import Total, reduce_loss
@@ -31,14 +33,18 @@ class GrpoLoss:
     kl_NT: torch.Tensor  # the KL estimate at every position (zeros without a reference), unmasked
     clip_low_NT: torch.Tensor  # bool: the objective's clip flags (see ``objectives``)
     clip_high_NT: torch.Tensor
+    weight_NT: torch.Tensor  # the sampler correction's w_t (1 on the mask without one, 0 off it)
 
 
 def grpo_loss(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, adv_N: torch.Tensor, mask_NT: torch.Tensor, *,
               total_tokens: Total, total_seqs: Total, objective: str = "ppo_clip", eps_low: float = 0.2,
               eps_high: float = 0.28, dual_clip: float | None = None, ref_logp_NT: torch.Tensor | None = None,
               kl_estimator: str = "k3", kl_coef: float = 0.0, entropy_NT: torch.Tensor | None = None,
-              entropy_coef: float = 0.0, reduction: str = "token_mean", t_max: int | None = None) -> GrpoLoss:
-    """L = Σ_it w_it·(ℓ_obj,it + kl_coef·kl_it − entropy_coef·H_it) over the masked positions (module docstring).
+              entropy_coef: float = 0.0, reduction: str = "token_mean", t_max: int | None = None,
+              sampler_logp_NT: torch.Tensor | None = None, correction: str = "none",
+              correction_cap: float = 2.0) -> GrpoLoss:
+    """L = Σ_it w_it·(c_it·ℓ_obj,it + kl_coef·kl_it − entropy_coef·H_it) over the masked positions (module
+    docstring), c_it the sampler correction's weight (``algos.correction``; needs ``sampler_logp_NT``).
 
     ``old_logp_NT``: the ratio's denominator (``logp_NT.detach()`` on-policy); ``ref_logp_NT``: the reference's
     log-probs, or None (no KL term, ``kl_NT`` zeros); ``entropy_NT``: needed when ``entropy_coef`` > 0 (pass it
@@ -50,6 +56,11 @@ def grpo_loss(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, adv_N: torch.Ten
     loss_NT, clip_low_NT, clip_high_NT = get_objective(objective)(
         logp_NT, old_logp_NT, adv_N.to(logp_NT.device), mask_NT, eps_low=eps_low, eps_high=eps_high,
         dual_clip=dual_clip)
+    if correction == "none":
+        weight_NT = mask_NT.to(logp_NT.dtype)
+    else:
+        weight_NT = get_correction(correction)(old_logp_NT, sampler_logp_NT, mask_NT, cap=correction_cap)
+        loss_NT = loss_NT * weight_NT
     if ref_logp_NT is None:
         kl_NT = torch.zeros_like(logp_NT)
     else:  # read at masked positions only: garbage elsewhere (inf, NaN) must not reach the gradient through 0·∞
@@ -59,7 +70,7 @@ def grpo_loss(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, adv_N: torch.Ten
     if entropy_coef > 0:
         loss_NT = loss_NT - entropy_coef * entropy_NT
     loss = reduce_loss(loss_NT, mask_NT, reduction, total_tokens=total_tokens, total_seqs=total_seqs, t_max=t_max)
-    return GrpoLoss(loss, kl_NT, clip_low_NT, clip_high_NT)
+    return GrpoLoss(loss, kl_NT, clip_low_NT, clip_high_NT, weight_NT)
 
 
 # objectives of the form −A·f(ratio) (dual-clip's cap −c·A included), whose clip flags need A ≠ 0

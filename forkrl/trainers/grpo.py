@@ -42,7 +42,8 @@ from .metrics import SpreadWatch, stage_sums
 from .sources import EpisodeSource, HeldoutEpisodes, PromptSource, Rows, explore_flags
 from .tree import tree_step
 
-STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch")  # summed over masked tokens, per step
+# summed over masked tokens, per step (the correction's: its weights, and the tokens it weighted 0)
+STATS = ("entropy", "kl", "clip_low", "clip_high", "logp_mismatch", "correction_weight", "correction_zero")
 
 
 @torch.no_grad()
@@ -63,7 +64,8 @@ def loss_terms(cfg) -> dict:
     clip = (cfg.eps_low, cfg.eps_high) if cfg.clip else (float("inf"), float("inf"))
     return dict(objective=cfg.objective, eps_low=clip[0], eps_high=clip[1], dual_clip=cfg.dual_clip,
                 kl_estimator=cfg.kl.estimator, kl_coef=cfg.kl.beta if cfg.kl.active and cfg.kl.where == "loss" else 0.0,
-                entropy_coef=cfg.entropy_coef, reduction=cfg.reduction)
+                entropy_coef=cfg.entropy_coef, reduction=cfg.reduction, correction=cfg.sampler_correction,
+                correction_cap=cfg.correction_cap)
 
 
 class GrpoStepLoss:
@@ -85,13 +87,14 @@ class GrpoStepLoss:
             mask = mask & self.echo.policy_N[rows_N].to(mask.device)[:, None]
         old = logp.detach() if self.old_NT is None else self.old_NT[rows_N][:, :width].to(logp.device)
         ref = None if self.ref_NT is None else self.ref_NT[rows_N][:, :width].to(logp.device)
+        sampler_logp = self.batch.sampler_logp_NL[rows_N][:, 1 : width + 1].to(logp.device)
         out = grpo_loss(logp, old, self.adv_N[rows_N], mask, total_tokens=totals[0], total_seqs=totals[1],
-                        ref_logp_NT=ref, entropy_NT=H, t_max=self.t_max, **self.terms)
+                        ref_logp_NT=ref, entropy_NT=H, t_max=self.t_max, sampler_logp_NT=sampler_logp, **self.terms)
         loss = out.loss
         m = mask.double()
-        sampler_logp = self.batch.sampler_logp_NL[rows_N][:, 1 : width + 1].to(logp.device)
         per_token = (("entropy", H), ("kl", out.kl_NT), ("clip_low", out.clip_low_NT), ("clip_high", out.clip_high_NT),
-                     ("logp_mismatch", (logp.detach() - sampler_logp).abs()))
+                     ("logp_mismatch", (logp.detach() - sampler_logp).abs()), ("correction_weight", out.weight_NT),
+                     ("correction_zero", out.weight_NT == 0))
         stats = {key: (val.detach().double() * m).sum().cpu() for key, val in per_token}
         if self.echo is not None:
             env = (self.batch.role_NL[rows_N][:, 1 : width + 1] == Role.ENV).to(logp.device)
@@ -366,6 +369,9 @@ def step_metrics(g: dict, stats: dict, failures, cfg, world_size: int, *, sample
         "entropy": per_tok("entropy"), "kl": per_tok("kl") if cfg.kl.active else None,
         "clip_frac_low": per_tok("clip_low"), "clip_frac_high": per_tok("clip_high"),
         "logp_mismatch": per_tok("logp_mismatch"),
+        # grpo.sampler_correction's mean weight and the share of tokens it weighted 0 (mis's dropped tokens)
+        **({"correction_weight_mean": per_tok("correction_weight"), "correction_zero_frac": per_tok("correction_zero")}
+           if cfg.sampler_correction != "none" else {}),
         # an env task's observations: their cross-entropy under the policy (ECHO's loss, logged at any λ)
         "env_ce": float(stats["env_nll"] / stats["env_tokens"]) if float(stats.get("env_tokens", 0)) else None,
         "grad_norm": stats.get("grad_norm"), "lr": lr,

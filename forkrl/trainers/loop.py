@@ -31,8 +31,9 @@ class TrainingError(RuntimeError):
 
 class Guards:
     """Counts consecutive skipped (NaN/inf) updates, mostly-unscorable batches, batches a filter emptied
-    (``empty_batch``) and steps of collapsed reward spread (``reward_std_collapse_ratio``; ``guards`` in the config);
-    once one reaches its limit, ``check`` returns the message that stops the run (with what to try)."""
+    (``empty_batch``) and steps of collapsed reward spread (``reward_std_collapse_ratio``; ``guards`` in the config),
+    and watches the sampler/trainer mismatch (``logp_mismatch``) for a jump; once one reaches its limit, ``check``
+    returns the message that stops the run (with what to try)."""
 
     def __init__(self, cfg, stage: str):
         self.cfg, self.stage = cfg, stage
@@ -40,6 +41,7 @@ class Guards:
         self.unscorable = 0  # consecutive steps with most rows unscorable
         self.empty = 0  # consecutive steps whose filters left no row to train
         self.collapsed = 0  # consecutive steps with the in-group reward std collapsed
+        self.mismatch: list[float] = []  # the stage's logp_mismatch so far, for the jump rule
 
     def check(self, step: int, metrics: dict) -> str | None:
         """Update the streaks from the step's ``metrics`` (marking a skipped update there); the stop message or None."""
@@ -54,6 +56,9 @@ class Guards:
         ratio = metrics.get("reward_std_collapse_ratio")
         self.collapsed = self.collapsed + 1 if ratio is not None and ratio < self.cfg.std_collapse_ratio else 0
         stage = self.stage
+        jump = self.mismatch_jump(step, metrics.get("logp_mismatch"))
+        if jump:
+            return jump
         if self.nonfinite >= self.cfg.max_consecutive_nonfinite:
             return (f"{stage} step {step}: the loss or gradient was NaN/inf for {self.nonfinite} consecutive "
                     f"steps, so those updates were skipped and the run stopped (the last checkpoint is intact). Try: a "
@@ -75,6 +80,26 @@ class Guards:
                     f"collapse stop): the groups no longer carry a learning signal. The last checkpoint is intact; "
                     f"set guards.max_std_collapse_steps: 0 to train on.")
         return None
+
+    def mismatch_jump(self, step: int, mismatch: float | None) -> str | None:
+        """The stop message when this step's mismatch is above ``guards.mismatch_floor`` and ``guards.mismatch_jump``
+        × the median of the stage's earlier steps (at least 3), else None. A sampler that holds its own weights and
+        misses a push samples from an older policy: its log-probs part from the trainer's at once, by far more than
+        the steady gap of kernels and precision."""
+        if mismatch is None or not self.cfg.mismatch_jump:
+            return None
+        history, self.mismatch = self.mismatch, self.mismatch + [mismatch]
+        if len(history) < 3 or mismatch <= self.cfg.mismatch_floor:
+            return None
+        median = sorted(history)[(len(history) - 1) // 2]
+        if mismatch <= self.cfg.mismatch_jump * median:
+            return None
+        return (f"{self.stage} step {step}: the sampler/trainer log-prob mismatch jumped to {mismatch:.4g} nats a token, "
+                f"{mismatch / max(median, 1e-30):.3g}× the median of the stage's earlier steps ({median:.3g}): the "
+                f"sampler is most likely drawing from stale weights (a weight push that did not happen or did not "
+                f"reach the engine), so the update would train on another policy's samples. The run stopped; the last "
+                f"checkpoint is intact. Check the sampler backend's weight sync (sampling.backend), or raise "
+                f"guards.mismatch_floor if the gap is expected (guards.mismatch_jump: 0 turns the guard off).")
 
 
 def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
