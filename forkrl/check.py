@@ -106,14 +106,22 @@ def _pad(batch: Rollouts, extra: int) -> Rollouts:
                     batch.group_N, batch.problem_N, batch.truncated_N)
 
 
-def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, totals, inject: str, world: int,
-                   adv_N, old_NT, ref_NT, gate_NT=None, base=None, echo=None) -> torch.Tensor:
+def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, **kw) -> torch.Tensor:
+    """One simulated rank's gradient, flat (``_accumulate``)."""
+    _accumulate(model, batch, trainer, cfg, **kw)
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in model.parameters() if p.requires_grad])
+
+
+def _accumulate(model, batch, trainer: str, cfg: RunCfg, *, micro: int, totals, inject: str, world: int,
+                adv_N, old_NT, ref_NT, gate_NT=None, base=None, echo=None, plan=None) -> None:
+    """Accumulate one rank's share of the step's gradient into ``model``'s ``.grad``, as its trainer does."""
     from .forward import ModelForward
     from .trainers.fork import fork_update
     from .trainers.grpo import policy_update
     from .trainers.sft import sft_step
 
-    plan = FAULTS[inject]
+    plan = plan or FAULTS[inject]
     model.zero_grad(set_to_none=True)
     if trainer == "sft":
         sft_step(model, batch, reduction=cfg.sft.reduction, t_max=cfg.sft.t_max or 40, micro_batch_size=micro,
@@ -125,8 +133,6 @@ def _rank_gradient(model, batch, trainer: str, cfg: RunCfg, *, micro: int, total
         gcfg = cfg.grpo.model_copy(update={"micro_batch_size": micro})
         policy_update(ModelForward(model), batch, adv_N, old_NT, ref_NT, gcfg, temperature=cfg.sampling.temperature,
                       t_max=cfg.grpo.t_max or 40, totals=totals, plan=plan, world_size=world, echo=echo)
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                      for p in model.parameters() if p.requires_grad])
 
 
 def step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, *, micro: int, world: int, inject: str,
@@ -299,16 +305,38 @@ def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow
 
 
 def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, dist, *, micro: int, inject: str,
-                              adv_N, old_NT, ref_NT) -> torch.Tensor:
-    """The same gradient on real processes: this rank's shard, the all-reduced totals, summed gradients."""
+                              adv_N, old_NT, ref_NT, strategy: str = "ddp", uneven: bool = False,
+                              base=None, gate_NT=None) -> torch.Tensor:
+    """The same gradient on real processes: this rank's shard, the all-reduced totals, summed gradients (``ddp``), or
+    the model sharded with FSDP2 and its gradient gathered whole (``fsdp2``). ``uneven``: rank 0 takes two thirds of
+    the rows, so the ranks run different numbers of micro-batches (FSDP2's lockstep pads the others)."""
     from .trainers.accumulate import global_totals
+    from .trainers.fork import step_counts
 
-    idx = torch.arange(batch.num_rows)[dist.shard(batch.num_rows, "rows")]
+    n = batch.num_rows
+    if uneven:
+        cut = 2 * n // 3 if dist.world_size == 2 else None
+        idx = torch.arange(0, cut) if dist.rank == 0 else torch.arange(cut, n)
+    else:
+        idx = torch.arange(n)[dist.shard(n, "rows")]
     shard = batch.select(idx)
     t = shard.input_ids_NL.shape[1] - 1
-    totals = global_totals(shard.completion_mask_NL, dist)
-    _rank_gradient(model, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=dist.world_size,
-                   adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t])
-    params = [p for p in model.parameters() if p.requires_grad]
-    dist.sum_gradients(params)
-    return torch.cat([p.grad.flatten() for p in params])
+    if trainer == "fork":
+        totals = step_counts(gate_NT, batch.completion_mask_NL[:, 1:])  # every rank holds the whole step
+    else:
+        totals = global_totals(shard.completion_mask_NL, dist)
+    plan, trained, sharded = FAULTS[inject], model, None
+    if strategy == "fsdp2":
+        from .sharding import Lockstep, Sharded
+
+        sharded = Sharded(model, dist)
+        plan, trained = Lockstep(dist), sharded.module
+    _accumulate(trained, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=dist.world_size,
+                   adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t],
+                   gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base, plan=plan)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    if sharded is None:
+        dist.sum_gradients(params)
+        return torch.cat([p.grad.flatten() for p in params])
+    sharded.finish_gradients(params)
+    return torch.cat([p.grad.full_tensor().flatten() for p in params])

@@ -106,6 +106,9 @@ class ModelCfg(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     trust_remote_code: bool = False
     lora: LoraCfg = LoraCfg()
+    # recompute each decoder layer's activations in the backward instead of keeping them (less memory, ~1/3 more
+    # compute): the trained model only; sampling and no-grad passes are unchanged
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -428,6 +431,24 @@ class GuardsCfg(Strict):
     mismatch_floor: Annotated[float, Field(gt=0.0)] = 0.02
 
 
+class DistributedCfg(Strict):
+    """How a run under torchrun (several processes) trains. ``ddp``: every rank holds the whole model, gradients are
+    summed once a step. ``fsdp2``: torch's ``fully_shard`` shards the trained parameters, their gradients and the
+    optimizer state across ranks (``forkrl.sharding``); every rank keeps one full copy of the weights for sampling
+    and no-grad passes, refreshed after each optimizer step. One process trains unsharded either way."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    # fsdp2: forward and backward in bf16 with the gradients reduced and the sharded weights kept in float32
+    mixed_precision: Literal["none", "bf16"] = "none"
+
+    @model_validator(mode="after")
+    def _fsdp2_only(self):
+        if self.mixed_precision != "none" and self.strategy != "fsdp2":
+            raise ValueError("distributed.mixed_precision is FSDP2's policy: set distributed.strategy: fsdp2, or "
+                             "model.dtype: bfloat16 to train in bf16 without it")
+        return self
+
+
 class DebugCfg(Strict):
     # Fault injection of the two historical accumulation bugs (METHODS §1), for `forkrl check` and tests.
     inject: Fault = "none"
@@ -475,6 +496,7 @@ class RunCfg(Strict):
     eval: EvalCfg = EvalCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     guards: GuardsCfg = GuardsCfg()
+    distributed: DistributedCfg = DistributedCfg()
     debug: DebugCfg = DebugCfg()
     log_every: Pos = 1
     # experiment trackers each optimizer step's metrics line also goes to (forkrl.tracking; optional extras)
@@ -532,12 +554,29 @@ class RunCfg(Strict):
                                  "played turn by turn (leave grpo.tree unset)")
             if stage.kind == "grpo" and stage.cfg.grpo.explore.mode != "off" and self.task.type != "env":
                 raise ValueError(f"{where}.explore: exploration episodes need an env task (task.type: env)")
+        if self.distributed.strategy == "fsdp2":
+            self._fsdp2_rules()
         if self.task.type == "env" and "dpo" in self.stage_kinds:
             raise ValueError("stages: the dpo stage is single-turn (pairs of completions of one prompt); an env task "
                              "(task.type: env) trains with sft and grpo stages")
         if self.task.type == "env" and "fork" in self.stage_kinds:
             raise ValueError("stages: the fork stage is single-turn (it contrasts completions at fork tokens of one "
                              "prompt); an env task (task.type: env) trains with sft and grpo stages")
+
+    def _fsdp2_rules(self) -> None:
+        """What FSDP2 does not run yet, refused at load rather than deadlocked at the first step."""
+        for stage in self.stage_plan:
+            if stage.kind == "dpo" or (stage.kind == "grpo" and stage.cfg.grpo.tree is not None):
+                what = "the dpo stage" if stage.kind == "dpo" else f"stage {stage.name!r}: grpo.tree"
+                raise ValueError(f"distributed.strategy: fsdp2 does not run {what} yet (its update is not routed "
+                                 "through the sharded model); use distributed.strategy: ddp for it")
+        if self.distributed.mixed_precision == "bf16" and self.model.dtype != "float32":
+            raise ValueError(f"distributed.mixed_precision: bf16 computes in bf16 from float32 weights, which are what "
+                             f"the optimizer steps and checkpoints keep; model.dtype is {self.model.dtype!r}: set "
+                             "model.dtype: float32")
+        if self.debug.inject != "none":
+            raise ValueError("debug.inject runs the accumulation bugs of forkrl check on one process or under ddp; "
+                             "set distributed.strategy: ddp")
 
     @property
     def stage_plan(self) -> list[StagePlan]:

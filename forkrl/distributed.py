@@ -47,6 +47,12 @@ class Dist:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            t = t.clone()
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
         if not self.enabled:

@@ -57,6 +57,13 @@ class StageContext:
     resume_from: Path | None
     dist: Dist
     plan: Plan
+    sharded: object | None = None  # under distributed.strategy fsdp2: the ``sharding.Sharded`` trained model
+
+    @property
+    def train_model(self) -> torch.nn.Module:
+        """The model the stage's forward/backward passes and optimizer run on: ``model`` itself, or under FSDP2 its
+        sharded twin (``model`` then being the full copy everything else reads, refreshed after each step)."""
+        return self.model if self.sharded is None else self.sharded.module
 
     def encode_prompt(self, prompt: str, *, where: str = "a prompt") -> list[int]:
         return encode_prompt(self.cfg, self.tokenizer, self.task, self.model, prompt, where=where)
@@ -212,6 +219,8 @@ def load_stage_model(cfg: RunCfg, init_path: Path, resume_from: Path | None, sta
         else:
             model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    if cfg.model.gradient_checkpointing:  # non-reentrant: the reentrant kind needs inputs that require grad (LoRA)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tokenizer, device
 
 
@@ -396,8 +405,13 @@ def run(cfg: RunCfg, run_dir: Path, *, resume: bool = False, init_path: Path | N
         with _on_full_disk(stage_dir):
             resume_from = checkpoint.latest(stage_dir / "checkpoints") if resume else None
             model, tokenizer, device = load_stage_model(stage.cfg, init, resume_from, stage.kind)
+            plan, sharded = FAULTS[cfg.debug.inject], None
+            if cfg.distributed.strategy == "fsdp2" and dist.enabled:
+                from .sharding import Lockstep, Sharded
+
+                plan, sharded = Lockstep(dist), Sharded(model, dist, mixed_precision=cfg.distributed.mixed_precision)
             ctx = StageContext(stage.cfg, stage.kind, stage_dir, run_dir, init, model, tokenizer, task, device,
-                               resume_from, dist, FAULTS[cfg.debug.inject])
+                               resume_from, dist, plan, sharded)
             t0 = time.time()
             result = STAGES[stage.kind](ctx)
             result = {"wall_s": round(time.time() - t0, 2), **result}

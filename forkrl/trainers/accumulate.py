@@ -53,6 +53,7 @@ class Plan:
 
     name = "exact"
     exact = True
+    lockstep = None  # under FSDP2, the ``Dist`` whose ranks must run equal forward/backward counts (``sharding``)
 
     def runs(self, index: int) -> bool:
         return True
@@ -69,8 +70,18 @@ EXACT = Plan()
 def accumulate(micro: list[Part], loss: StepLoss, totals: Totals, *, plan: Plan = EXACT,
                world_size: int = 1) -> dict[str, torch.Tensor]:
     """Backpropagate each micro-batch's loss into the parameters' ``.grad``; returns the step's summed loss and
-    statistics (float64, on the CPU). ``totals``: the whole step's denominators over every rank."""
+    statistics (float64, on the CPU). ``totals``: the whole step's denominators over every rank.
+
+    Under a lockstep plan (FSDP2) every micro-batch gets a backward, and a rank with fewer than the busiest rank's
+    count runs zero-weight ones (the loss of its first row times 0: a zero gradient, no statistics) to match."""
     sums = {"loss": torch.zeros((), dtype=torch.float64)}
+    padding = 0
+    if plan.lockstep is not None:
+        micro = [Part(p.rows_N) for p in micro]
+        padding = int(plan.lockstep.all_reduce_max(torch.tensor(float(len(micro))))) - len(micro)
+    for _ in range(padding):
+        value, _ = loss(micro[0].rows_N[:1] if micro else torch.zeros(1, dtype=torch.long), totals)
+        (0.0 * value).backward()
     for i, part in enumerate(micro):
         if not plan.runs(i):
             continue

@@ -200,7 +200,7 @@ def train_fork(ctx) -> dict:
     loop = StageLoop(ctx, steps=total, optim=cfg.optim, eval_every=cfg.eval_every)
     mask_NT = data.rollouts.completion_mask_NL[:, 1:]
     ref_NTV = base_logits(base, data.rollouts, cfg.micro_batch_size)
-    ctx.model.train()
+    ctx.train_model.train()
     adv_base_N, ess = adv_N, None
     for step in loop.steps():
         t0 = time.time()
@@ -216,7 +216,7 @@ def train_fork(ctx) -> dict:
         rows = torch.tensor(order[j * cfg.batch_size : (j + 1) * cfg.batch_size])
         totals = step_counts(gate_NT[rows], mask_NT[rows])  # every rank holds the whole step: no all-reduce
         mine = rows[dist.rank :: dist.world_size]
-        sums = fork_update(ctx.model, base, data.select(mine).rollouts, adv_N[mine], gate_NT[mine],
+        sums = fork_update(ctx.train_model, base, data.select(mine).rollouts, adv_N[mine], gate_NT[mine],
                            kl_coef=cfg.kl_coef, micro_batch_size=cfg.micro_batch_size, totals=totals,
                            neg_floor=cfg.neg_floor, plan=ctx.plan, world_size=dist.world_size,
                            ref_logits_NTV=None if ref_NTV is None else ref_NTV[mine])

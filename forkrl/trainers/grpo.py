@@ -133,7 +133,7 @@ def policy_update(policy, batch: Rollouts, adv_N, old_logp_NT, ref_logp_NT, cfg,
     loss = GrpoStepLoss(policy, batch, adv_N, old_logp_NT, ref_logp_NT, temperature=temperature,
                         entropy="grad" if cfg.entropy_coef > 0 else "metric", t_max=t_max, terms=terms, echo=echo)
     idle_R = torch.zeros(len(rows_N), dtype=torch.bool)
-    if plan.exact and cfg.skip_zero_advantage and zero_advantage_rows_vanish(
+    if plan.exact and plan.lockstep is None and cfg.skip_zero_advantage and zero_advantage_rows_vanish(
             objective=cfg.objective, kl_coef=terms["kl_coef"], entropy_coef=cfg.entropy_coef,
             echo_coef=echo.coef if echo is not None else 0.0):
         idle_R = (adv_N[rows_N] == 0).cpu()
@@ -162,10 +162,11 @@ def train_grpo(ctx) -> dict:
     if cfg.kl.active and not lora:
         ref_model = load_model(str(ctx.init_path), dtype=next(ctx.model.parameters()).dtype).to(ctx.device).eval()
     multi_turn = getattr(ctx.task, "multi_turn", False)
-    # an episode's row is assembled from many decodes, so there is no single decode to replay: the model's forward
+    # an episode's row is assembled from many decodes, so there is no single decode to replay: the model's forward;
+    # under FSDP2 the decode ran on the full copy, and the update must differentiate the sharded model
     sampler = make_sampler(run_cfg.sampling, ctx.model, ctx.tokenizer, ctx.device,
-                           record=not multi_turn and cfg.tree is None)
-    policy = make_forward(ctx.model, sampler)
+                           record=not multi_turn and cfg.tree is None and ctx.sharded is None)
+    policy = make_forward(ctx.train_model, sampler)
     source = EpisodeSource(ctx) if multi_turn else PromptSource(ctx)
     heldout = HeldoutEpisodes(ctx, sampler, source.codec) if multi_turn else None
     loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every,

@@ -105,6 +105,8 @@ class Guards:
 def maybe_checkpoint(ctx, step: int, total: int, opt, sched) -> None:
     every = ctx.cfg.checkpoint.every
     if (every and step % every == 0) or step == total:
+        if ctx.sharded is not None:  # the optimizer's shards gathered (a collective: every rank); rank 0 writes them
+            opt = ctx.sharded.optimizer(opt).gather()
         if ctx.dist.is_main:  # ranks hold identical weights and optimizer state: one copy is the checkpoint
             checkpoint.save(ctx.stage_dir / "checkpoints", step, ctx.model, opt, sched, {},
                             keep_last=ctx.cfg.checkpoint.keep_last)
@@ -124,9 +126,10 @@ class StageLoop:
     def __init__(self, ctx, *, steps: int, optim, eval_every: int, schedule_steps: int | None = None,
                  samplers: tuple = ()):
         self.ctx, self.total, self.eval_every, self.grad_clip = ctx, steps, eval_every, optim.grad_clip
-        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        self.params = [p for p in ctx.train_model.parameters() if p.requires_grad]
         self.opt, self.sched = make_optimizer(self.params, optim, schedule_steps or steps)
-        state = checkpoint.load_trainer_state(ctx.resume_from, self.opt, self.sched) if ctx.resume_from else {"step": 0}
+        opt = self.opt if ctx.sharded is None else ctx.sharded.optimizer(self.opt)
+        state = checkpoint.load_trainer_state(ctx.resume_from, opt, self.sched) if ctx.resume_from else {"step": 0}
         self.start = state["step"]
         main, stage = ctx.dist.is_main, ctx.stage_dir.name
         if main:  # a missing tracker package is an error before this stage writes anything
@@ -152,9 +155,16 @@ class StageLoop:
 
     def optimizer_step(self) -> float:
         """Sum the ranks' gradients, clip, step (skipped on a NaN/inf gradient), tell the samplers; returns the
-        gradient norm before clipping."""
-        self.ctx.dist.sum_gradients(self.params)
-        norm = clip_and_step(self.ctx.model, self.opt, self.sched, self.grad_clip)
+        gradient norm before clipping. Under FSDP2 the sharded step's weights are gathered into the full copy the
+        samplers read first."""
+        sharded = self.ctx.sharded
+        if sharded is None:
+            self.ctx.dist.sum_gradients(self.params)
+        else:
+            sharded.finish_gradients(self.params)
+        norm = clip_and_step(self.ctx.train_model, self.opt, self.sched, self.grad_clip)
+        if sharded is not None:
+            sharded.pull()
         for sampler in self.samplers:
             sampler.sync_weights()
         return norm

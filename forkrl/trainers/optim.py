@@ -42,7 +42,8 @@ def clip_and_step(model, opt, sched, grad_clip: float | None) -> float:
     A NaN or inf gradient (from a NaN/inf loss too) skips the update: no optimizer or scheduler step,
     the gradient is dropped, and the returned norm is not finite so the loop's guards can count it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor's under FSDP2
     if math.isfinite(norm):
         opt.step()
         sched.step()

@@ -113,7 +113,7 @@ def train_sft(ctx) -> dict:
         order = curriculum.curriculum_order(ppl, cfg.order)
     loop = StageLoop(ctx, steps=cfg.steps, optim=cfg.optim, eval_every=cfg.eval_every)
     shard = dist.shard(cfg.batch_size, "sft.batch_size")
-    ctx.model.train()
+    ctx.train_model.train()
     for step in loop.steps():
         t0 = time.time()
         step_rows = (curriculum.ordered_indices(order, cfg.batch_size, step - 1) if order is not None else
@@ -121,7 +121,7 @@ def train_sft(ctx) -> dict:
         rows = step_rows[shard]
         batch = batch_of([examples[i] for i in rows])
         totals = global_totals(batch.completion_mask_NL, dist)
-        loss = sft_step(ctx.model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size,
+        loss = sft_step(ctx.train_model, batch, reduction=cfg.reduction, t_max=t_max, micro_batch_size=cfg.micro_batch_size,
                         totals=totals, plan=ctx.plan, world_size=dist.world_size)
         grad_norm = loop.optimizer_step()
         dt = time.time() - t0
