@@ -142,8 +142,20 @@ def _auto(cfg, model, tokenizer, device, record):
     return _hf(cfg, model, tokenizer, device, record)
 
 
+def _static(cfg, model, tokenizer, device, record):
+    """The model's forward over a static KV cache, its one-token step compiled on CUDA (``sampling/static.py``): the
+    CUDA candidate, not yet measured on a GPU, so ``auto`` does not take it."""
+    from .static import StaticSampler, static_unsupported
+
+    why = static_unsupported(model)
+    if why is not None:
+        raise SamplerError(f"'static' cannot run this model: {why}; use 'hf'")
+    return StaticSampler(model, tokenizer, batch_size=cfg.batch_size)
+
+
 SAMPLERS = {
     "auto": _auto,
     "hf": _hf,
     "fused": _fused,
+    "static": _static,
 }
