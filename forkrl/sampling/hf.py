@@ -13,8 +13,11 @@ from .decode import EngineSampler
 
 class HFEngine:
     def __init__(self, model):
+        from .static import cache_kwarg
+
         self.model, self.device = model, next(model.parameters()).device
         self.cache = self.mask = None
+        self.cache_kw = cache_kwarg(model)  # ``cache`` in newer transformers, ``past_key_values`` before
 
     def prefill(self, ids_BW: torch.Tensor, attn_BW: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         pos = (attn_BW.cumsum(-1) - 1).masked_fill_(attn_BW == 0, 0)
@@ -27,8 +30,8 @@ class HFEngine:
         return self._forward(token_B[:, None], pos_B[:, None])
 
     def _forward(self, ids, pos):
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: self.cache})
         self.cache = out.past_key_values
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
