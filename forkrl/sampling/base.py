@@ -142,8 +142,17 @@ def _auto(cfg, model, tokenizer, device, record):
     return _hf(cfg, model, tokenizer, device, record)
 
 
+def _vllm(cfg, model, tokenizer, device, record):
+    """vLLM, one engine colocated in the process (``forkrl.sampling.vllm``; the optional extra ``forkrl[vllm]``,
+    GPU machines only, experimental). Imported here, on use, so nothing else ever needs vLLM."""
+    from .vllm import make_vllm_sampler
+
+    return make_vllm_sampler(cfg, model, tokenizer)
+
+
 SAMPLERS = {
     "auto": _auto,
     "hf": _hf,
     "fused": _fused,
+    "vllm": _vllm,
 }
