@@ -18,7 +18,8 @@ import re
 from typing import Annotated, Any, Literal, NamedTuple, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from .algos.advantages import ADVANTAGES
 from .algos.filters import FILTERS
@@ -121,6 +122,25 @@ class ModelCfg(Strict):
 TaskCfg = Annotated[Union[tuple(TASKS.values())], Field(discriminator="type")]
 
 
+class VllmCfg(Strict):
+    """The vLLM backend's engine (``sampling.backend: vllm``, ``forkrl.sampling.vllm``; experimental): one colocated
+    engine per process, sharing the GPU with training."""
+
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # the GPU share the engine may take
+    # 1: between samplings the engine's weights go to CPU memory and its KV cache is freed; 0: it stays awake
+    sleep_level: NonNeg = 1
+    enable_prefix_caching: bool = True  # a group's G rows share their prompt's KV cache
+    max_model_len: Pos | None = None  # default: the model's own context length
+
+    @field_validator("sleep_level")
+    @classmethod
+    def _safe_level(cls, level: int) -> int:
+        if level > 1:
+            raise ValueError(f"sleep level {level}: level 2 discards the weights and has been reported to corrupt "
+                             "outputs after waking; use 1 (weights kept in CPU memory) or 0 (no sleep)")
+        return level
+
+
 class SamplingCfg(Strict):
     temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     top_p: Prob = 1.0
@@ -132,6 +152,7 @@ class SamplingCfg(Strict):
     # the fused backend keeps the record of each decode the GRPO update trains on, and the update replays it
     # instead of running the model's forward again (same log-probs and gradients to float rounding)
     replay: bool = True
+    vllm: VllmCfg = VllmCfg()  # backend vllm's engine
 
 
 class OptimCfg(Strict):
@@ -556,6 +577,7 @@ class RunCfg(Strict):
                 raise ValueError(f"{where}.explore: exploration episodes need an env task (task.type: env)")
         if self.distributed.strategy == "fsdp2":
             self._fsdp2_rules()
+        self._vllm_rules()
         if self.task.type == "env" and "dpo" in self.stage_kinds:
             raise ValueError("stages: the dpo stage is single-turn (pairs of completions of one prompt); an env task "
                              "(task.type: env) trains with sft and grpo stages")
@@ -577,6 +599,29 @@ class RunCfg(Strict):
         if self.debug.inject != "none":
             raise ValueError("debug.inject runs the accumulation bugs of forkrl check on one process or under ddp; "
                              "set distributed.strategy: ddp")
+
+    def _vllm_rules(self) -> None:
+        """vLLM's log-probs under top-p / top-k are those of the truncated, renormalised distribution (its
+        ``processed_logprobs``), not the tempered policy's that the trainers recompute: GRPO's ratio and the fork
+        stage's importance weights would be biased on every token. Refused for the stages that sample to train
+        (grpo, dpo) and for fork.reweight; evaluation alone may truncate."""
+        s = self.sampling
+        if s.backend != "vllm":
+            return
+        trains = [k for k in ("grpo", "dpo") if k in self.stage_kinds]
+        cut = [f"sampling.{k} is {v}" for k, v, on in (("top_p", s.top_p, s.top_p < 1), ("top_k", s.top_k, s.top_k > 0))
+               if on]
+        if trains and cut:
+            raise ValueError(f"{' and '.join(cut)} with sampling.backend: vllm and a {' and a '.join(trains)} stage: "
+                             "vLLM returns the log-probs of the truncated distribution, not the policy's, which biases "
+                             "the policy ratio on every token. Set sampling.top_p: 1.0 and sampling.top_k: 0 (or use "
+                             "sampling.backend: hf)")
+        for stage in self.stage_plan:
+            fork = stage.cfg.fork
+            if stage.kind == "fork" and fork.reweight and fork.top_p < 1:
+                raise ValueError(f"fork.top_p is {fork.top_p} with fork.reweight and sampling.backend: vllm: the "
+                                 "importance weights would use the truncated distribution's log-probs. Set "
+                                 "fork.top_p: 1.0, turn fork.reweight off, or use sampling.backend: hf")
 
     @property
     def stage_plan(self) -> list[StagePlan]:

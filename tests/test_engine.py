@@ -104,8 +104,8 @@ def test_the_auto_backend_falls_back_to_hf_and_says_why():
         with pytest.raises(ConfigError, match=f"sampling.backend: 'fused'.*{why}"):
             backend("fused", other)
     assert "float32" in fast_unsupported(model.to(torch.bfloat16))
-    with pytest.raises(ValueError, match="unknown sampler backend 'vllm'; valid: 'auto', 'hf', 'fused'"):
-        SamplingCfg(backend="vllm")
+    with pytest.raises(ValueError, match="unknown sampler backend 'sglang'; valid: 'auto', 'hf', 'fused', 'vllm'"):
+        SamplingCfg(backend="sglang")
 
 
 def test_sampler_engines_draw_the_same_rows(tiny_model_dir):

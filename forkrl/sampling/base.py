@@ -153,9 +153,18 @@ def _static(cfg, model, tokenizer, device, record):
     return StaticSampler(model, tokenizer, batch_size=cfg.batch_size)
 
 
+def _vllm(cfg, model, tokenizer, device, record):
+    """vLLM, one engine colocated in the process (``forkrl.sampling.vllm``; the optional extra ``forkrl[vllm]``,
+    GPU machines only, experimental). Imported here, on use, so nothing else ever needs vLLM."""
+    from .vllm import make_vllm_sampler
+
+    return make_vllm_sampler(cfg, model, tokenizer)
+
+
 SAMPLERS = {
     "auto": _auto,
     "hf": _hf,
     "fused": _fused,
     "static": _static,
+    "vllm": _vllm,
 }
