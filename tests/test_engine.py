@@ -104,7 +104,7 @@ def test_the_auto_backend_falls_back_to_hf_and_says_why():
         with pytest.raises(ConfigError, match=f"sampling.backend: 'fused'.*{why}"):
             backend("fused", other)
     assert "float32" in fast_unsupported(model.to(torch.bfloat16))
-    with pytest.raises(ValueError, match="unknown sampler backend 'sglang'; valid: 'auto', 'hf', 'fused', 'vllm'"):
+    with pytest.raises(ValueError, match="unknown sampler backend 'sglang'; valid: 'auto', 'hf', 'fused', 'static', 'vllm'"):
         SamplingCfg(backend="sglang")
 
 
