@@ -562,6 +562,9 @@ def main() -> None:
                          "threads (another training job)")
     ap.add_argument("--profile", help="write a cProfile of each worker's whole run into this directory")
     ap.add_argument("--skip-losscheck", action="store_true")
+    ap.add_argument("--libs", choices=("forkrl,trl", "forkrl"), default="forkrl,trl",
+                    help="forkrl alone where TRL is not installed (a GPU machine without a package registry): its "
+                         "step, MFU and floors, no ratio")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", choices=("forkrl", "trl", "losscheck"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -591,11 +594,11 @@ def main() -> None:
         busy = [subprocess.Popen([sys.executable, "-c", BUSY[args.contend_with]]) for _ in range(args.contend)]
         try:
             gflops_before = matmul_gflops(device, dtype)
-            runs = {"forkrl": [], "trl": []}
+            runs = {lib: [] for lib in args.libs.split(",")}
             for _ in range(args.rounds):
                 for lib in runs:
                     runs[lib].append(spawn(lib, spec, spec_path, work))
-            losses = None if args.skip_losscheck else spawn("losscheck", spec, spec_path, work)
+            losses = None if args.skip_losscheck or "trl" not in runs else spawn("losscheck", spec, spec_path, work)
             gflops_after = matmul_gflops(device, dtype)
         finally:
             for proc in busy:
@@ -606,7 +609,7 @@ def main() -> None:
     # one reference for both: the same model's batched forward, the median over every worker's measurement
     forward_tps = statistics.median(r["forward_tokens_per_s"] for rs in runs.values() for r in rs)
     results = {lib: summarize(r, args.warmup, peak, forward_tps, rows) for lib, r in runs.items()}
-    results["ratio"] = results["trl"]["s_per_step"] / results["forkrl"]["s_per_step"]
+    results["ratio"] = results["trl"]["s_per_step"] / results["forkrl"]["s_per_step"] if "trl" in results else None
     results["first_step_losses_same_batch"] = losses
     results["setup"] = {"config": "tiny" if args.tiny else args.config, "prompts": base["prompts"],
                         "group": base["group"], "max_new_tokens": base["max_new_tokens"], "steps": args.steps,
@@ -649,16 +652,17 @@ def print_table(r: dict) -> None:
     if "peak_gpu_mb" in r["forkrl"]:
         cols.insert(-1, ("GPU MB", "peak_gpu_mb", ".0f"))
     print(f"  {'':<8}" + "".join(f"{c:>13}" for c, _, _ in cols))
-    for lib in ("forkrl", "trl"):
+    libs = [lib for lib in ("forkrl", "trl") if lib in r]
+    for lib in libs:
         print(f"  {lib:<8}" + "".join(f"{r[lib][k]:>13{f}}" for _, k, f in cols))
-    print(f"  TRL s/step ÷ forkrl s/step = {r['ratio']:.2f}")
-    f = r["forkrl"]
+    f, trl = r["forkrl"], r.get("trl")
+    print(f"  TRL s/step ÷ forkrl s/step = {r['ratio']:.2f}" if trl else "  TRL not run (--libs forkrl): no ratio")
     print(f"  floor at the matmul peak (2·P·tokens sampling + 6·P·tokens training, no attention or optimizer): "
-          f"{f['floor_s']:.3f} s/step ({f['floor_sample_s']:.3f} + {f['floor_train_s']:.3f}); "
-          f"TRL's step ÷ floor = {r['trl']['s_per_step'] / f['floor_s']:.2f}")
+          f"{f['floor_s']:.3f} s/step ({f['floor_sample_s']:.3f} + {f['floor_train_s']:.3f})"
+          + (f"; TRL's step ÷ floor = {trl['s_per_step'] / f['floor_s']:.2f}" if trl else ""))
     print(f"  floor at the step's own shapes (its matmuls alone, timed: {s['prompts'] * s['group']}-row decode steps, "
           f"unpadded training tokens): {f['shape_floor_s']:.3f} s/step ({f['shape_floor_sample_s']:.3f} + "
-          f"{f['shape_floor_train_s']:.3f}); half of TRL's step: {r['trl']['s_per_step'] / 2:.3f}")
+          f"{f['shape_floor_train_s']:.3f})" + (f"; half of TRL's step: {trl['s_per_step'] / 2:.3f}" if trl else ""))
     lc = r["first_step_losses_same_batch"]
     if lc:
         print(f"  first-step loss on the same batch (probe reward): forkrl {lc['forkrl']['loss']:.8g} "
@@ -666,8 +670,7 @@ def print_table(r: dict) -> None:
               f"(grad norm {lc['trl']['grad_norm']:.8g}); |Δ loss| {lc['abs_diff']:.2e}, "
               f"grad norm rel. diff {lc['grad_norm_rel_diff']:.2e}")
     print(f"  first-step loss as logged ({s['reward']} reward, each library's own samples): "
-          f"forkrl {r['forkrl']['first_step_loss_logged']}, "
-          f"TRL {r['trl']['first_step_loss_logged']}")
+          + ", ".join(f"{lib} {r[lib]['first_step_loss_logged']}" for lib in libs))
 
 
 if __name__ == "__main__":
