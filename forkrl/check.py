@@ -308,14 +308,16 @@ def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg,
                               adv_N, old_NT, ref_NT, strategy: str = "ddp", uneven: bool = False,
                               base=None, gate_NT=None) -> torch.Tensor:
     """The same gradient on real processes: this rank's shard, the all-reduced totals, summed gradients (``ddp``), or
-    the model sharded with FSDP2 and its gradient gathered whole (``fsdp2``). ``uneven``: rank 0 takes two thirds of
-    the rows, so the ranks run different numbers of micro-batches (FSDP2's lockstep pads the others)."""
+    the model sharded with FSDP2 and its gradient gathered whole (``fsdp2``). ``uneven`` (2 ranks): rank 0 takes two
+    thirds of the rows, so the ranks run different numbers of micro-batches (FSDP2's lockstep pads the other)."""
     from .trainers.accumulate import global_totals
     from .trainers.fork import step_counts
 
     n = batch.num_rows
     if uneven:
-        cut = 2 * n // 3 if dist.world_size == 2 else None
+        if dist.world_size != 2:
+            raise ValueError(f"uneven shards are laid out for 2 ranks, not {dist.world_size}")
+        cut = 2 * n // 3
         idx = torch.arange(0, cut) if dist.rank == 0 else torch.arange(cut, n)
     else:
         idx = torch.arange(n)[dist.shard(n, "rows")]
@@ -332,8 +334,8 @@ def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg,
         sharded = Sharded(model, dist)
         plan, trained = Lockstep(dist), sharded.module
     _accumulate(trained, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=dist.world_size,
-                   adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t],
-                   gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base, plan=plan)
+                adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t],
+                gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base, plan=plan)
     params = [p for p in trained.parameters() if p.requires_grad]
     if sharded is None:
         dist.sum_gradients(params)

@@ -92,7 +92,5 @@ class ShardedOptimizerState:
 class Lockstep(Plan):
     """The exact plan, with every rank running as many forward/backward passes as the busiest (module docstring)."""
 
-    name = "exact"
-
     def __init__(self, dist):
         self.lockstep = dist
