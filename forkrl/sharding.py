@@ -68,8 +68,9 @@ class Sharded:
 
 class ShardedOptimizerState:
     """The sharded optimizer's state as a checkpoint sees it: ``state_dict`` is the full state keyed by parameter
-    names (gathered on every rank, since gathering is a collective; rank 0 writes it), ``load_state_dict`` shards a
-    saved one back. Full, not per-rank, so a checkpoint is one file and reads back at another world size."""
+    names, gathered (a collective: every rank calls ``gather``) into rank 0's CPU memory, the rank that writes it;
+    ``load_state_dict`` shards rank 0's copy of a saved one back out to every rank. Full, not per-rank, so a
+    checkpoint is one file, and no GPU ever holds the whole optimizer state."""
 
     def __init__(self, module, opt):
         self.module, self.opt, self._full = module, opt, None
@@ -77,16 +78,20 @@ class ShardedOptimizerState:
     def gather(self) -> "ShardedOptimizerState":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        self._full = get_optimizer_state_dict(self.module, self.opt, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the other ranks get {}
+        self._full = get_optimizer_state_dict(self.module, self.opt, options=options)
         return self
 
     def state_dict(self) -> dict:
         return self._full
 
     def load_state_dict(self, state: dict) -> None:
+        import torch.distributed as tdist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.module, self.opt, state, options=StateDictOptions(full_state_dict=True))
+        state = state if tdist.get_rank() == 0 else {}  # rank 0's copy is the one sent
+        set_optimizer_state_dict(self.module, self.opt, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 class Lockstep(Plan):
