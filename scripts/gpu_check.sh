@@ -40,7 +40,10 @@ if [ $SMOKE = 1 ]; then
   SAMPLER_ARGS=(--size tiny --rows 4 --group 2 --new-tokens 6 --prompt-min 2 --prompt-max 12 --repeats 1 --threads 1
                 --cb-blocks 4)
   STEP_ARGS=(--tiny --steps 1 --warmup 0)
-  TRAIN_OVER='{"sft": {"steps": 3}, "grpo": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 16}, "eval": {"num_problems": 4}}'
+  TRAIN_OVER='{"model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+    "intermediate_size": 64}}, "task": {"train_size": 200, "heldout_size": 8}, "sampling": {"max_new_tokens": 12},
+    "sft": {"steps": 3, "batch_size": 8, "micro_batch_size": 8},
+    "grpo": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 16}, "eval": {"num_problems": 4}}'
 else
   DEVICE=cuda
   SAMPLER_ARGS=(--size 0.5b --rows 64 --new-tokens 256 --repeats 2)
