@@ -8,7 +8,8 @@ answers a_1 … a_G (``task.extract``); the most common answer is the group's *l
 Choices the paper leaves open, made here (``{name: majority}`` in ``grpo.rewards``; ``kwargs: {ties: none}``):
 
 * Answers are compared as the task extracts them, as exact strings: two forms of one value that differ as text
-  (``0.5`` and ``1/2``) are two candidates. TTRL's code compares with its math verifier instead.
+  (``0.5`` and ``1/2``) are two candidates. TTRL's code counts extracted strings for the label too, but then
+  rewards a row by its math verifier's verdict against the label, so an equivalent form there also scores 1.
 * An unparseable completion (``task.extract`` gives None or an empty string) casts no vote and scores 0. A group in
   which no completion parses has no label: every row scores 0, a zero-variance group that trains nothing.
 * Ties: ``ties: first`` (default, TTRL's ``Counter.most_common``): of the answers tied for most votes, the one that
@@ -136,7 +137,8 @@ def health(votes: Sequence[Vote], last: dict[str, str | None]) -> dict:
 class LabelWatch:
     """Each question's last label across a GRPO stage, for the flip rate, and ``RUN/majority.jsonl``: one line per
     group and step (question, label, whether it is right, the shares of the majority and of right rows), written
-    by rank 0 and cut back to the checkpoint on resume, so a resumed stage's flips equal an uninterrupted one's."""
+    by rank 0 and cut back to the checkpoint on resume, so a resumed stage's flips equal an uninterrupted one's.
+    Flat GRPO steps only: a stage with tree rollouts (``grpo.tree``) logs no label health."""
 
     def __init__(self, path: Path, stage: str, *, start: int, ties: str, enabled: bool):
         from ..trainers.metrics import stage_rows, truncate_metrics
