@@ -207,7 +207,7 @@ class RewardCfg(Strict):
     def _one_source(self):
         given = [k for k in ("name", "fn", "reward_model", "judge") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give a reward exactly one of name (a built-in: correct, format, random), fn (your "
+            raise ValueError(f"give a reward exactly one of name (a built-in: {', '.join(REWARDS)}), fn (your "
                              f"own: PATH.py:NAME, package.module:NAME, or an installed entry point), reward_model "
                              f"or judge; got {', '.join(given) or 'none'}")
         return self

@@ -70,6 +70,14 @@ class Dist:
         tdist.all_gather_object(every, sorted(set(names)))
         return sorted(set().union(*every))
 
+    def gather_objects(self, items: list) -> list:
+        """Every rank's ``items`` (picklable objects), concatenated in rank order."""
+        if not self.enabled:
+            return list(items)
+        every = [None] * self.world_size
+        tdist.all_gather_object(every, list(items))
+        return [x for part in every for x in part]
+
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (SUM) the accumulated gradients in one flat buffer; missing grads count as 0."""
         if not self.enabled:

@@ -46,3 +46,33 @@ def test_grpo_lr_control_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert [r["lr"] for r in runs] == [1e-4, 1e-9] and all(0 <= r["pass_at_1"] <= 1 for r in runs)
+
+
+def test_ttrl_smoke(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro/ttrl.py"), "--smoke", "--seeds", "0",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["split"], r["seed"]) for r in result["runs"]] == [("agree", 0), ("disagree", 0)]
+    assert [(r["split"], r["seed"]) for r in result["controls"]] == [("agree", 0), ("disagree", 0)]
+    assert all(0 <= r["pass_base"] <= 1 and 0 <= r["pass_tuned"] <= 1 for r in result["runs"])
+    assert all("ttrl_label_accuracy_last" in r for r in result["runs"])  # the trainer's label health came back
+    votes = (tmp_path / "runs" / "agree-s0" / "majority.jsonl").read_text().splitlines()
+    assert len(votes) == 2 * 2  # 2 steps × 2 questions a step
+    assert result["verdict"] == {"sharpening": "not measurable in miniature", "erasure": "not measurable in miniature"}
+    assert "smoke run: no result" in proc.stdout
+
+
+def test_spurious_smoke(tmp_path):
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro/spurious.py"), "--smoke", "--seeds", "0",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["arm"] for r in result["runs"]] == ["clip", "no_clip"] and list(result["table"]) == ["clip", "no_clip"]
+    assert result["table"]["no_clip"]["clip_frac"] == 0.0  # no clip: no token is ever clipped
+    assert all(0 <= r["modal_share"] <= 1 for r in result["runs"])
+    assert result["verdict"] == "not measurable in miniature" and "smoke run: no result" in proc.stdout

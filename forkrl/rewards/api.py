@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .builtin import REWARDS
+from .majority import TIES
 
 PARAMETERS = {
     "completion": "the completion's text",
@@ -292,6 +293,17 @@ def load(entries, task, *, where: str, timeout_s: float | None, device=None, run
                 raise RewardError(f"{at}: the 'format' reward needs a task that can tell whether a completion has "
                                   f"an answer, and task {getattr(task, 'name', task)!r} cannot; remove it or use "
                                   "'correct'")
+            if entry.name == "majority" and not hasattr(task, "extract"):
+                raise RewardError(f"{at}: the 'majority' reward votes with the answers the task extracts, and task "
+                                  f"{getattr(task, 'name', task)!r} has no extract(completion); use a task that "
+                                  "has one (arithmetic, jsonl, reasoning_gym)")
+            if entry.name == "majority" and entry.kwargs.get("ties", "first") not in TIES:
+                raise RewardError(f"{at}: kwargs.ties={entry.kwargs['ties']!r}; the majority vote's ties are "
+                                  f"{', '.join(TIES)}")
+            mode = getattr(fn, "mode", "row")  # a built-in's own: majority votes over a group
+            if "mode" in entry.model_fields_set and entry.mode != mode:
+                raise RewardError(f"{at}: the built-in {entry.name!r} is a {mode}-mode reward; remove mode: "
+                                  f"{entry.mode}")
         elif entry.fn is not None and entry.fn.startswith("python:"):
             if entry.fn not in GIVEN:
                 raise RewardError(f"{at}: {entry.fn!r} is a reward that was handed to forkrl.train as a Python "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from .majority import majority
+
 FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 
 
@@ -33,7 +35,18 @@ def format_ok(task, completion):
 
 
 def bernoulli(rng):
-    """Random Bernoulli(0.5) reward, the Spurious Rewards control (arXiv 2506.10947)."""
+    """R ~ Bernoulli(0.5), drawn from the row's seeded generator and independent of the completion: the Spurious
+    Rewards control (arXiv 2506.10947), ``{name: random}``, with ``grpo.clip: false`` as its other half.
+
+    Why it is a control: given the completions, a group's rewards are i.i.d. and exchangeable, so every row's GRPO
+    advantage has expectation 0 (the advantages sum to 0 and share one distribution), and the unclipped gradient
+    −Σ A_i·r_i·∇log π_i, taken at r = 1 (on-policy, the first of μ inner iterations), has expectation 0: nothing but
+    noise moves the model. Where ratios leave 1 (μ > 1, or the paper's mini-batches), the clipped objective drops the
+    gradient of a row whose ratio left [1 − ε_low, 1 + ε_high] in its advantage's direction; a token whose old
+    probability is high cannot reach the upper clip (r ≤ 1/π_old), a rare one can, so the expectation is no longer
+    0: the clipping bias toward the base's high-probability behaviour, to which the paper attributes the random
+    reward's +21.4 MATH-500 points on Qwen2.5-Math-7B (and its code reasoning rising from 65% to over 90% of answers).
+    tests/test_spurious.py derives both expectations by hand; benchmarks/repro/spurious.py runs the control."""
     return float(rng.random() < 0.5)
 
 
@@ -73,6 +86,7 @@ REWARDS = {
     "env_return": env_return,
     "format": format_ok,
     "random": bernoulli,
+    "majority": majority,
     "overlong": overlong,
     "code_tests": code_tests,
 }

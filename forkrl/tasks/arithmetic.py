@@ -145,6 +145,10 @@ class ArithmeticTask:
     def has_answer(self, completion: str) -> bool:
         return extract_answer(completion) is not None
 
+    def extract(self, completion: str) -> str | None:
+        """The completion's answer as ``score`` reads it (the last ``ans N``), or None: what the majority vote counts."""
+        return extract_answer(completion)
+
     def strategy(self, completion: str) -> str:
         """Canonical solution strategy of a completion (its first word), for diversity metrics."""
         head = completion.strip().split(" ", 1)[0]

@@ -363,6 +363,10 @@ class JsonlTask:
         """Whether ``score`` finds an answer in the completion at all, right or wrong (the ``format`` reward)."""
         return bool(extract_answer(completion, self.answer_pattern))
 
+    def extract(self, completion: str) -> str | None:
+        """The answer ``score`` would verify (stripped), or None when there is none: what the majority vote counts."""
+        return extract_answer(completion, self.answer_pattern) or None
+
     def demonstrations(self, split: Split) -> list[tuple[Problem, str]]:
         """Each problem with its completion field, else its chat row's trailing assistant message."""
         if split not in self.paths:

@@ -169,6 +169,13 @@ class ReasoningGymTask:
 
         return extract_answer(completion) is not None
 
+    def extract(self, completion: str) -> str | None:
+        """The last ``<answer>`` (stripped), as ``score`` reads it, or None: what the majority vote counts."""
+        from reasoning_gym.utils import extract_answer
+
+        answer = extract_answer(completion)
+        return (answer.strip() or None) if answer is not None else None
+
     def demonstrations(self, split: Split) -> list[tuple[Problem, str]]:
         raise TaskError(
             f"reasoning-gym dataset {self.dataset_name!r} has no step-by-step demonstrations, so it cannot "

@@ -33,6 +33,7 @@ from ..forward import ModelForward, make_forward
 from ..models import load_model
 from .. import rewards as reward_api
 from ..rewards import score_rollouts
+from ..rewards.majority import LabelWatch
 from ..sampling import make_sampler, row_seeds
 from ..types import Role, Rollouts
 from .accumulate import EXACT, Plan, accumulate, completion_counts, global_totals, micro_slices, parts
@@ -173,6 +174,7 @@ def train_grpo(ctx) -> dict:
                      schedule_steps=cfg.steps * cfg.inner_iterations, samplers=(sampler,))
     shard = dist.shard(cfg.prompts_per_step, "grpo.prompts_per_step")
     spread = SpreadWatch(ctx.run_dir / "metrics.jsonl", ctx.stage_dir.name)  # after the loop cut the file back
+    votes = LabelWatch.of(rewards, ctx, loop.start)  # TTRL's label health, where a reward is the majority vote
     for step in loop.steps():
         pick = batch_indices(len(problems), cfg.prompts_per_step, step - 1, run_cfg.seed)[shard]
         step_problems = [problems[i] for i in pick]
@@ -182,7 +184,7 @@ def train_grpo(ctx) -> dict:
             metrics = tree_step(ctx, loop, sampler, ref_model, source, rewards, pick, step_problems, step)
         else:
             metrics = grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards,
-                                step, explore=explore)
+                                step, explore=explore, votes=votes)
         metrics["reward_std_collapse_ratio"] = spread.ratio(step, metrics["group_reward_std"])
         if heldout is not None and (want_eval(cfg.eval_every, step, cfg.steps) or step == cfg.steps):
             metrics["env_ce_heldout"] = heldout.cross_entropy()  # ECHO's figure on the fixed base-model episodes
@@ -195,9 +197,10 @@ def train_grpo(ctx) -> dict:
 
 
 def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems, seeds, rewards, step, *,
-              explore=None) -> dict:
+              explore=None, votes: LabelWatch | None = None) -> dict:
     """One GRPO step, top to bottom, on this rank's shard of the step's prompts (``pick``, indices of the task's
-    problems; ``source`` makes their rows; ``explore``: which of their groups are exploration episodes)."""
+    problems; ``source`` makes their rows; ``explore``: which of their groups are exploration episodes; ``votes``:
+    the majority vote's label history, for its ``ttrl_*`` metrics)."""
     cfg, run_cfg, dist = ctx.cfg.grpo, ctx.cfg, ctx.dist
     t0 = time.time()
     rows = source.sample(sampler, pick, step_problems, seeds, explore)
@@ -208,6 +211,7 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems
                                       step=step, progress=step / cfg.steps,
                                       max_new_tokens=run_cfg.sampling.max_new_tokens, episodes=rows.episodes)
     scored = with_exploration(scored, rows, cfg.explore.reward)
+    ttrl = votes.step(step, ctx.task, step_problems, rollouts, texts, dist) if votes is not None else {}
     t1 = time.time()
     old_logp, ref_logp = frozen_passes(ctx, ref_model, rollouts)
     reward_N = scored.reward_N
@@ -259,7 +263,7 @@ def grpo_step(ctx, loop, sampler, policy, ref_model, source, pick, step_problems
                     ("keep", keep_N), ("len", rollouts.completion_len_N), ("truncated", rollouts.truncated_N),
                     *((f"reward/{k}", v) for k, v in components.items()))}}
     return {**step_metrics(gathered, stats, failures, cfg, dist.world_size, sample_s=sample_s, train_s=train_s,
-                           lr=loop.lr), **episode_figures(rows, dist), **collapse}
+                           lr=loop.lr), **episode_figures(rows, dist), **collapse, **ttrl}
 
 
 def advantages(cfg, reward_N, group_N, valid_N, explore_N=None):
