@@ -16,26 +16,14 @@ from forkrl.models import load_model
 from forkrl.pipeline import run
 
 from conftest import tiny_cfg_dict
-from test_distributed import HERE, torchrun
+from test_distributed import torchrun, worker_gradient_error
 
 
 @pytest.mark.parametrize("trainer", ["sft", "grpo"])
 def test_the_sharded_step_gradient_equals_one_process_with_uneven_micro_batches(tiny_model_dir, tmp_path, trainer):
     """Rank 0 holds 8 rows and rank 1 holds 4, in micro-batches of 2: 4 backward passes against 2, which FSDP2's
     collectives cannot run unequal; the lockstep plan pads rank 1 with zero-weight ones."""
-    out = tmp_path / "grad.pt"
-    proc = torchrun(str(HERE / "dist_grad_worker.py"), str(tiny_model_dir), str(out), trainer, "seq_mean_token_mean",
-                    "2", "none", "fsdp2", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(out, weights_only=True)
-    model = load_model(str(tiny_model_dir), dtype=torch.float64)
-    cfg = parse_config(tiny_cfg_dict(**{"sft.reduction": "seq_mean_token_mean", "grpo.reduction": "seq_mean_token_mean"}))
-    batch = synthetic_batch(model.config.vocab_size, 12, seed=5)
-    g = torch.Generator().manual_seed(1)
-    adv = torch.randn(12, generator=g, dtype=torch.float64)
-    old = -2.0 + 0.1 * torch.randn(12, batch.input_ids_NL.shape[1] - 1, generator=g, dtype=torch.float64)
-    ref = step_gradient(model, batch, trainer, cfg, micro=12, world=1, inject="none", adv_N=adv, old_NT=old, ref_NT=None)
-    rel = float((got - ref).abs().max() / ref.abs().max())
+    rel = worker_gradient_error(tiny_model_dir, tmp_path, trainer, "seq_mean_token_mean", "fsdp2", "1")
     assert rel < 1e-10, rel
 
 
