@@ -305,13 +305,11 @@ def check_config(cfg: RunCfg, *, world: int, inject: str) -> tuple[list[CheckRow
 
 
 def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg, dist, *, micro: int, inject: str,
-                              adv_N, old_NT, ref_NT, strategy: str = "ddp", uneven: bool = False,
-                              base=None, gate_NT=None) -> torch.Tensor:
+                              adv_N, old_NT, ref_NT, strategy: str = "ddp", uneven: bool = False) -> torch.Tensor:
     """The same gradient on real processes: this rank's shard, the all-reduced totals, summed gradients (``ddp``), or
     the model sharded with FSDP2 and its gradient gathered whole (``fsdp2``). ``uneven`` (2 ranks): rank 0 takes two
     thirds of the rows, so the ranks run different numbers of micro-batches (FSDP2's lockstep pads the other)."""
     from .trainers.accumulate import global_totals
-    from .trainers.fork import step_counts
 
     n = batch.num_rows
     if uneven:
@@ -323,10 +321,7 @@ def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg,
         idx = torch.arange(n)[dist.shard(n, "rows")]
     shard = batch.select(idx)
     t = shard.input_ids_NL.shape[1] - 1
-    if trainer == "fork":
-        totals = step_counts(gate_NT, batch.completion_mask_NL[:, 1:])  # every rank holds the whole step
-    else:
-        totals = global_totals(shard.completion_mask_NL, dist)
+    totals = global_totals(shard.completion_mask_NL, dist)
     plan, trained, sharded = FAULTS[inject], model, None
     if strategy == "fsdp2":
         from .sharding import Lockstep, Sharded
@@ -335,7 +330,7 @@ def distributed_step_gradient(model, batch: Rollouts, trainer: str, cfg: RunCfg,
         plan, trained = Lockstep(dist), sharded.module
     _accumulate(trained, shard, trainer, cfg, micro=micro, totals=totals, inject=inject, world=dist.world_size,
                 adv_N=adv_N[idx], old_NT=old_NT[idx, :t], ref_NT=None if ref_NT is None else ref_NT[idx, :t],
-                gate_NT=None if gate_NT is None else gate_NT[idx, :t], base=base, plan=plan)
+                plan=plan)
     params = [p for p in trained.parameters() if p.requires_grad]
     if sharded is None:
         dist.sum_gradients(params)
