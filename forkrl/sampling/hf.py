@@ -6,15 +6,22 @@ it is all ones, ``logits_to_keep=1``); ``HFSampler`` drives it through the share
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .decode import EngineSampler
 
 
+def cache_kwarg(model) -> str:
+    """The forward's name for the cache: ``cache`` since transformers 5.2x, ``past_key_values`` before (still
+    accepted, with a warning at every call, until 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class HFEngine:
     def __init__(self, model):
-        from .static import cache_kwarg
-
         self.model, self.device = model, next(model.parameters()).device
         self.cache = self.mask = None
         self.cache_kw = cache_kwarg(model)  # ``cache`` in newer transformers, ``past_key_values`` before

@@ -22,7 +22,6 @@ with transformers' continuous batching.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import EngineSampler
+from .hf import cache_kwarg
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -47,13 +47,6 @@ def static_unsupported(model) -> str | None:
         return (f"transformers {transformers.__version__}'s StaticCache needs the caller's cache positions; this "
                 "backend needs one that counts its own (transformers 5.x; written against 5.25)")
     return None
-
-
-def cache_kwarg(model) -> str:
-    """The forward's name for the cache: ``cache`` since transformers 5.2x, ``past_key_values`` before (still
-    accepted, with a warning at every call, until 5.40)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _decode_forward(model, cache, ids_P1: torch.Tensor, pos_P1: torch.Tensor, mask_PL: torch.Tensor, kw: str):
