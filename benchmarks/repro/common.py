@@ -6,6 +6,7 @@ A base is trained once per seed under ``ROOT/base-s<seed>`` and reused by every 
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -14,6 +15,18 @@ TINY = {"arch": "qwen2", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "n
 SMOKE_TINY = {"arch": "qwen2", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
               "intermediate_size": 64, "max_positions": 256}
 BASE_STEPS = 400  # half the demo's 800: held-out pass@1 well above 0 and well below 1, in a few minutes
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """Every reproduction's command line: where its runs go (``--out``), where the seeds' bases are (``--bases``), the
+    seeds, a smoke run, the JSON; a script adds its own knobs."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", type=Path)
+    return ap
 
 
 def task(digits: int, smoke: bool) -> dict:

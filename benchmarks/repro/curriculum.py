@@ -15,7 +15,6 @@ order stays under 5%; else "not reproduced".
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,13 +30,8 @@ ORDERS = ("perplexity_desc", "perplexity_asc", "shuffle")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = common.parser(__doc__)
     ap.add_argument("--steps", type=int, default=60, help="SFT steps on the harder task (60 x 32 < 3000: one pass)")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     steps = 3 if args.smoke else args.steps
     t0, rows = time.time(), []

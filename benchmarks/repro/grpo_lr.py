@@ -9,7 +9,6 @@ and the training reward of the first and last three steps.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,14 +22,9 @@ import common  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = common.parser(__doc__)
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-9])
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     steps, runs = (2 if args.smoke else args.steps), []
     for seed in args.seeds:

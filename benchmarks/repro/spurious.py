@@ -22,7 +22,6 @@ twice its own standard error of 0; else "not reproduced".
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -74,14 +73,9 @@ def verdict(table: dict, n_samples: int, smoke: bool) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = common.parser(__doc__)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     steps = 2 if args.smoke else args.steps
     t0, runs = time.time(), []

@@ -16,7 +16,6 @@ binomial standard error, at no more than 5% more tokens; "not measurable in mini
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -38,13 +37,8 @@ def grpo(steps: int, smoke: bool, tree: dict | None = None) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = common.parser(__doc__)
     ap.add_argument("--steps", type=int, default=30, help="flat GRPO steps; the tree's follow from the budget")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     steps = 2 if args.smoke else args.steps
     t0, runs = time.time(), []

@@ -31,7 +31,6 @@ Decided before running:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -148,15 +147,10 @@ def verdicts(table: dict, n_samples: int, smoke: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bases", type=Path, help="where the seeds' bases are (or are trained); default OUT")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = common.parser(__doc__)
     ap.add_argument("--questions", type=int, default=24, help="questions per split")
     ap.add_argument("--samples", type=int, default=32, help="samples per question in the evaluations")
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     per, n, steps = (4, 4, 2) if args.smoke else (args.questions, args.samples, args.steps)
     t0, runs, controls, qs = time.time(), [], [], questions(per)
