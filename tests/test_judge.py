@@ -71,6 +71,19 @@ class FakeEndpoint:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def settle(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+        """Wait until no request is in flight and none has arrived for ``quiet_s``: the judge returns once a row is
+        decided, and a request it no longer needs may still be retrying (it finishes on its own, by design)."""
+        end, last, since = time.monotonic() + limit_s, -1, time.monotonic()
+        while time.monotonic() < end:
+            with self.lock:
+                state = (self.posts, self.active)
+            if state[1] or state[0] != last:
+                last, since = state[0], time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.02)
+
     def respond(self, handler, user: str, nth: int):
         if "ALWAYS500" in user or ("FAIL_ONCE" in user and nth == 1):
             return handler._send(500, {"error": "overloaded"})
@@ -195,11 +208,13 @@ def test_the_cache_makes_a_second_judge_ask_nothing(endpoint, tmp_path):
     first = build_judge(cfg, task=None, device=None, where="t", run_dir=tmp_path)
     completions = ["good", "bad", "good MALFORMED", "good ALWAYS500"]
     expected = _judge(first, completions)
+    endpoint.settle()
     assert endpoint.posts == 10  # 8 judgements, the 2 failing ones retried
     again = build_judge(cfg, task=None, device=None, where="t", run_dir=tmp_path)
     assert _judge(again, completions[:3]) == expected[:3] and endpoint.posts == 10  # malformed replies are kept
     with pytest.raises(ValueError, match="HTTP 500"):  # failed requests are not kept: asked again
         _judge(again, completions[3:])
+    endpoint.settle()
     assert endpoint.posts == 14
     # a crash mid-write leaves a torn line: it is skipped, and what is appended after it reads back whole
     (cache,) = (tmp_path / "judge-cache").iterdir()
